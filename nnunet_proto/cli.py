@@ -1,0 +1,143 @@
+"""``nnunet_proto`` command line: data tools around nnU-Net's own commands.
+
+    nnunet_proto synthetic -d 901 --mode 2d --labeled 24 --unlabeled 40 --test 10
+    nnunet_proto preprocess-unlabeled -d 901 -c 2d 3d_fullres
+    nnunet_proto make-splits -d 901 --labeled 10% --seed 0 [--group-regex 'patient(\\d+)']
+    nnunet_proto plans-patch -d 901 plans/synthetic_tiny.json
+    nnunet_proto trainers-path
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO_TRAINERS = Path(__file__).resolve().parent.parent / "trainers"
+
+
+def trainers_path() -> Path:
+    """The folder to put into ``nnUNet_extTrainer`` (the repository's ``trainers/``)."""
+    if not (REPO_TRAINERS / "nnUNetTrainerCPCL.py").is_file():
+        raise FileNotFoundError(f"{REPO_TRAINERS} not found: nnunet_proto must be installed from a checkout of the "
+                                f"repository (pip install -e .) so that the trainers/ folder exists")
+    return REPO_TRAINERS
+
+
+def _dataset_name(dataset: str) -> str:
+    from nnunet_proto.training.compat import maybe_convert_to_dataset_name
+
+    return maybe_convert_to_dataset_name(dataset)
+
+
+def cmd_synthetic(args) -> int:
+    from nnunet_proto.data.synthetic import SyntheticSpec, write_synthetic_dataset
+    from nnunet_proto.training.compat import nnUNet_raw, require_env_path
+
+    spec = SyntheticSpec(dataset_id=args.dataset_id, name=args.name, mode=args.mode, num_labeled=args.labeled,
+                         num_unlabeled=args.unlabeled, num_test=args.test,
+                         shape=tuple(args.shape) if args.shape else None, seed=args.seed)
+    out = write_synthetic_dataset(spec, args.output or require_env_path(nnUNet_raw), overwrite=args.overwrite)
+    print(f"wrote {out} ({spec.num_labeled} labeled, {spec.num_unlabeled} unlabeled, {spec.num_test} test cases)")
+    return 0
+
+
+def cmd_preprocess_unlabeled(args) -> int:
+    from nnunet_proto.data.unlabeled_preprocessing import preprocess_unlabeled
+
+    summary = preprocess_unlabeled(args.dataset, args.configurations, args.plans, args.num_processes, args.overwrite)
+    for cfg, s in summary.items():
+        print(f"{cfg}: {s['num_cases']} unlabeled cases ({s['new']} new) in {s['folder']}")
+    return 0
+
+
+def cmd_make_splits(args) -> int:
+    from nnunet_proto.data.splits import LabeledAmount, make_label_scarce_fold
+    from nnunet_proto.training.compat import load_json, nnUNet_preprocessed, nnUNet_raw, require_env_path
+
+    name = _dataset_name(args.dataset)
+    pre = os.path.join(require_env_path(nnUNet_preprocessed), name)
+    raw = os.path.join(nnUNet_raw.get(), name) if nnUNet_raw.is_set() else None
+    ending = load_json(os.path.join(pre, "dataset.json"))["file_ending"]
+    fold, content = make_label_scarce_fold(pre, LabeledAmount.parse(args.labeled), args.seed, args.group_regex,
+                                           args.base_fold, raw, ending)
+    print(f"fold {fold}: {len(content['train'])} labeled, {len(content['val'])} validation, "
+          f"{len(content['unlabeled'])} unlabeled cases", file=sys.stderr)
+    print(fold)
+    return 0
+
+
+def cmd_plans_patch(args) -> int:
+    from nnunet_proto.data.plans_patch import apply_patch_file
+    from nnunet_proto.training.compat import nnUNet_preprocessed, require_env_path
+
+    pre = os.path.join(require_env_path(nnUNet_preprocessed), _dataset_name(args.dataset))
+    out = apply_patch_file(pre, args.patch, args.source_plans)
+    print(f"wrote {out}; train with -p {out.stem}")
+    return 0
+
+
+def cmd_trainers_path(args) -> int:
+    print(trainers_path())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnunet_proto", description="Semi-supervised nnU-Net v2 tools")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synthetic", help="write a synthetic multi-class dataset in nnU-Net raw format")
+    s.add_argument("-d", "--dataset-id", type=int, required=True)
+    s.add_argument("--name", default="Synthetic")
+    s.add_argument("--mode", choices=["2d", "3d"], default="2d",
+                   help="2d: thick-slice stacks (train the 2d configuration); 3d: near-isotropic volumes")
+    s.add_argument("--labeled", type=int, default=24, help="cases in imagesTr/labelsTr")
+    s.add_argument("--unlabeled", type=int, default=0, help="cases in imagesUnlabeled")
+    s.add_argument("--test", type=int, default=0, help="cases in imagesTs/labelsTs")
+    s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_synthetic)
+
+    s = sub.add_parser("preprocess-unlabeled", help="preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled")
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-c", "--configurations", nargs="+", default=["2d", "3d_fullres"])
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s.add_argument("-np", "--num-processes", type=int, default=1)
+    s.add_argument("--overwrite", action="store_true", help="re-create the preprocessed unlabeled folder")
+    s.set_defaults(func=cmd_preprocess_unlabeled)
+
+    s = sub.add_parser("make-splits", help="append a label-scarce fold to splits_final.json and print its number")
+    s.add_argument("-d", "--dataset", required=True)
+    s.add_argument("--labeled", required=True, help="count (8) or percentage (10%%) of the base fold's training "
+                                                      "cases (of groups with --group-regex)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--group-regex", help="cases whose first capture group matches stay together, e.g. "
+                                         "'(patient\\d+)' keeps both ACDC frames of a patient on one side")
+    s.add_argument("--base-fold", type=int, default=0, help="nnU-Net fold whose val cases are reused (default 0)")
+    s.set_defaults(func=cmd_make_splits)
+
+    s = sub.add_parser("plans-patch", help="derive a plans file from nnUNetPlans with a patch from plans/")
+    s.add_argument("-d", "--dataset", required=True)
+    s.add_argument("patch", help="patch JSON file, e.g. plans/acdc_2d_cpu.json")
+    s.add_argument("--source-plans", default="nnUNetPlans")
+    s.set_defaults(func=cmd_plans_patch)
+
+    s = sub.add_parser("trainers-path", help="print the folder to export as nnUNet_extTrainer")
+    s.set_defaults(func=cmd_trainers_path)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+        print(f"nnunet_proto {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Label-scarce folds appended to nnU-Net's splits_final.json (``nnunet_proto make-splits``).
+
+A label-scarce fold is an ordinary nnU-Net fold dict with one extra key:
+
+    {"train": [few labeled cases], "val": [nnU-Net's validation cases of the base fold],
+     "unlabeled": [the other training cases of the base fold],
+     "nnunet_proto": {"labeled": "10%", "seed": 0, "base_fold": 0, "group_regex": null}}
+
+nnU-Net reads only ``train`` and ``val``, so plain ``nnUNetTrainer`` on this fold is the supervised
+baseline on exactly the same labeled cases, while nnunet_proto trainers also read ``unlabeled``.
+nnU-Net's own five folds are never modified; new folds are appended (an identical fold is reused).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LabeledAmount:
+    """``8`` (a count) or ``10%`` (a fraction of the base fold's training cases or groups)."""
+
+    count: Optional[int] = None
+    fraction: Optional[float] = None
+
+    @classmethod
+    def parse(cls, text) -> "LabeledAmount":
+        s = str(text).strip()
+        try:
+            if s.endswith("%"):
+                frac = float(s[:-1]) / 100.0
+                if not 0.0 < frac <= 1.0:
+                    raise ValueError
+                return cls(fraction=frac)
+            count = int(s)
+            if count < 1:
+                raise ValueError
+            return cls(count=count)
+        except ValueError:
+            raise ValueError(f"--labeled must be a positive count (e.g. 8) or a percentage in (0, 100] "
+                             f"(e.g. 10%), got {text!r}") from None
+
+    def resolve(self, n: int) -> int:
+        if self.count is not None:
+            if self.count > n:
+                raise ValueError(f"asked for {self.count} labeled cases/groups but the base fold's training part "
+                                 f"has only {n}")
+            return self.count
+        return max(1, int(round(self.fraction * n)))
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.fraction * 100:g}%"
+
+
+def group_of(identifier: str, pattern: Optional[re.Pattern]) -> str:
+    """Group key of a case: the regex's first capture group (or whole match); the id if no match."""
+    if pattern is None:
+        return identifier
+    m = pattern.search(identifier)
+    if m is None:
+        return identifier
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def choose_labeled(pool: Sequence[str], amount: LabeledAmount, seed: int,
+                   group_regex: Optional[str] = None) -> Tuple[List[str], List[str]]:
+    """Split ``pool`` into (labeled, unlabeled); whole groups go to one side. Deterministic in ``seed``.
+
+    With a group regex, counts and percentages refer to groups (e.g. ACDC patients), not cases.
+    """
+    pattern = re.compile(group_regex) if group_regex else None
+    groups: Dict[str, List[str]] = {}
+    for case in sorted(pool):
+        groups.setdefault(group_of(case, pattern), []).append(case)
+    keys = sorted(groups)
+    k = amount.resolve(len(keys))
+    if k >= len(keys):
+        raise ValueError(f"labeling {k} of {len(keys)} {'groups' if pattern else 'cases'} leaves no unlabeled case; "
+                         f"choose a smaller --labeled")
+    order = np.random.default_rng(seed).permutation(len(keys))
+    chosen = {keys[i] for i in order[:k]}
+    labeled = sorted(c for g in keys if g in chosen for c in groups[g])
+    unlabeled = sorted(c for g in keys if g not in chosen for c in groups[g])
+    return labeled, unlabeled
+
+
+def case_identifiers(preprocessed_dataset_folder: str, raw_dataset_folder: Optional[str] = None,
+                     file_ending: str = ".nii.gz") -> List[str]:
+    """Labeled case identifiers, from gt_segmentations (after preprocessing) or raw labelsTr."""
+    for folder in [os.path.join(preprocessed_dataset_folder, "gt_segmentations"),
+                   os.path.join(raw_dataset_folder, "labelsTr") if raw_dataset_folder else None]:
+        if folder and os.path.isdir(folder):
+            ids = sorted(f[: -len(file_ending)] for f in os.listdir(folder) if f.endswith(file_ending))
+            if ids:
+                return ids
+    raise FileNotFoundError(f"no labeled cases found in {preprocessed_dataset_folder}/gt_segmentations or labelsTr; "
+                            f"run nnUNetv2_plan_and_preprocess first")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=4))
+    os.replace(tmp, path)
+
+
+def make_label_scarce_fold(preprocessed_dataset_folder: str, amount: LabeledAmount, seed: int = 0,
+                           group_regex: Optional[str] = None, base_fold: int = 0,
+                           raw_dataset_folder: Optional[str] = None, file_ending: str = ".nii.gz") -> Tuple[int, dict]:
+    """Append (or find) a label-scarce fold; returns (fold index, fold dict).
+
+    If splits_final.json does not exist yet it is created exactly as nnU-Net would create it (5-fold
+    KFold, seed 12345, over the sorted labeled identifiers) before the new fold is appended.
+    """
+    from nnunet_proto.training.compat import generate_crossval_split
+
+    splits_file = Path(preprocessed_dataset_folder) / "splits_final.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text())
+    else:
+        ids = case_identifiers(preprocessed_dataset_folder, raw_dataset_folder, file_ending)
+        splits = generate_crossval_split(ids, seed=12345, n_splits=5)
+        splits = [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]} for s in splits]
+    if not 0 <= base_fold < len(splits):
+        raise ValueError(f"base fold {base_fold} does not exist (splits_final.json has {len(splits)} folds)")
+    base = splits[base_fold]
+    if "unlabeled" in base:
+        raise ValueError(f"base fold {base_fold} is itself a label-scarce fold; use one of nnU-Net's folds")
+    labeled, unlabeled = choose_labeled(base["train"], amount, seed, group_regex)
+    val = list(base["val"])
+    if group_regex:
+        pattern = re.compile(group_regex)
+        straddling = sorted({group_of(c, pattern) for c in val} & {group_of(c, pattern) for c in base["train"]})
+        if straddling:
+            print(f"WARNING: groups {straddling[:5]} have cases both in the validation part and the training part "
+                  f"of base fold {base_fold} (nnU-Net's default split ignores groups). Validation scores of these "
+                  f"groups are optimistic; the held-out test set is unaffected.")
+    fold = {"train": labeled, "val": val, "unlabeled": unlabeled,
+            "nnunet_proto": {"labeled": str(amount), "seed": seed, "base_fold": base_fold,
+                             "group_regex": group_regex}}
+    for i, existing in enumerate(splits):
+        if (sorted(existing.get("train", [])) == labeled and sorted(existing.get("val", [])) == sorted(val)
+                and sorted(existing.get("unlabeled", [])) == unlabeled):
+            return i, existing
+    splits.append(fold)
+    write_json_atomic(splits_file, splits)
+    return len(splits) - 1, fold

@@ -1,0 +1,175 @@
+"""What every semi-supervised method provides: a frozen config and named loss terms.
+
+A method is pure tensor code (no nnU-Net import). The shared base trainer runs the networks and
+hands the method a ``StepInputs``; the method returns unweighted loss terms by name and, separately,
+the weight of each term at the current training progress. The trainer adds
+``sum_k weight_k * term_k`` to nnU-Net's supervised loss, logs every term and weight each epoch and
+draws them in progress.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from nnunet_proto.ops.schedules import linear_rampup, sigmoid_rampup
+
+#: where the prototype features come from (nnU-Net U-Net stages; see training/feature_tap.py)
+FEATURE_LAYERS = ("decoder", "decoder-2", "bottleneck")
+RAMPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
+
+
+@dataclass(frozen=True)
+class SemiSupervisedConfig:
+    """Settings shared by all semi-supervised trainers (subclassed per method).
+
+    Attributes:
+        use_teacher: whether an EMA teacher is kept, updated and saved.
+        ema_decay: teacher EMA decay α in θ_T ← α θ_T + (1 − α) θ_S (METHODS.md §1.2).
+        ema_warmup: use min(1 − 1/(step+1), α) early in training (SSL4MIS / CPCL code).
+        unlabeled_batch_size: unlabeled patches per step; ``None`` = the labeled batch size.
+        unlabeled_sources: where unlabeled cases come from: ``"split"`` = the fold's ``unlabeled`` list
+            in splits_final.json (cases of the labeled folder whose labels are never read),
+            ``"folder"`` = ``<data_identifier>_unlabeled/`` made by ``nnunet_proto preprocess-unlabeled``.
+        unlabeled_workers: background workers of the unlabeled stream; ``None`` = half of nnU-Net's
+            ``nnUNet_n_proc_DA`` budget (at least 1; 0 workers when that budget is 0).
+        feature_layer: prototype feature map: ``"decoder"`` (last decoder stage, full resolution),
+            ``"decoder-2"`` (half resolution) or ``"bottleneck"`` (last encoder stage).
+        w_max: maximum consistency weight of the ramp λ(t) = w_max · ramp(t).
+        rampup: ramp shape, ``"sigmoid"`` (Gaussian exp(−5(1−t)²)) or ``"linear"``.
+        rampup_length: fraction of all training iterations after which λ reaches w_max.
+    """
+
+    use_teacher: bool = True
+    ema_decay: float = 0.99
+    ema_warmup: bool = True
+    unlabeled_batch_size: Optional[int] = None
+    unlabeled_sources: Tuple[str, ...] = ("split", "folder")
+    unlabeled_workers: Optional[int] = None
+    feature_layer: str = "decoder"
+    w_max: float = 0.1
+    rampup: str = "sigmoid"
+    rampup_length: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field and the allowed values."""
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 1:
+            raise ValueError(f"unlabeled_batch_size must be >= 1 or None, got {self.unlabeled_batch_size}")
+        bad = [s for s in self.unlabeled_sources if s not in ("split", "folder")]
+        if bad or not self.unlabeled_sources:
+            raise ValueError(f"unlabeled_sources must be a non-empty subset of ('split', 'folder'), "
+                             f"got {self.unlabeled_sources}")
+        if self.unlabeled_workers is not None and self.unlabeled_workers < 0:
+            raise ValueError(f"unlabeled_workers must be >= 0 or None, got {self.unlabeled_workers}")
+        if self.feature_layer not in FEATURE_LAYERS:
+            raise ValueError(f"feature_layer must be one of {FEATURE_LAYERS}, got {self.feature_layer!r}")
+        if self.w_max < 0:
+            raise ValueError(f"w_max must be >= 0, got {self.w_max}")
+        if self.rampup not in RAMPS:
+            raise ValueError(f"rampup must be one of {tuple(RAMPS)}, got {self.rampup!r}")
+        if not 0.0 <= self.rampup_length <= 1.0:
+            raise ValueError(f"rampup_length is a fraction of training in [0, 1], got {self.rampup_length}")
+
+    def ramp(self, progress: float) -> float:
+        """λ(t) = w_max · ramp(progress / rampup_length), progress in [0, 1]."""
+        return self.w_max * RAMPS[self.rampup](progress, self.rampup_length)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-friendly dict with the config class name (stored in checkpoints)."""
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        d["config_class"] = type(self).__name__
+        return d
+
+    def replace(self, **changes: Any) -> "SemiSupervisedConfig":
+        """A copy with some fields changed (validated again); for leaf trainer variants."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class StepInputs:
+    """Everything a method may need from one training step (full-resolution tensors).
+
+    Student tensors carry gradient; teacher tensors were computed under ``no_grad``.
+
+    Attributes:
+        num_classes: C, number of softmax outputs (incl. background).
+        ignore_index: nnU-Net ignore label value or None.
+        target_l: (B_l, 1, *S) integer labels of the labeled patches.
+        logits_l: (B_l, C, *S) student logits (highest-resolution output) on labeled patches.
+        feats_l: (B_l, D, *s) student features on labeled patches (or None if not requested).
+        logits_u / feats_u: student outputs on unlabeled patches (None if the student does not see them).
+        teacher_logits_u / teacher_feats_u: teacher outputs on unlabeled patches (None without teacher).
+        reduce_fn: sums a tensor across DDP ranks (identity without torch.distributed).
+        progress: training progress in [0, 1].
+    """
+
+    num_classes: int
+    ignore_index: Optional[int]
+    target_l: torch.Tensor
+    logits_l: torch.Tensor
+    feats_l: Optional[torch.Tensor] = None
+    logits_u: Optional[torch.Tensor] = None
+    feats_u: Optional[torch.Tensor] = None
+    teacher_logits_u: Optional[torch.Tensor] = None
+    teacher_feats_u: Optional[torch.Tensor] = None
+    reduce_fn: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+    progress: float = 0.0
+
+
+class SemiSupervisedMethod(ABC):
+    """Interface between a method file and the shared trainer.
+
+    Class attributes a method sets:
+        config_class: its frozen config dataclass.
+        term_names: names of the loss terms it returns (logged as ``loss_<name>``).
+        needs_features: whether the trainer must tap the feature layer (student and teacher).
+    """
+
+    config_class: ClassVar[type] = SemiSupervisedConfig
+    term_names: ClassVar[Tuple[str, ...]] = ()
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, config: SemiSupervisedConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+        self.config = config
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.config.use_teacher
+
+    @property
+    def student_sees_unlabeled(self) -> bool:
+        """Whether the student forward includes the unlabeled patches (default: yes)."""
+        return True
+
+    def teacher_input(self, data_u: torch.Tensor) -> torch.Tensor:
+        """Perturbation applied to the teacher's input (default: none)."""
+        return data_u
+
+    @abstractmethod
+    def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
+        """Unweighted loss terms, one scalar tensor per name in ``term_names``."""
+
+    def weights(self, progress: float) -> Dict[str, float]:
+        """Weight of each term at ``progress`` (default: the shared ramp λ(t) for every term)."""
+        lam = self.config.ramp(progress)
+        return {name: lam for name in self.term_names}
+
+    # method state (prototype banks, stage flags); stateless methods keep the defaults
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but the checkpoint holds method state "
+                             f"{sorted(state)}; was it written by another method?")

@@ -1,0 +1,150 @@
+"""CPCL: cyclic prototype consistency learning (Xu et al., IEEE JBHI 2022), METHODS.md §2.
+
+Paper gradient path (§2.5): the student's labeled features F_l carry gradient; the teacher's
+unlabeled features F_u, probabilities P_u and pseudo labels Ŷ_u are constants. (The official code
+detaches everything, so its prototype losses are inert; we implement the paper.)
+
+* L2U, forward (Eq. 6): prototypes p_l = MAP(F_l, Y_l) classify F_u:
+  P_l2u = softmax(α·cos(F_u, p_l)); L_fpc = mean (P_l2u − P_u)². Gradient: F_l → p_l.
+* U2L, backward (Eqs. 8-10): prototypes p_u = MAP(F_u, onehot(argmax P_u)) classify F_l;
+  L_bpc = CE(α·cos(F_l, p_u), Y_l) on the logits (the code's double softmax is not reproduced).
+* Total (Eq. 11): L = L_sup + λ(t)·(L_fpc + β·L_bpc), λ(t) = 0.1·exp(−5(1 − t)²), β = 10, α = 20.
+
+Multi-class (§2.8): one prototype per class including background, batch-averaged over the images in
+which the class is present; an absent class gets logit −inf and its target voxels are ignored; the
+ignore label takes part in no prototype and no loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
+from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
+from nnunet_proto.ops.prototypes import (
+    Prototypes,
+    labels_to_onehot,
+    masked_average_pooling,
+    prototype_logits,
+    resize_masks,
+)
+
+PROTOTYPE_REDUCTIONS = ("batch_mean", "pooled", "per_image")
+
+
+@dataclass(frozen=True)
+class CPCLConfig(SemiSupervisedConfig):
+    """CPCL hyperparameters (paper defaults).
+
+    Attributes:
+        alpha: cosine scale α of the prototype classifier (Eq. 4).
+        beta: weight β of the backward (U2L) term (Eq. 11; Table III best 10).
+        prototype_reduction: ``"batch_mean"`` (paper Eq. 3: mean of per-image prototypes),
+            ``"pooled"`` (all voxels of the batch) or ``"per_image"`` (code: labeled image k pairs with
+            unlabeled image k; needs equal labeled and unlabeled batch sizes).
+        student_unlabeled_features: not in the paper (METHODS.md §2.5): take F_u from the student
+            (with gradient) instead of the teacher; P_u and Ŷ_u still come from the teacher.
+        feature_layer: inherited; default ``"decoder"`` (last decoder stage, full resolution).
+            ``"bottleneck"`` is the paper's encoder bottleneck (prototypes at low resolution, the
+            C-channel logits are upsampled), ``"decoder-2"`` the code's half-resolution stage.
+    """
+
+    alpha: float = 20.0
+    beta: float = 10.0
+    prototype_reduction: str = "batch_mean"
+    student_unlabeled_features: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.use_teacher:
+            raise ValueError("CPCL needs use_teacher=True (its unlabeled side comes from the EMA teacher)")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.prototype_reduction not in PROTOTYPE_REDUCTIONS:
+            raise ValueError(f"prototype_reduction must be one of {PROTOTYPE_REDUCTIONS}, "
+                             f"got {self.prototype_reduction!r}")
+
+
+def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Tensor, probs_u: torch.Tensor,
+                num_classes: int, ignore_index, config: CPCLConfig, reduce_fn=None) -> Dict[str, torch.Tensor]:
+    """The two CPCL terms, unweighted.
+
+    Args:
+        feats_l: (B_l, D, *s) student features of labeled patches (attached).
+        target_l: (B_l, 1, *S) labels at full resolution.
+        feats_u: (B_u, D, *s) features of unlabeled patches (teacher: constant; or student).
+        probs_u: (B_u, C, *S) teacher softmax on unlabeled patches (constant).
+    Returns: ``{"fpc": L2U MSE, "bpc": U2L CE}``, float32 scalars, finite for any input.
+    """
+    if config.prototype_reduction == "per_image" and feats_l.shape[0] != feats_u.shape[0]:
+        raise ValueError(f"prototype_reduction='per_image' pairs labeled image k with unlabeled image k and "
+                         f"needs equal batch sizes, got {feats_l.shape[0]} labeled and {feats_u.shape[0]} "
+                         f"unlabeled; use 'batch_mean' or set unlabeled_batch_size to the labeled batch size")
+    probs_u = probs_u.float().detach()
+    full_size = tuple(target_l.shape[2:])
+    feat_size = tuple(feats_l.shape[2:])
+
+    # labeled prototypes from ground truth (ignore label and padding excluded)
+    onehot_l = labels_to_onehot(target_l, num_classes, ignore_index)
+    protos_l = masked_average_pooling(feats_l, resize_masks(onehot_l, feat_size),
+                                      config.prototype_reduction, reduce_fn)
+
+    # L2U: labeled prototypes classify the unlabeled features; match the teacher's softmax
+    p_l2u = torch.softmax(prototype_logits(feats_u, protos_l, config.alpha, full_size), dim=1)
+    has_proto_l = protos_l.valid.any(dim=-1).float()  # (B,) or scalar: images with no prototype give 0
+    if has_proto_l.dim() == 0:
+        has_proto_l = has_proto_l.expand(feats_u.shape[0])
+    fpc = masked_mean((p_l2u - probs_u) ** 2, has_proto_l.view(-1, *([1] * (probs_u.dim() - 1))))
+
+    # U2L: prototypes of the unlabeled features under the teacher's pseudo label classify F_l
+    pseudo = probs_u.argmax(dim=1)
+    onehot_u = labels_to_onehot(pseudo, num_classes)
+    protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
+                                      config.prototype_reduction, reduce_fn)
+    logits_u2l = prototype_logits(feats_l, protos_u, config.alpha, full_size)
+    bpc = cross_entropy_ignore(logits_u2l, _ignore_targets(target_l, protos_u, num_classes, ignore_index))
+    return {"fpc": fpc, "bpc": bpc}
+
+
+def _ignore_targets(target: torch.Tensor, protos: Prototypes, num_classes: int, ignore_index) -> torch.Tensor:
+    """Labels with -100 where the voxel is ignored/padding or its class has no prototype."""
+    t = target[:, 0].long() if target.dim() > 1 and target.shape[1] == 1 else target.long()
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    valid = protos.valid
+    safe = torch.where(keep, t, torch.zeros_like(t))
+    if valid.dim() == 1:
+        keep &= valid[safe]
+    else:  # per-image prototypes
+        keep &= torch.gather(valid, 1, safe.flatten(1)).view_as(safe)
+    return torch.where(keep, t, torch.full_like(t, -100))
+
+
+class CPCL(SemiSupervisedMethod):
+    config_class = CPCLConfig
+    term_names = ("fpc", "bpc")
+    needs_features = True
+
+    @property
+    def student_sees_unlabeled(self) -> bool:
+        # paper: the student sees labeled patches only; unlabeled data enters through the teacher
+        return self.config.student_unlabeled_features
+
+    def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
+        if inputs.feats_l is None or inputs.teacher_logits_u is None:
+            raise ValueError("CPCL needs student labeled features and teacher unlabeled logits")
+        feats_u = inputs.feats_u if self.config.student_unlabeled_features else inputs.teacher_feats_u
+        if feats_u is None:
+            raise ValueError("CPCL needs unlabeled features (teacher, or student with student_unlabeled_features)")
+        probs_u = torch.softmax(inputs.teacher_logits_u.float(), dim=1)
+        return cpcl_losses(inputs.feats_l, inputs.target_l, feats_u, probs_u, inputs.num_classes,
+                           inputs.ignore_index, self.config, inputs.reduce_fn)
+
+    def weights(self, progress: float) -> Dict[str, float]:
+        lam = self.config.ramp(progress)
+        return {"fpc": lam, "bpc": self.config.beta * lam}

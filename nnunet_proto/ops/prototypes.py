@@ -1,0 +1,196 @@
+"""Class prototypes: masked average pooling and cosine prototype classifiers.
+
+Conventions (all functions):
+
+* feature maps are ``(B, D, *spatial)``, class masks/probabilities ``(B, C, *spatial)``, label maps
+  ``(B, *spatial)`` or ``(B, 1, *spatial)``; 2D and 3D work alike;
+* maths runs in float32 with autocast disabled, whatever the input dtype (fp16 in, fp32 out);
+* a class without any (weighted) voxel is *absent*: its prototype is a zero vector flagged
+  ``valid=False``, its classifier logit is ``-inf``; nothing ever divides 0 by 0.
+
+Nothing in here detaches: callers decide which side carries gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+#: masses at or below this count as "class absent"
+MASS_EPS = 1e-6
+#: eps of the L2 normalisation in cosine similarities (METHODS.md §6.2)
+NORM_EPS = 1e-6
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Prototypes(NamedTuple):
+    """Prototype vectors with a validity flag per class.
+
+    ``vectors`` is ``(C, D)`` (one set for the batch) or ``(B, C, D)`` (one set per image);
+    ``valid`` is ``(C,)`` or ``(B, C)`` bool. Invalid rows are zero.
+    """
+
+    vectors: torch.Tensor
+    valid: torch.Tensor
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 else t
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def labels_to_onehot(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
+    """One-hot float32 masks ``(B, C, *spatial)`` from integer labels.
+
+    ``labels`` is ``(B, *spatial)`` or ``(B, 1, *spatial)``. Voxels equal to ``ignore_index`` or outside
+    ``[0, num_classes)`` (e.g. nnU-Net's -1 padding) get an all-zero row, i.e. they take part in no
+    prototype and no loss.
+    """
+    if labels.dim() >= 3 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    labels = labels.long()
+    valid = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        valid &= labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    onehot = F.one_hot(safe, num_classes).movedim(-1, 1).float()
+    return onehot * valid.unsqueeze(1).float()
+
+
+def class_feature_sums(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and class: weighted feature sums ``(B, C, D)`` and weight masses ``(B, C)``.
+
+    These are the sufficient statistics of masked average pooling (METHODS.md §6.1); they add up across
+    images and across DDP ranks. ``weights`` may be hard one-hot masks or soft probabilities and must
+    have the spatial size of ``features``.
+    """
+    if features.shape[0] != weights.shape[0] or features.shape[2:] != weights.shape[2:]:
+        raise ValueError(f"features {tuple(features.shape)} and weights {tuple(weights.shape)} must share batch "
+                         f"and spatial size; resize the masks to the feature resolution first "
+                         f"(nnunet_proto.ops.prototypes.resize_masks).")
+    with _no_autocast(features):
+        f = _fp32(features).flatten(2)  # (B, D, N)
+        w = _fp32(weights).flatten(2)  # (B, C, N)
+        sums = torch.bmm(w, f.transpose(1, 2))  # (B, C, D)
+        mass = w.sum(-1)  # (B, C)
+    return sums, mass
+
+
+def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, reduction: str = "batch_mean",
+                           reduce_fn: Optional[Reducer] = None) -> Prototypes:
+    """Masked average pooling (CPCL Eq. 3, MSPA Eq. 1): p_c = sum_x F(x) w_c(x) / sum_x w_c(x).
+
+    Args:
+        features: ``(B, D, *spatial)``.
+        weights: ``(B, C, *spatial)``, same spatial size.
+        reduction:
+            ``"per_image"`` gives ``(B, C, D)`` prototypes, one set per image;
+            ``"batch_mean"`` averages the per-image prototypes over the images in which the class is
+            present (CPCL paper, Eq. 3 with absent classes skipped, METHODS.md §2.8);
+            ``"pooled"`` pools all voxels of the batch (sum of sums / sum of masses).
+        reduce_fn: sums a tensor across DDP ranks (see ``nnunet_proto.ops.distributed.all_reduce_sum``);
+            applied to the sufficient statistics so that every rank gets the same global prototypes.
+            Ignored for ``per_image``.
+
+    Returns: ``Prototypes`` with ``vectors`` (C, D) or (B, C, D) and the validity flags.
+    Gradient flows into ``features`` (and ``weights``) unless the caller detaches them.
+    """
+    sums, mass = class_feature_sums(features, weights)
+    with _no_autocast(sums):
+        present = mass > MASS_EPS  # (B, C)
+        per_image = sums / mass.clamp_min(MASS_EPS).unsqueeze(-1)
+        per_image = per_image * present.unsqueeze(-1)
+        if reduction == "per_image":
+            return Prototypes(per_image, present)
+        if reduction == "batch_mean":
+            total = per_image.sum(0)  # (C, D)
+            count = present.float().sum(0)  # (C,)
+        elif reduction == "pooled":
+            total = sums.sum(0)
+            count = mass.sum(0)
+        else:
+            raise ValueError(f"reduction must be 'per_image', 'batch_mean' or 'pooled', got {reduction!r}")
+        if reduce_fn is not None:
+            total = reduce_fn(total)
+            count = reduce_fn(count)
+        valid = count > MASS_EPS
+        vectors = total / count.clamp_min(MASS_EPS).unsqueeze(-1) * valid.unsqueeze(-1)
+    return Prototypes(vectors, valid)
+
+
+def cosine_similarity_map(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every voxel with every prototype: ``(B, C, *spatial)`` float32.
+
+    ``prototypes`` is ``(C, D)`` (shared) or ``(B, C, D)`` (per image). Both sides are L2-normalised
+    in float32 (eps 1e-6), so a zero prototype yields similarity 0 — mask it with
+    ``mask_invalid_logits``.
+    """
+    with _no_autocast(features):
+        f = F.normalize(_fp32(features), dim=1, eps=NORM_EPS)
+        p = F.normalize(_fp32(prototypes), dim=-1, eps=NORM_EPS)
+        flat = f.flatten(2)  # (B, D, N)
+        if p.dim() == 2:
+            sim = torch.einsum("bdn,cd->bcn", flat, p)
+        elif p.dim() == 3:
+            if p.shape[0] != f.shape[0]:
+                raise ValueError(f"per-image prototypes {tuple(p.shape)} do not match batch size {f.shape[0]}")
+            sim = torch.einsum("bdn,bcd->bcn", flat, p)
+        else:
+            raise ValueError(f"prototypes must be (C, D) or (B, C, D), got {tuple(p.shape)}")
+        return sim.reshape(f.shape[0], p.shape[-2], *f.shape[2:])
+
+
+def mask_invalid_logits(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Set the logits of absent classes to ``-inf`` so that a softmax gives them no mass.
+
+    ``logits`` is ``(B, C, *spatial)``; ``valid`` is ``(C,)`` or ``(B, C)``. Apply this *after* any
+    interpolation (interpolating -inf produces NaN). If an image has no valid class at all its
+    logits are left unchanged; callers must treat such images as "no prototype information"
+    (see ``any_valid``).
+    """
+    if valid.dim() == 1:
+        valid = valid.unsqueeze(0).expand(logits.shape[0], -1)
+    has_any = valid.any(dim=1, keepdim=True)
+    keep = valid | ~has_any  # leave images without any valid class untouched (finite)
+    shape = keep.shape + (1,) * (logits.dim() - 2)
+    return logits.masked_fill(~keep.reshape(shape), float("-inf"))
+
+
+def prototype_logits(features: torch.Tensor, prototypes: Prototypes, scale: float,
+                     output_size: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """Prototype classifier logits ``scale * cos(F(x), p_c)`` (CPCL Eq. 4, α = scale), float32.
+
+    If ``output_size`` differs from the feature resolution, the C-channel logits are interpolated
+    (bilinear/trilinear) before absent classes are masked with ``-inf``. This keeps the expensive
+    D-channel maps at feature resolution (METHODS.md §2.9).
+    """
+    logits = cosine_similarity_map(features, prototypes.vectors) * scale
+    if output_size is not None and tuple(output_size) != tuple(logits.shape[2:]):
+        logits = resize_logits(logits, output_size)
+    return mask_invalid_logits(logits, prototypes.valid)
+
+
+def resize_logits(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Bilinear (2D) / trilinear (3D) resize of a (B, C, *spatial) map, float32, align_corners=False."""
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[logits.dim() - 2]
+    with _no_autocast(logits):
+        return F.interpolate(_fp32(logits), size=tuple(size), mode=mode, align_corners=False)
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Area-average a (B, C, *spatial) mask/probability map to ``size`` (soft class fractions)."""
+    if tuple(masks.shape[2:]) == tuple(size):
+        return _fp32(masks)
+    with _no_autocast(masks):
+        return F.adaptive_avg_pool3d(_fp32(masks), size) if masks.dim() == 5 else \
+            F.adaptive_avg_pool2d(_fp32(masks), size)
+
+
+def any_valid(valid: torch.Tensor) -> bool:
+    """True if at least one class is valid (for (C,)) / in every image (for (B, C))."""
+    return bool(valid.any(dim=-1).all()) if valid.dim() == 2 else bool(valid.any())

@@ -1,0 +1,430 @@
+"""nnUNetTrainerSemiSupervised: the one base class every nnunet_proto trainer derives from.
+
+It keeps nnU-Net's trainer (network, supervised loss with deep supervision, optimiser, schedule,
+validation, checkpoints, prediction) and adds:
+
+* an unlabeled stream (nnU-Net's augmentation, no foreground oversampling, background workers);
+* an EMA teacher over parameters and buffers, created after pretrained weights are loaded, in eval
+  mode, saved in checkpoints and exported as ``checkpoint_final_teacher.pth``;
+* feature taps (forward hooks) on the student and teacher for prototype methods;
+* the method's loss terms with their ramp-ups, each logged per epoch and drawn in progress.png;
+* resolved config + method state in every checkpoint, checked and restored on ``--c``.
+
+Leaf trainers (``trainers/``) set ``method_class`` and ``config`` and nothing else, or override
+``compute_loss`` when a method needs a different step (e.g. input mixing).
+"""
+from __future__ import annotations
+
+import json
+import os
+from time import time
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import autocast
+from torch import distributed as dist
+
+from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
+from nnunet_proto.ops.distributed import all_reduce_sum
+from nnunet_proto.training.compat import (
+    NonDetMultiThreadedAugmenter,
+    SingleThreadedAugmenter,
+    checkpoint_payload,
+    get_allowed_n_proc_DA,
+    nnUNetTrainer,
+    unwrap_network,
+)
+from nnunet_proto.training.ema import EMATeacher
+from nnunet_proto.training.feature_tap import FeatureTap
+from nnunet_proto.training.progress import PREFIX, SemiSupervisedLogger
+from nnunet_proto.training.unlabeled import (
+    UnlabeledDataLoader,
+    UnlabeledDataset,
+    cases_from_folder,
+    cases_from_split,
+    check_input_channels,
+    load_fold,
+    preprocessing_fingerprint,
+    unlabeled_folder,
+)
+
+#: key of our extra state in nnU-Net checkpoint files
+CHECKPOINT_KEY = "nnunet_proto"
+CHECKPOINT_FORMAT = 1
+TEACHER_CHECKPOINT = "checkpoint_final_teacher.pth"
+
+
+class _TimedLoader:
+    """Wraps a batch iterator and accumulates the seconds spent waiting in ``next``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.waited = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time()
+        item = next(self.loader)
+        self.waited += time() - t0
+        return item
+
+
+def _finish(loader) -> None:
+    if isinstance(loader, _TimedLoader):
+        loader = loader.loader
+    if isinstance(loader, NonDetMultiThreadedAugmenter):
+        loader._finish()
+
+
+def atomic_torch_save(obj: Any, filename: str) -> None:
+    """torch.save to a temporary file, then rename: a crash mid-write never corrupts the old file."""
+    tmp = filename + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, filename)
+
+
+class nnUNetTrainerSemiSupervised(nnUNetTrainer):
+    """Abstract base: leaf classes set ``method_class`` and ``config``."""
+
+    method_class: ClassVar[Optional[type]] = None
+    config: ClassVar[Optional[SemiSupervisedConfig]] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.method_class is None or self.config is None:
+            raise TypeError(f"{type(self).__name__} is abstract: use a leaf trainer such as nnUNetTrainerCPCL or "
+                            f"nnUNetTrainerMeanTeacher (set method_class and config).")
+        if self.label_manager.has_regions:
+            raise ValueError(f"{type(self).__name__} does not support region-based training yet: dataset.json "
+                             f"'labels' defines overlapping regions {self.label_manager.foreground_regions}. "
+                             f"Train this dataset with plain nnUNetTrainer, or convert the labels to integer "
+                             f"classes (one class per voxel).")
+        if self.is_cascaded:
+            raise ValueError(f"{type(self).__name__} does not support cascade configurations "
+                             f"({configuration!r} needs segmentations of a previous stage, which unlabeled cases "
+                             f"do not have). Use 2d, 3d_fullres or 3d_lowres.")
+        self.method: SemiSupervisedMethod = self.method_class(self.config)
+        self.teacher: Optional[EMATeacher] = None
+        self.student_tap: Optional[FeatureTap] = None
+        self.teacher_tap: Optional[FeatureTap] = None
+        self.dataloader_unlabeled = None
+        self.unlabeled_info: Dict[str, Any] = {}
+        self._iter_in_epoch = 0
+        self._epoch_wait = {"labeled": 0.0, "unlabeled": 0.0}
+        self.logger.local_logger = SemiSupervisedLogger(self.method.term_names)
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return self.config.unlabeled_batch_size or self.batch_size
+
+    @property
+    def global_step(self) -> int:
+        """Optimiser steps done so far (restored by --c at the start of the resumed epoch)."""
+        return self.current_epoch * self.num_iterations_per_epoch + self._iter_in_epoch
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.global_step / max(1, self.num_epochs * self.num_iterations_per_epoch))
+
+    def resolved_config(self) -> Dict[str, Any]:
+        """Method config plus the trainer settings that change what the method computes."""
+        return {"trainer": type(self).__name__, "method": type(self.method).__name__,
+                "config": self.config.to_dict(), "num_epochs": self.num_epochs,
+                "num_iterations_per_epoch": self.num_iterations_per_epoch}
+
+    # ------------------------------------------------------------------ setup
+    def initialize(self):
+        super().initialize()
+        if self.method.needs_features:
+            self.student_tap = FeatureTap(unwrap_network(self.network), self.config.feature_layer)
+
+    def _ensure_teacher(self) -> None:
+        if self.method.uses_teacher and self.teacher is None:
+            self.teacher = EMATeacher(unwrap_network(self.network), self.config.ema_decay, self.config.ema_warmup)
+        if self.teacher is not None:
+            # the teacher only needs the highest-resolution output
+            self.teacher.module.decoder.deep_supervision = False
+            if self.method.needs_features and self.teacher_tap is None:
+                self.teacher_tap = FeatureTap(self.teacher.module, self.config.feature_layer)
+
+    def find_unlabeled_cases(self):
+        """Unlabeled cases of this fold and configuration, or a clear error saying how to provide them."""
+        from nnunet_proto.training.compat import nnUNet_raw
+
+        sources = self.config.unlabeled_sources
+        base = self.preprocessed_dataset_folder_base
+        data_id = self.configuration_manager.data_identifier
+        dataset_name = self.plans_manager.dataset_name
+        cases = []
+        fold_dict = load_fold(os.path.join(base, "splits_final.json"), self.fold)
+        if "split" in sources and fold_dict is not None:
+            cases += cases_from_split(fold_dict, self.preprocessed_dataset_folder, self.fold)
+        if "folder" in sources:
+            fingerprint = preprocessing_fingerprint(self.plans_manager.plans, self.configuration_name,
+                                                    self.dataset_json)
+            folder_cases = cases_from_folder(base, data_id, fingerprint, self.configuration_name, dataset_name)
+            raw_unlabeled = (os.path.join(nnUNet_raw.get(), dataset_name, "imagesUnlabeled")
+                             if nnUNet_raw.is_set() else None)
+            if not folder_cases and raw_unlabeled and os.path.isdir(raw_unlabeled) and os.listdir(raw_unlabeled):
+                raise FileNotFoundError(
+                    f"{raw_unlabeled} holds unlabeled images, but they are not preprocessed for configuration "
+                    f"{self.configuration_name!r} (expected {unlabeled_folder(base, data_id)}). Run "
+                    f"`nnunet_proto preprocess-unlabeled -d {dataset_name} -c {self.configuration_name}` first.")
+            cases += folder_cases
+        if not cases:
+            raise FileNotFoundError(
+                f"No unlabeled data for {dataset_name}, configuration {self.configuration_name!r}, fold {self.fold}. "
+                f"Either put unlabeled images into nnUNet_raw/{dataset_name}/imagesUnlabeled/ and run "
+                f"`nnunet_proto preprocess-unlabeled -d {dataset_name} -c {self.configuration_name}`, or simulate "
+                f"label scarcity with `nnunet_proto make-splits -d {dataset_name} --labeled 10%` and train the fold "
+                f"it prints (its 'unlabeled' list must not be empty). Sources enabled in this trainer's config: "
+                f"{list(sources)}.")
+        train_keys = set(fold_dict.get("train", [])) if fold_dict else set()
+        clash = sorted(c.identifier for c in cases if c.source == "split" and c.identifier in train_keys)
+        if clash:
+            raise ValueError(f"unlabeled cases {clash[:5]} are also labeled training cases of fold {self.fold}")
+        return cases
+
+    def get_unlabeled_dataloader(self):
+        cases = self.find_unlabeled_cases()
+        dataset = UnlabeledDataset(cases)
+        data, _, _, _ = dataset.load_case(dataset.identifiers[0])
+        check_input_channels(self.num_input_channels, data.shape[0],
+                             f"unlabeled case {cases[0].identifier!r} in {cases[0].folder}")
+        rotation, do_dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        cm = self.configuration_manager
+        transforms = self.get_training_transforms(
+            cm.patch_size, rotation, None, mirror_axes, do_dummy_2d, use_mask_for_norm=cm.use_mask_for_norm,
+            is_cascaded=False, foreground_labels=self.label_manager.foreground_labels, regions=None,
+            ignore_label=self.label_manager.ignore_label)
+        loader = UnlabeledDataLoader(dataset, self.unlabeled_batch_size, initial_patch_size, cm.patch_size,
+                                     self.label_manager, transforms=transforms)
+        budget = get_allowed_n_proc_DA()
+        workers = self.config.unlabeled_workers
+        if workers is None:
+            workers = 0 if budget == 0 else max(1, budget // 2)
+        if workers == 0:
+            stream = SingleThreadedAugmenter(loader, None)
+        else:
+            stream = NonDetMultiThreadedAugmenter(loader, None, workers, num_cached=max(6, workers), seeds=None,
+                                                  pin_memory=self.device.type == "cuda", wait_time=0.002)
+        next(stream)  # start the workers now, like nnU-Net does for its own loaders
+        self.unlabeled_info = {"num_cases": len(dataset.identifiers), "sources": dataset.sources(),
+                               "batch_size": self.unlabeled_batch_size, "workers": workers}
+        return stream
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.dataloader_unlabeled = _TimedLoader(self.get_unlabeled_dataloader())
+        self.dataloader_train = _TimedLoader(self.dataloader_train)
+        self._ensure_teacher()
+        info = self.unlabeled_info
+        self.print_to_log_file(
+            f"nnunet_proto {type(self).__name__}: method {type(self.method).__name__}, "
+            f"{info['num_cases']} unlabeled cases {info['sources']}, labeled batch {self.batch_size}, "
+            f"unlabeled batch {info['batch_size']} ({info['workers']} workers), teacher "
+            f"{'EMA %.4f' % self.config.ema_decay if self.teacher is not None else 'none'}, "
+            f"features {self.config.feature_layer if self.method.needs_features else 'none'}")
+        if self.local_rank == 0:
+            with open(os.path.join(self.output_folder, "nnunet_proto_config.json"), "w") as f:
+                json.dump({**self.resolved_config(), "unlabeled": info}, f, indent=2, default=str)
+
+    def on_train_end(self):
+        if isinstance(self.dataloader_train, _TimedLoader):
+            self.dataloader_train = self.dataloader_train.loader  # nnU-Net shuts down its own augmenters
+        super().on_train_end()
+        _finish(self.dataloader_unlabeled)
+        self.dataloader_unlabeled = None
+        if self.local_rank == 0 and self.teacher is not None and not self.disable_checkpointing:
+            self.save_teacher_checkpoint(os.path.join(self.output_folder, TEACHER_CHECKPOINT))
+
+    # ------------------------------------------------------------------ training step
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._iter_in_epoch = 0
+        for loader in (self.dataloader_train, self.dataloader_unlabeled):
+            if isinstance(loader, _TimedLoader):
+                loader.waited = 0.0
+
+    def train_step(self, batch: dict) -> dict:
+        data_l = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else _null_context():
+            total, logs = self.compute_loss(data_l, target, data_u)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self.after_optimizer_step()
+        self._iter_in_epoch += 1
+        out = {"loss": total.detach().cpu().numpy()}
+        out.update({PREFIX + k: float(v) for k, v in logs.items()})
+        return out
+
+    def after_optimizer_step(self) -> None:
+        if self.teacher is not None:
+            self.teacher.update(unwrap_network(self.network), self.global_step)
+
+    def teacher_forward(self, data: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Teacher's full-resolution logits and tapped features (no grad, eval mode)."""
+        out = self.teacher(data)
+        logits = out[0] if isinstance(out, (list, tuple)) else out
+        feats = self.teacher_tap.pop() if self.teacher_tap is not None else None
+        return logits, feats
+
+    def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
+        """Supervised nnU-Net loss on labeled patches + weighted method terms. Returns (total, logs)."""
+        method = self.method
+        n_l = data_l.shape[0]
+        sees_u = method.student_sees_unlabeled
+        x = torch.cat([data_l, data_u]) if sees_u else data_l
+        out = self.network(x)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        feats = self.student_tap.pop() if self.student_tap is not None else None
+        out_l = [o[:n_l] for o in outs]
+        sup = self.loss(out_l if isinstance(out, (list, tuple)) else out_l[0], target)
+        target_full = target[0] if isinstance(target, list) else target
+
+        t_logits = t_feats = None
+        if self.teacher is not None:
+            t_logits, t_feats = self.teacher_forward(method.teacher_input(data_u))
+        inputs = StepInputs(
+            num_classes=self.label_manager.num_segmentation_heads,
+            ignore_index=self.label_manager.ignore_label,
+            target_l=target_full, logits_l=outs[0][:n_l],
+            feats_l=feats[:n_l] if feats is not None else None,
+            logits_u=outs[0][n_l:] if sees_u else None,
+            feats_u=feats[n_l:] if (feats is not None and sees_u) else None,
+            teacher_logits_u=t_logits, teacher_feats_u=t_feats,
+            reduce_fn=all_reduce_sum, progress=self.progress)
+        terms = method.losses(inputs)
+        return self.combine(sup, terms)
+
+    def combine(self, sup: torch.Tensor, terms: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict]:
+        """total = sup + Σ_k w_k(t)·term_k; every term always enters the graph (weight may be ~0)."""
+        weights = self.method.weights(self.progress)
+        missing = set(self.method.term_names) - set(terms)
+        if missing:
+            raise RuntimeError(f"{type(self.method).__name__} did not return loss terms {sorted(missing)}")
+        total = sup
+        logs: Dict[str, float] = {"loss_sup": sup.detach()}
+        for name in self.method.term_names:
+            total = total + weights[name] * terms[name]
+            logs[f"loss_{name}"] = terms[name].detach()
+            logs[f"weight_{name}"] = weights[name]
+        return total, logs
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        values = {f"loss_{n}": [] for n in ["sup", *self.method.term_names]}
+        values.update({f"weight_{n}": [] for n in self.method.term_names})
+        for key in values:
+            values[key] = [o[PREFIX + key] for o in train_outputs if PREFIX + key in o]
+        means = {k: float(np.mean(v)) if v else float("nan") for k, v in values.items()}
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, means)
+            means = {k: float(np.nanmean([g[k] for g in gathered])) for k in means}
+        for key, value in means.items():
+            self.logger.log(PREFIX + key, value, self.current_epoch)
+        waits = {"labeled": getattr(self.dataloader_train, "waited", float("nan")),
+                 "unlabeled": getattr(self.dataloader_unlabeled, "waited", float("nan"))}
+        self.logger.log(PREFIX + "wait_labeled_s", waits["labeled"], self.current_epoch)
+        self.logger.log(PREFIX + "wait_unlabeled_s", waits["unlabeled"], self.current_epoch)
+        self.print_to_log_file("semi-supervised terms: " + ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+                               + f"; waited for data {waits['labeled']:.2f} s labeled, "
+                                 f"{waits['unlabeled']:.2f} s unlabeled")
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> Dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, **self.resolved_config(),
+                "method_state": self.method.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "unlabeled": self.unlabeled_info}
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = checkpoint_payload(self)
+        checkpoint[CHECKPOINT_KEY] = self.extra_checkpoint_state()
+        atomic_torch_save(checkpoint, filename)
+
+    def save_teacher_checkpoint(self, filename: str) -> None:
+        """Slim checkpoint with the teacher as ``network_weights`` for ``nnUNetv2_predict -chk``."""
+        atomic_torch_save({
+            "network_weights": self.teacher.module.state_dict(),
+            "trainer_name": type(self).__name__,
+            "init_args": self.my_init_kwargs,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "current_epoch": self.current_epoch,
+            CHECKPOINT_KEY: {"format": CHECKPOINT_FORMAT, "role": "teacher", **self.resolved_config()},
+        }, filename)
+
+    def check_resume_config(self, saved: Dict[str, Any], filename: str) -> None:
+        """Refuse to resume when the checkpoint was trained with another method configuration."""
+        current = self.resolved_config()
+        diffs = []
+        for key in ("trainer", "method", "num_epochs", "num_iterations_per_epoch"):
+            if saved.get(key) != current[key]:
+                diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}")
+        saved_cfg, cur_cfg = saved.get("config", {}), current["config"]
+        for key in sorted(set(saved_cfg) | set(cur_cfg)):
+            if saved_cfg.get(key) != cur_cfg.get(key):
+                diffs.append(f"config.{key}: checkpoint {saved_cfg.get(key)!r} vs now {cur_cfg.get(key)!r}")
+        if diffs:
+            raise ValueError(
+                f"Cannot resume from {filename}: it was trained with a different configuration.\n  "
+                + "\n  ".join(diffs)
+                + "\nResume with the trainer and config that wrote it, or start a new run in a fresh output "
+                  "folder (move the old fold folder away first; nothing was overwritten).")
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError("load_checkpoint needs a checkpoint file name (nnU-Net 2.8.1's load_checkpoint "
+                            "fails when given a dict)")
+        raw = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        extra = raw.get(CHECKPOINT_KEY)
+        if extra is not None:
+            if extra.get("role") == "teacher":
+                raise ValueError(f"{filename_or_checkpoint} is the slim teacher export for prediction; resume from "
+                                 f"checkpoint_latest.pth / checkpoint_final.pth instead.")
+            self.check_resume_config(extra, filename_or_checkpoint)  # before any state is touched
+        super().load_checkpoint(filename_or_checkpoint)
+        if extra is None:
+            self.print_to_log_file(f"WARNING: {filename_or_checkpoint} holds no nnunet_proto state (written by "
+                                   f"plain nnU-Net?). The teacher starts as a copy of the loaded student.")
+            return
+        self.method.load_state_dict(extra.get("method_state", {}))
+        if extra.get("teacher") is not None and self.method.uses_teacher:
+            self._ensure_teacher()
+            self.teacher.load_state_dict(extra["teacher"])
+            self.teacher.module.to(self.device)
+
+
+class _null_context:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,47 @@
+"""Short-schedule trainer variants in nnU-Net's naming style (``<Trainer>_5epochs``, ``<Trainer>_smoke``)."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+#: suffix -> (num_epochs, iterations per epoch or None = nnU-Net's 250, validation iterations or None = 50)
+SCHEDULES: Dict[str, tuple] = {
+    "smoke": (2, 5, 2),  # seconds on CPU: checks that everything runs
+    "1epoch": (1, None, None),
+    "5epochs": (5, None, None),
+    "10epochs": (10, None, None),
+    "50epochs": (50, None, None),
+    "100epochs": (100, None, None),
+    "250epochs": (250, None, None),
+}
+
+
+def schedule_variant(base: type, suffix: str, num_epochs: int, iterations: Optional[int] = None,
+                     val_iterations: Optional[int] = None) -> type:
+    """A subclass of ``base`` named ``<base>_<suffix>`` that only changes the schedule.
+
+    The constructor restates nnUNetTrainer's exact signature, as nnU-Net 2.8 requires.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = num_epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+        if val_iterations is not None:
+            self.num_val_iterations_per_epoch = val_iterations
+
+    name = f"{base.__name__}_{suffix}"
+    doc = (f"{base.__name__} with {num_epochs} epoch(s)"
+           + (f" of {iterations} iterations" if iterations else "")
+           + (f", {val_iterations} validation iterations" if val_iterations else "") + ".")
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": base.__module__,
+                                "__qualname__": name})
+
+
+def schedule_variants(base: type) -> Dict[str, type]:
+    """All short variants of ``base`` as {class name: class}, for a trainers/ module's globals()."""
+    classes = [schedule_variant(base, suffix, *spec) for suffix, spec in SCHEDULES.items()]
+    return {c.__name__: c for c in classes}
