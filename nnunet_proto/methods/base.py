@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 import torch
+from torch import nn
 
 from nnunet_proto.ops.schedules import linear_rampup, sigmoid_rampup
 
-#: where the prototype features come from (nnU-Net U-Net stages; see training/feature_tap.py)
+#: named prototype feature layers (nnU-Net U-Net stages; see training/feature_tap.py, which also
+#: accepts "encoder:<i>" and "decoder:<i>" for methods that need several stages)
 FEATURE_LAYERS = ("decoder", "decoder-2", "bottleneck")
 RAMPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 
@@ -107,6 +109,12 @@ class StepInputs:
         feats_l: (B_l, D, *s) student features on labeled patches (or None if not requested).
         logits_u / feats_u: student outputs on unlabeled patches (None if the student does not see them).
         teacher_logits_u / teacher_feats_u: teacher outputs on unlabeled patches (None without teacher).
+        features: every tapped layer of the student (``SemiSupervisedMethod.feature_layers``), for the
+            whole student batch (labeled patches first, then unlabeled ones if the student sees them).
+        teacher_features: every tapped layer of the teacher on the unlabeled patches.
+        modules / teacher_modules: the method's own trainable modules (``build_modules``) and their
+            EMA copy (None if the method has none).
+        data_l / data_u: the network inputs (labeled / unlabeled patches).
         reduce_fn: sums a tensor across DDP ranks (identity without torch.distributed).
         progress: training progress in [0, 1].
     """
@@ -120,6 +128,12 @@ class StepInputs:
     feats_u: Optional[torch.Tensor] = None
     teacher_logits_u: Optional[torch.Tensor] = None
     teacher_feats_u: Optional[torch.Tensor] = None
+    features: Dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_features: Dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: Optional[nn.Module] = None
+    teacher_modules: Optional[nn.Module] = None
+    data_l: Optional[torch.Tensor] = None
+    data_u: Optional[torch.Tensor] = None
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
     progress: float = 0.0
 
@@ -146,6 +160,21 @@ class SemiSupervisedMethod(ABC):
     @property
     def uses_teacher(self) -> bool:
         return self.config.use_teacher
+
+    @property
+    def feature_layers(self) -> Tuple[str, ...]:
+        """Layers the trainer taps on student and teacher; the first one fills feats_l/feats_u."""
+        return (self.config.feature_layer,) if self.needs_features else ()
+
+    def build_modules(self, feature_channels: Dict[str, int], num_classes: int, dim: int) -> Optional[nn.Module]:
+        """Trainable modules the method keeps beside the stock network (e.g. a projection head).
+
+        ``feature_channels`` maps every layer in ``feature_layers`` to its channel count; ``dim`` is 2 or 3.
+        The trainer optimises their parameters with the network, keeps an EMA copy when a teacher is
+        used, saves them in checkpoints (never in ``network_weights``, which must load into plain
+        nnU-Net) and averages their gradients across DDP ranks. Default: none.
+        """
+        return None
 
     @property
     def student_sees_unlabeled(self) -> bool:

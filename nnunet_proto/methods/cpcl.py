@@ -101,7 +101,7 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     fpc = masked_mean((p_l2u - probs_u) ** 2, has_proto_l.view(-1, *([1] * (probs_u.dim() - 1))))
 
     # U2L: prototypes of the unlabeled features under the teacher's pseudo label classify F_l
-    pseudo = probs_u.argmax(dim=1)
+    pseudo = probs_u.argmax(dim=1, keepdim=True)
     onehot_u = labels_to_onehot(pseudo, num_classes)
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
                                       config.prototype_reduction, reduce_fn)

@@ -37,3 +37,14 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def all_reduce_gradients_(parameters) -> None:
+    """Average ``.grad`` of parameters outside DDP's wrapper (e.g. projection heads) across ranks."""
+    if not is_distributed():
+        return
+    n = dist.get_world_size()
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= n

@@ -3,7 +3,8 @@
 Conventions (all functions):
 
 * feature maps are ``(B, D, *spatial)``, class masks/probabilities ``(B, C, *spatial)``, label maps
-  ``(B, *spatial)`` or ``(B, 1, *spatial)``; 2D and 3D work alike;
+  ``(B, 1, *spatial)`` (nnU-Net's target layout; the channel axis is required so that a 3D map of
+  depth 1 is never mistaken for a 2D one); 2D and 3D work alike;
 * maths runs in float32 with autocast disabled, whatever the input dtype (fp16 in, fp32 out);
 * a class without any (weighted) voxel is *absent*: its prototype is a zero vector flagged
   ``valid=False``, its classifier logit is ``-inf``; nothing ever divides 0 by 0.
@@ -45,15 +46,15 @@ def _no_autocast(t: torch.Tensor):
 
 
 def labels_to_onehot(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
-    """One-hot float32 masks ``(B, C, *spatial)`` from integer labels.
+    """One-hot float32 masks ``(B, C, *spatial)`` from integer labels ``(B, 1, *spatial)``.
 
-    ``labels`` is ``(B, *spatial)`` or ``(B, 1, *spatial)``. Voxels equal to ``ignore_index`` or outside
-    ``[0, num_classes)`` (e.g. nnU-Net's -1 padding) get an all-zero row, i.e. they take part in no
-    prototype and no loss.
+    Voxels equal to ``ignore_index`` or outside ``[0, num_classes)`` (e.g. nnU-Net's -1 padding) get an
+    all-zero row, i.e. they take part in no prototype and no loss.
     """
-    if labels.dim() >= 3 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    labels = labels.long()
+    if labels.dim() < 3 or labels.shape[1] != 1:
+        raise ValueError(f"labels must be (B, 1, *spatial), got {tuple(labels.shape)}; add the channel axis with "
+                         f"labels.unsqueeze(1)")
+    labels = labels[:, 0].long()
     valid = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         valid &= labels != ignore_index

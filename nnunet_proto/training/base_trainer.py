@@ -26,7 +26,7 @@ from torch import autocast
 from torch import distributed as dist
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
-from nnunet_proto.ops.distributed import all_reduce_sum
+from nnunet_proto.ops.distributed import all_reduce_gradients_, all_reduce_sum
 from nnunet_proto.training.compat import (
     NonDetMultiThreadedAugmenter,
     SingleThreadedAugmenter,
@@ -36,7 +36,7 @@ from nnunet_proto.training.compat import (
     unwrap_network,
 )
 from nnunet_proto.training.ema import EMATeacher
-from nnunet_proto.training.feature_tap import FeatureTap
+from nnunet_proto.training.feature_tap import FeatureTap, layer_channels
 from nnunet_proto.training.progress import PREFIX, SemiSupervisedLogger
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
@@ -109,8 +109,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                              f"do not have). Use 2d, 3d_fullres or 3d_lowres.")
         self.method: SemiSupervisedMethod = self.method_class(self.config)
         self.teacher: Optional[EMATeacher] = None
-        self.student_tap: Optional[FeatureTap] = None
-        self.teacher_tap: Optional[FeatureTap] = None
+        self.method_modules: Optional[torch.nn.Module] = None  # method-owned trainable modules
+        self.teacher_modules: Optional[EMATeacher] = None  # their EMA copy
+        self.student_taps: Dict[str, FeatureTap] = {}
+        self.teacher_taps: Dict[str, FeatureTap] = {}
         self.dataloader_unlabeled = None
         self.unlabeled_info: Dict[str, Any] = {}
         self._iter_in_epoch = 0
@@ -140,17 +142,42 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     # ------------------------------------------------------------------ setup
     def initialize(self):
         super().initialize()
-        if self.method.needs_features:
-            self.student_tap = FeatureTap(unwrap_network(self.network), self.config.feature_layer)
+        student = unwrap_network(self.network)
+        self.student_taps = {layer: FeatureTap(student, layer) for layer in self.method.feature_layers}
+        arch = self.configuration_manager.network_arch_init_kwargs
+        channels = {layer: layer_channels(arch, layer) for layer in self.method.feature_layers}
+        modules = self.method.build_modules(channels, self.label_manager.num_segmentation_heads,
+                                            len(self.configuration_manager.patch_size))
+        if modules is not None:
+            self.method_modules = modules.to(self.device)
+            self.optimizer.add_param_group({"params": list(self.method_modules.parameters())})
+
+    def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        params = list(self.network.parameters())
+        if self.method_modules is not None:
+            params += list(self.method_modules.parameters())
+        return params
 
     def _ensure_teacher(self) -> None:
-        if self.method.uses_teacher and self.teacher is None:
+        if not self.method.uses_teacher:
+            return
+        if self.teacher is None:
             self.teacher = EMATeacher(unwrap_network(self.network), self.config.ema_decay, self.config.ema_warmup)
-        if self.teacher is not None:
-            # the teacher only needs the highest-resolution output
-            self.teacher.module.decoder.deep_supervision = False
-            if self.method.needs_features and self.teacher_tap is None:
-                self.teacher_tap = FeatureTap(self.teacher.module, self.config.feature_layer)
+            self.teacher_taps = {}
+        if self.method_modules is not None and self.teacher_modules is None:
+            self.teacher_modules = EMATeacher(self.method_modules, self.config.ema_decay, self.config.ema_warmup)
+        # the teacher only needs the highest-resolution output
+        self.teacher.module.decoder.deep_supervision = False
+        for layer in self.method.feature_layers:
+            if layer not in self.teacher_taps:
+                self.teacher_taps[layer] = FeatureTap(self.teacher.module, layer)
+
+    def reset_teacher(self) -> None:
+        """Re-create the teacher (and its module copies) from the current student, e.g. at a stage switch."""
+        for tap in self.teacher_taps.values():
+            tap.remove()
+        self.teacher, self.teacher_modules, self.teacher_taps = None, None, {}
+        self._ensure_teacher()
 
     def find_unlabeled_cases(self):
         """Unlabeled cases of this fold and configuration, or a clear error saying how to provide them."""
@@ -266,12 +293,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self._sync_and_clip()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self._sync_and_clip()
             self.optimizer.step()
         self.after_optimizer_step()
         self._iter_in_epoch += 1
@@ -279,16 +306,22 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         out.update({PREFIX + k: float(v) for k, v in logs.items()})
         return out
 
+    def _sync_and_clip(self) -> None:
+        if self.method_modules is not None:  # DDP averages only self.network's gradients
+            all_reduce_gradients_(self.method_modules.parameters())
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), 12)
+
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:
             self.teacher.update(unwrap_network(self.network), self.global_step)
+        if self.teacher_modules is not None:
+            self.teacher_modules.update(self.method_modules, self.global_step)
 
-    def teacher_forward(self, data: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Teacher's full-resolution logits and tapped features (no grad, eval mode)."""
+    def teacher_forward(self, data: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Teacher's full-resolution logits and tapped features {layer: tensor} (no grad, eval mode)."""
         out = self.teacher(data)
         logits = out[0] if isinstance(out, (list, tuple)) else out
-        feats = self.teacher_tap.pop() if self.teacher_tap is not None else None
-        return logits, feats
+        return logits, {layer: tap.pop() for layer, tap in self.teacher_taps.items()}
 
     def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
         """Supervised nnU-Net loss on labeled patches + weighted method terms. Returns (total, logs)."""
@@ -298,14 +331,16 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         x = torch.cat([data_l, data_u]) if sees_u else data_l
         out = self.network(x)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
-        feats = self.student_tap.pop() if self.student_tap is not None else None
+        features = {layer: tap.pop() for layer, tap in self.student_taps.items()}
         out_l = [o[:n_l] for o in outs]
         sup = self.loss(out_l if isinstance(out, (list, tuple)) else out_l[0], target)
         target_full = target[0] if isinstance(target, list) else target
 
-        t_logits = t_feats = None
+        t_logits, t_features = None, {}
         if self.teacher is not None:
-            t_logits, t_feats = self.teacher_forward(method.teacher_input(data_u))
+            t_logits, t_features = self.teacher_forward(method.teacher_input(data_u))
+        primary = method.feature_layers[0] if method.feature_layers else None
+        feats = features.get(primary)
         inputs = StepInputs(
             num_classes=self.label_manager.num_segmentation_heads,
             ignore_index=self.label_manager.ignore_label,
@@ -313,8 +348,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             feats_l=feats[:n_l] if feats is not None else None,
             logits_u=outs[0][n_l:] if sees_u else None,
             feats_u=feats[n_l:] if (feats is not None and sees_u) else None,
-            teacher_logits_u=t_logits, teacher_feats_u=t_feats,
-            reduce_fn=all_reduce_sum, progress=self.progress)
+            teacher_logits_u=t_logits, teacher_feats_u=t_features.get(primary),
+            features=features, teacher_features=t_features,
+            modules=self.method_modules,
+            teacher_modules=self.teacher_modules.module if self.teacher_modules is not None else None,
+            data_l=data_l, data_u=data_u, reduce_fn=all_reduce_sum, progress=self.progress)
         terms = method.losses(inputs)
         return self.combine(sup, terms)
 
@@ -358,6 +396,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         return {"format": CHECKPOINT_FORMAT, **self.resolved_config(),
                 "method_state": self.method.state_dict(),
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "modules": self.method_modules.state_dict() if self.method_modules is not None else None,
+                "teacher_modules": self.teacher_modules.state_dict() if self.teacher_modules is not None else None,
                 "unlabeled": self.unlabeled_info}
 
     def save_checkpoint(self, filename: str) -> None:
@@ -416,10 +456,15 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                    f"plain nnU-Net?). The teacher starts as a copy of the loaded student.")
             return
         self.method.load_state_dict(extra.get("method_state", {}))
+        if self.method_modules is not None:
+            if extra.get("modules") is None:
+                raise ValueError(f"{filename_or_checkpoint} lacks the weights of the method's own modules")
+            self.method_modules.load_state_dict(extra["modules"])
         if extra.get("teacher") is not None and self.method.uses_teacher:
             self._ensure_teacher()
             self.teacher.load_state_dict(extra["teacher"])
-            self.teacher.module.to(self.device)
+            if self.teacher_modules is not None and extra.get("teacher_modules") is not None:
+                self.teacher_modules.load_state_dict(extra["teacher_modules"])
 
 
 class _null_context:

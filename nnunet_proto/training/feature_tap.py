@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 LAYER_HELP = ("'decoder' = decoder.stages[-1] (full resolution), 'decoder-2' = decoder.stages[-2] "
-              "(half resolution), 'bottleneck' = encoder.stages[-1]")
+              "(half resolution), 'bottleneck' = encoder.stages[-1], 'encoder:<i>' = encoder.stages[i], "
+              "'decoder:<i>' = decoder.stages[i] (lowest resolution first)")
 
 
 def resolve_layer(network: nn.Module, layer: str) -> nn.Module:
@@ -32,6 +33,30 @@ def resolve_layer(network: nn.Module, layer: str) -> nn.Module:
         return stages[-2]
     if layer == "bottleneck":
         return encoder.stages[-1]
+    for prefix, modules in (("encoder:", encoder.stages), ("decoder:", stages)):
+        if layer.startswith(prefix):
+            try:
+                return modules[int(layer[len(prefix):])]
+            except (ValueError, IndexError):
+                raise ValueError(f"feature layer {layer!r}: index must be an integer below {len(modules)}") from None
+    raise ValueError(f"unknown feature layer {layer!r}; choose {LAYER_HELP}")
+
+
+def layer_channels(arch_kwargs: dict, layer: str) -> int:
+    """Output channels of a layer, from the plans' architecture kwargs (features_per_stage)."""
+    feats = list(arch_kwargs["features_per_stage"])
+    n_dec = len(feats) - 1
+    if layer == "decoder":
+        return feats[0]
+    if layer == "decoder-2":
+        return feats[1]
+    if layer == "bottleneck":
+        return feats[-1]
+    if layer.startswith("encoder:"):
+        return feats[int(layer.split(":")[1])]
+    if layer.startswith("decoder:"):
+        i = int(layer.split(":")[1])
+        return feats[n_dec - 1 - i]
     raise ValueError(f"unknown feature layer {layer!r}; choose {LAYER_HELP}")
 
 

@@ -1,0 +1,148 @@
+"""Shared fixtures: nnU-Net folders in a temp dir, a tiny planned synthetic dataset, trainer builders.
+
+The dataset is generated, planned and preprocessed once per session through the project's CLI and
+nnU-Net's own API (about 20 s on 2 CPU cores); tests that train get their own results folder.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TRAINERS_DIR = REPO / "trainers"
+TINY_PATCH = REPO / "plans" / "synthetic_tiny.json"
+DATASET_ID = 801
+PLANS = "nnUNetPlans_tiny"
+
+NNUNET_ENV = {"nnUNet_compile": "f", "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": str(TRAINERS_DIR),
+              "OMP_NUM_THREADS": "2"}
+
+
+def semi_supervised_trainer_names() -> List[str]:
+    """Every top-level semi-supervised trainer defined in trainers/ (schedule variants excluded)."""
+    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+
+    names = []
+    for path in sorted(TRAINERS_DIR.glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"_scan_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) and issubclass(obj, nnUNetTrainerSemiSupervised)
+                    and obj is not nnUNetTrainerSemiSupervised and obj.__name__ == name
+                    and obj.__module__ == module.__name__
+                    and name.rsplit("_", 1)[-1] not in _schedule_suffixes()):
+                names.append(name)
+    return names
+
+
+def _schedule_suffixes():
+    from nnunet_proto.training.variants import SCHEDULES
+
+    return set(SCHEDULES)
+
+
+@dataclass
+class SyntheticDataset:
+    id: int
+    name: str
+    raw: Path
+    preprocessed: Path
+    fold: int
+    plans: str = PLANS
+
+    def load_plans(self) -> dict:
+        return json.loads((self.preprocessed / f"{self.plans}.json").read_text())
+
+    def dataset_json(self) -> dict:
+        return json.loads((self.preprocessed / "dataset.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def nnunet_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nnunet")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("nnUNet_raw", str(root / "raw"))
+        mp.setenv("nnUNet_preprocessed", str(root / "preprocessed"))
+        mp.setenv("nnUNet_results", str(root / "results"))
+        for k, v in NNUNET_ENV.items():
+            mp.setenv(k, v)
+        mp.delenv("nnUNet_n_proc_DA", raising=False)  # nnU-Net's planner crashes with 0
+        yield root
+
+
+def plan_and_preprocess(dataset_id: int, configurations=("2d", "3d_fullres")) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+        preprocess,
+    )
+
+    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, verbose=False,
+                         show_progress_bar=False)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], configurations=configurations, num_processes=[1] * len(configurations), verbose=False)
+
+
+def run_cli(*args: str) -> str:
+    """Run ``nnunet_proto`` in-process; return stdout, fail on a non-zero exit code."""
+    import contextlib
+    import io
+
+    from nnunet_proto.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(list(args))
+    assert code == 0, f"nnunet_proto {' '.join(args)} exited with {code}"
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(nnunet_root) -> SyntheticDataset:
+    """2d-mode synthetic dataset: 10 labeled, 3 in imagesUnlabeled, 2 test; tiny plans; a 3-labeled fold."""
+    run_cli("synthetic", "-d", str(DATASET_ID), "--labeled", "10", "--unlabeled", "3", "--test", "2",
+            "--shape", "4", "40", "40", "--seed", "1")
+    plan_and_preprocess(DATASET_ID)
+    run_cli("plans-patch", "-d", str(DATASET_ID), str(TINY_PATCH))
+    run_cli("preprocess-unlabeled", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-p", PLANS)
+    fold = int(run_cli("make-splits", "-d", str(DATASET_ID), "--labeled", "3", "--seed", "0").strip())
+    name = f"Dataset{DATASET_ID:03d}_Synthetic"
+    return SyntheticDataset(DATASET_ID, name, nnunet_root / "raw" / name, nnunet_root / "preprocessed" / name, fold)
+
+
+@pytest.fixture
+def fresh_results(tmp_path, monkeypatch):
+    """A private nnUNet_results folder and single-process data loading for one test."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    torch.manual_seed(0)
+    return tmp_path / "results"
+
+
+def build_trainer(trainer_name: str, ds: SyntheticDataset, configuration: str = "2d", fold=None,
+                  plans: dict = None, dataset_json: dict = None, continue_training: bool = False):
+    """Instantiate a trainer the way nnUNetv2_train does (lookup through nnUNet_extTrainer)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    cls = recursive_find_trainer_class_by_name(trainer_name)
+    plans = dict(plans if plans is not None else ds.load_plans())
+    plans["continue_training"] = continue_training
+    return cls(plans=plans, configuration=configuration, fold=ds.fold if fold is None else fold,
+               dataset_json=dataset_json if dataset_json is not None else ds.dataset_json(),
+               device=torch.device("cpu"))
+
+
+def labeled_batch(trainer):
+    """One labeled training batch from the trainer's own (augmenting) data loader."""
+    return next(trainer.dataloader_train)
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # let tests import helpers from conftest
