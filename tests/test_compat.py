@@ -1,0 +1,89 @@
+"""Each nnU-Net internal that nnunet_proto relies on (training/compat.py) has a test that fails when it changes."""
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_trainer
+
+from nnunet_proto.training import compat
+
+
+def test_nnunet_version_is_the_tested_minor():
+    assert compat.nnunet_version().startswith(compat.NNUNET_VERSION_TESTED.rsplit(".", 1)[0])
+
+
+def test_checkpoint_payload_matches_nnunet_save_checkpoint(synthetic_dataset, fresh_results, tmp_path):
+    trainer = build_trainer("nnUNetTrainer", synthetic_dataset, "2d")
+    trainer.initialize()
+    f = tmp_path / "plain.pth"
+    compat.nnUNetTrainer.save_checkpoint(trainer, str(f))
+    written = torch.load(f, map_location="cpu", weights_only=False)
+    ours = compat.checkpoint_payload(trainer)
+    assert set(ours) == set(written)
+    assert ours["current_epoch"] == written["current_epoch"]
+    assert ours["trainer_name"] == written["trainer_name"]
+    assert set(ours["network_weights"]) == set(written["network_weights"])
+
+
+def test_local_logger_keys_and_single_value_per_epoch():
+    logger = compat.LocalLogger()
+    assert set(logger.my_fantastic_logging) == {"mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region",
+                                                 "train_losses", "val_losses", "lrs", "epoch_start_timestamps",
+                                                 "epoch_end_timestamps"}
+    with pytest.raises(AssertionError):
+        logger.log("not_registered", 1.0, 0)
+
+
+def test_data_loader_signature():
+    params = list(inspect.signature(compat.nnUNetDataLoader.__init__).parameters)
+    assert params[:6] == ["self", "data", "batch_size", "patch_size", "final_patch_size", "label_manager"]
+    for p in ("oversample_foreground_percent", "sampling_probabilities", "pad_sides", "probabilistic_oversampling",
+              "transforms"):
+        assert p in params
+
+
+def test_network_has_decoder_stages_and_deep_supervision_flag(synthetic_dataset):
+    from nnunet_proto.training.feature_tap import FeatureTap, layer_channels
+
+    plans = compat.PlansManager(synthetic_dataset.load_plans())
+    for configuration in ("2d", "3d_fullres"):
+        cm = plans.get_configuration(configuration)
+        net = compat.nnUNetTrainer.build_network_architecture(plans, cm, 1, 4, enable_deep_supervision=True)
+        assert hasattr(net.decoder, "stages") and hasattr(net.decoder, "deep_supervision")
+        taps = {layer: FeatureTap(net, layer) for layer in ("decoder", "decoder-2", "bottleneck", "encoder:1")}
+        x = torch.randn(2, 1, *cm.patch_size)
+        out = net(x)
+        assert isinstance(out, (list, tuple)) and out[0].shape[2:] == x.shape[2:]
+        arch = cm.network_arch_init_kwargs
+        for layer, tap in taps.items():
+            f = tap.pop()
+            assert f.shape[1] == layer_channels(arch, layer), layer
+        assert taps["decoder"].pop if True else None
+        f_dec = out[0]  # decoder features are full resolution
+        assert f_dec.shape[2:] == tuple(cm.patch_size)
+
+
+def test_run_case_without_label_returns_crop_mask(synthetic_dataset):
+    plans = compat.PlansManager(synthetic_dataset.load_plans())
+    cm = plans.get_configuration("2d")
+    image = sorted((synthetic_dataset.raw / "imagesTs").glob("*.nii.gz"))[0]
+    data, seg, props = cm.preprocessor_class(verbose=False).run_case([str(image)], None, plans, cm,
+                                                                     synthetic_dataset.dataset_json())
+    assert data.dtype == np.float32 or data.dtype == np.float64
+    assert seg.shape[1:] == data.shape[1:]
+    assert set(np.unique(seg)) <= {0, -1}
+    assert "class_locations" not in props
+
+
+def test_load_checkpoint_with_dict_is_still_unsupported(synthetic_dataset, fresh_results):
+    """nnU-Net 2.8.1 fails on dicts; our trainers refuse them with a clear message instead."""
+    trainer = build_trainer("nnUNetTrainerCPCL", synthetic_dataset, "2d")
+    with pytest.raises(TypeError, match="file name"):
+        trainer.load_checkpoint({})
+
+
+def test_ext_trainer_lookup_uses_environment(monkeypatch, nnunet_root):
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    with pytest.raises(RuntimeError, match="nnUNet_extTrainer"):
+        compat.recursive_find_trainer_class_by_name("nnUNetTrainerCPCL")
