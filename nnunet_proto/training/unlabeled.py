@@ -119,8 +119,9 @@ class UnlabeledDataset(nnUNetDatasetBlosc2):
     """nnUNetDatasetBlosc2 over unlabeled cases from one or more folders; never opens a segmentation.
 
     ``load_case`` returns ``(data, dummy_seg, None, properties)`` where ``dummy_seg`` is an all-zero
-    array of shape (1, *spatial) (lazily allocated by the OS, so only the cropped part costs memory) and ``properties['class_locations']`` is
-    emptied, so neither voxel labels nor label-derived sampling positions reach the stream.
+    array of shape (1, *spatial) (lazily allocated by the OS, so only the cropped part costs memory) and
+    ``properties['class_locations']`` is emptied, so neither voxel labels nor label-derived sampling positions
+    reach the stream.
     """
 
     def __init__(self, cases: Sequence[UnlabeledCase]):
