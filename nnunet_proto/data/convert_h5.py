@@ -238,9 +238,10 @@ def convert_h5_dataset(fmt: H5Format, input_dir: Path, raw_root: Path, dataset_i
     pattern = re.compile(fmt.group_regex) if fmt.group_regex else None
     num_training = len(cases) - len(test_cases)
     zyx = "x".join(f"{s:g}" for s in sp)
+    test_text = (f"{len(test_cases)} test cases ({len(test_units)} {fmt.test_unit}s) in imagesTs/labelsTs"
+                 if test_cases else "no test set")
     description = (f"{fmt.title}, converted by nnunet_proto from {len(cases)} h5 files. Voxel spacing (z, y, x) = "
-                   f"{zyx} mm, {fmt.spacing_note}. {num_training} training cases, {len(test_cases)} test cases "
-                   f"({len(test_units)} {fmt.test_unit}s) in imagesTs/labelsTs.")
+                   f"{zyx} mm, {fmt.spacing_note}. {num_training} training cases, {test_text}.")
     dataset_json = {
         "channel_names": dict(CHANNEL_NAMES),
         "labels": dict(fmt.labels),
