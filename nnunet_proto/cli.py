@@ -7,6 +7,7 @@
     nnunet_proto trainers-path
     nnunet_proto convert-acdc /data/acdc30_h5 -d 27 --test-count 10 --seed 0 [-o RAW_ROOT]
     nnunet_proto convert-la /data/la20_h5 -d 28 [--test-list ID ...]
+    nnunet_proto evaluate labelsTs predictions -o results.json [-l 1 2 3]
 """
 from __future__ import annotations
 
@@ -102,6 +103,16 @@ def cmd_convert_h5(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from nnunet_proto.evaluation.metrics import evaluate_folders, format_mean_table, write_results
+
+    results = evaluate_folders(args.reference, args.prediction, args.labels, num_processes=args.num_processes)
+    json_path, csv_path = write_results(results, args.output)
+    print(format_mean_table(results))
+    print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
+    return 0
+
+
 def cmd_trainers_path(args) -> int:
     print(trainers_path())
     return 0
@@ -169,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace imagesTr/labelsTr/imagesTs/labelsTs/dataset.json of an existing dataset")
         s.set_defaults(func=cmd_convert_h5, format=fmt)
 
+    s = sub.add_parser("evaluate", help="Dice, IoU, HD95 and ASD (mm) of a prediction folder against references")
+    s.add_argument("reference", help="folder of reference segmentations (e.g. labelsTs)")
+    s.add_argument("prediction", help="folder of predictions with the same file names (e.g. nnUNetv2_predict -o)")
+    s.add_argument("-o", "--output", required=True, help="result JSON; a CSV with the same stem is written beside it")
+    s.add_argument("-l", "--labels", type=int, nargs="+",
+                   help="labels to evaluate (default: all foreground labels of dataset.json in either folder)")
+    s.add_argument("-np", "--num-processes", type=int, default=1)
+    s.set_defaults(func=cmd_evaluate)
     return p
 
 
