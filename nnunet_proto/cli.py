@@ -5,6 +5,9 @@
     nnunet_proto make-splits -d 901 --labeled 10% --seed 0 [--group-regex 'patient(\\d+)']
     nnunet_proto plans-patch -d 901 plans/synthetic_tiny.json
     nnunet_proto trainers-path
+    nnunet_proto convert-acdc /data/acdc30_h5 -d 27 --test-count 10 --seed 0 [-o RAW_ROOT]
+    nnunet_proto convert-la /data/la20_h5 -d 28 [--test-list ID ...]
+    nnunet_proto evaluate labelsTs predictions -o results.json [-l 1 2 3]
 """
 from __future__ import annotations
 
@@ -78,6 +81,38 @@ def cmd_plans_patch(args) -> int:
     return 0
 
 
+def cmd_convert_h5(args) -> int:
+    import json
+
+    from nnunet_proto.data.convert_h5 import FORMATS, convert_h5_dataset
+
+    if args.output:
+        raw_root = args.output
+    else:  # only now pay for importing nnU-Net (and torch) to read $nnUNet_raw its way
+        from nnunet_proto.training.compat import nnUNet_raw, require_env_path
+
+        raw_root = require_env_path(nnUNet_raw)
+    fmt = FORMATS[args.format]
+    out = convert_h5_dataset(fmt, Path(args.input_dir), Path(raw_root), args.dataset_id,
+                             args.name or fmt.key.upper(), args.spacing, args.test_count, args.test_list,
+                             args.seed, args.overwrite)
+    info = json.loads((out / "dataset.json").read_text())
+    test = info["nnunet_proto"]["test"]
+    print(f"wrote {out} ({info['numTraining']} training cases, {len(test['cases'])} test cases from "
+          f"{test['count']} {test['unit']}s; spacing (z, y, x) {info['nnunet_proto']['spacing_zyx_mm']} mm)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from nnunet_proto.evaluation.metrics import evaluate_folders, format_mean_table, write_results
+
+    results = evaluate_folders(args.reference, args.prediction, args.labels, num_processes=args.num_processes)
+    json_path, csv_path = write_results(results, args.output)
+    print(format_mean_table(results))
+    print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
+    return 0
+
+
 def cmd_trainers_path(args) -> int:
     print(trainers_path())
     return 0
@@ -127,6 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("trainers-path", help="print the folder to export as nnUNet_extTrainer")
     s.set_defaults(func=cmd_trainers_path)
+
+    for fmt, unit, example in [("acdc", "patient", "patient001"), ("la", "case", "06SR5RBREL16DQ6M8LWS")]:
+        s = sub.add_parser(f"convert-{fmt}", help=f"convert the {fmt.upper()} h5 release into an nnU-Net raw dataset")
+        s.add_argument("input_dir", help="folder with the .h5 files")
+        s.add_argument("-d", "--dataset-id", type=int, required=True)
+        s.add_argument("--name", help=f"dataset name (default {fmt.upper()})")
+        s.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                       help="voxel spacing in mm (the h5 files store none; default "
+                            + ("10 1.5 1.5" if fmt == "acdc" else "0.625 0.625 0.625") + ")")
+        g = s.add_mutually_exclusive_group()
+        g.add_argument("--test-count", type=int, default=0, help=f"{unit}s drawn at random into imagesTs/labelsTs")
+        g.add_argument("--test-list", nargs="+", metavar=unit.upper(), help=f"{unit}s for imagesTs, e.g. {example}")
+        s.add_argument("--seed", type=int, default=0, help="seed of the --test-count draw")
+        s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
+        s.add_argument("--overwrite", action="store_true",
+                       help="replace imagesTr/labelsTr/imagesTs/labelsTs/dataset.json of an existing dataset")
+        s.set_defaults(func=cmd_convert_h5, format=fmt)
+
+    s = sub.add_parser("evaluate", help="Dice, IoU, HD95 and ASD (mm) of a prediction folder against references")
+    s.add_argument("reference", help="folder of reference segmentations (e.g. labelsTs)")
+    s.add_argument("prediction", help="folder of predictions with the same file names (e.g. nnUNetv2_predict -o)")
+    s.add_argument("-o", "--output", required=True, help="result JSON; a CSV with the same stem is written beside it")
+    s.add_argument("-l", "--labels", type=int, nargs="+",
+                   help="labels to evaluate (default: all foreground labels of dataset.json in either folder)")
+    s.add_argument("-np", "--num-processes", type=int, default=1)
+    s.set_defaults(func=cmd_evaluate)
     return p
 
 

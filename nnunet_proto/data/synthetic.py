@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
+
+from nnunet_proto.data.raw_io import check_dataset_folder_writable, write_nifti
 
 LABELS: Dict[str, int] = {"background": 0, "cavity": 1, "wall": 2, "satellite": 3}
 
@@ -138,12 +139,6 @@ def make_case(rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[
     return (image * 1000).astype(np.float32), label
 
 
-def _write_nifti(array: np.ndarray, spacing_zyx: Sequence[float], path: Path) -> None:
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))  # SimpleITK wants (x, y, z)
-    sitk.WriteImage(img, str(path), useCompression=True)
-
-
 def write_synthetic_dataset(spec: SyntheticSpec, raw_root: os.PathLike, overwrite: bool = False) -> Path:
     """Write the dataset to `raw_root/DatasetXXX_Name` and return that folder.
 
@@ -151,9 +146,7 @@ def write_synthetic_dataset(spec: SyntheticSpec, raw_root: os.PathLike, overwrit
     dataset.json. Case identifiers are `case_000`, `unl_000`, `test_000`.
     """
     out = Path(raw_root) / spec.folder_name
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty. Pass overwrite=True (CLI: --overwrite) to "
-                              f"replace it, or choose another dataset id.")
+    check_dataset_folder_writable(out, overwrite)
     rng = np.random.default_rng(spec.seed)
     groups = [("imagesTr", "labelsTr", "case", spec.num_labeled),
               ("imagesUnlabeled", None, "unl", spec.num_unlabeled),
@@ -166,9 +159,9 @@ def write_synthetic_dataset(spec: SyntheticSpec, raw_root: os.PathLike, overwrit
             (out / lab_dir).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             image, label = make_case(rng, spec.resolved_shape, spec.resolved_spacing, spec.mode)
-            _write_nifti(image, spec.resolved_spacing, out / img_dir / f"{prefix}_{i:03d}_0000.nii.gz")
+            write_nifti(image, spec.resolved_spacing, out / img_dir / f"{prefix}_{i:03d}_0000.nii.gz")
             if lab_dir:
-                _write_nifti(label, spec.resolved_spacing, out / lab_dir / f"{prefix}_{i:03d}.nii.gz")
+                write_nifti(label, spec.resolved_spacing, out / lab_dir / f"{prefix}_{i:03d}.nii.gz")
     dataset_json = {
         "channel_names": {"0": "MRI"},
         "labels": dict(LABELS),
