@@ -56,12 +56,13 @@ def test_network_has_decoder_stages_and_deep_supervision_flag(synthetic_dataset)
         out = net(x)
         assert isinstance(out, (list, tuple)) and out[0].shape[2:] == x.shape[2:]
         arch = cm.network_arch_init_kwargs
-        for layer, tap in taps.items():
-            f = tap.pop()
+        feats = {layer: tap.pop() for layer, tap in taps.items()}
+        for layer, f in feats.items():
             assert f.shape[1] == layer_channels(arch, layer), layer
-        assert taps["decoder"].pop if True else None
-        f_dec = out[0]  # decoder features are full resolution
-        assert f_dec.shape[2:] == tuple(cm.patch_size)
+        assert feats["decoder"].shape[2:] == tuple(cm.patch_size)  # last decoder stage: full resolution
+        assert feats["decoder"].requires_grad  # hooks keep the graph
+        with pytest.raises(RuntimeError, match="no output"):
+            taps["decoder"].pop()  # popped features are never reused
 
 
 def test_run_case_without_label_returns_crop_mask(synthetic_dataset):

@@ -219,10 +219,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def get_unlabeled_dataloader(self):
         cases = self.find_unlabeled_cases()
+        check_input_channels(self.num_input_channels, cases)
         dataset = UnlabeledDataset(cases)
-        data, _, _, _ = dataset.load_case(dataset.identifiers[0])
-        check_input_channels(self.num_input_channels, data.shape[0],
-                             f"unlabeled case {cases[0].identifier!r} in {cases[0].folder}")
         rotation, do_dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         cm = self.configuration_manager

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import blosc2
 import numpy as np
@@ -162,17 +162,17 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         self.has_ignore = False  # annotated-class sampling would need labels
 
 
-def check_input_channels(expected: int, found: int, where: str) -> None:
-    if expected != found:
-        raise ValueError(f"{where} has {found} input channel(s) but the dataset's plans expect {expected} "
-                         f"(dataset.json 'channel_names'). Unlabeled images must have the same channels, named "
-                         f"<case>_0000, <case>_0001, ... like imagesTr.")
-
-
-def first_case_shape(cases: Sequence[UnlabeledCase]) -> Tuple[int, ...]:
-    c = cases[0]
-    arr = blosc2.open(urlpath=os.path.join(c.folder, c.identifier + ".b2nd"), mode="r")
-    return tuple(arr.shape)
+def check_input_channels(expected: int, cases: Sequence[UnlabeledCase]) -> None:
+    """Every unlabeled case must have the plans' channel count (read from the blosc2 headers, cheap)."""
+    bad = []
+    for c in cases:
+        shape = blosc2.open(urlpath=os.path.join(c.folder, c.identifier + ".b2nd"), mode="r").shape
+        if shape[0] != expected:
+            bad.append(f"{c.identifier} ({shape[0]} in {c.folder})")
+    if bad:
+        raise ValueError(f"{len(bad)} unlabeled case(s) have a different number of input channels than the plans "
+                         f"expect ({expected}, dataset.json 'channel_names'): {bad[:5]}. Unlabeled images must have "
+                         f"the same channels as imagesTr, named <case>_0000, <case>_0001, ...")
 
 
 def load_fold(splits_file: str, fold) -> Optional[dict]:
