@@ -94,6 +94,19 @@ def test_two_voters_need_agreement():
     assert pseudo.flatten().tolist() == [0, NO_LABEL, 1]
 
 
+def test_worked_example_of_the_docs():
+    # docs/methods/mspa.md: N = 4 sets + the network, 3 classes, voxels a..g
+    voters = [[1, 1, 1, 1, 1], [1, 1, 1, 1, 2], [1, 1, 0, 1, 2], [1, 1, 0, 2, 2], [0, 2, 1, 0, 2],
+              [0, 0, 0, 1, 1], [2, 2, 0, 2, 1]]
+    votes = count_votes(torch.tensor(voters).T.reshape(1, 5, 1, 7), 3)
+    assert votes[0, :, 0].T.tolist() == [[0, 5, 0], [0, 4, 1], [1, 3, 1], [1, 2, 2], [2, 1, 2], [3, 2, 0], [1, 1, 3]]
+    pseudo = majority_vote(votes, majority_threshold(5))
+    assert pseudo.flatten().tolist() == [1, 1, 1, NO_LABEL, NO_LABEL, 0, 2]
+    uncertain, reliable = vote_regions(votes, pseudo, *reliable_vote_range(5, 3))
+    assert uncertain.sum(1).flatten().tolist() == [0, 0, 1, 0, 0, 1, 1]
+    assert reliable.sum(1).flatten().tolist() == [0, 1, 0, 0, 0, 0, 0]
+
+
 # -------------------------------------------------------------------------------------------- regions
 @pytest.mark.parametrize("rule, voters, threshold, expected", [
     ("next_level", 5, 3, (4, 4)),  # paper: R_3 uncertain, R_4 reliable, R_5 unused
