@@ -1,0 +1,264 @@
+"""MSPA: mutual- and self-prototype alignment (Zhang, Tian, Jiao; arXiv 2206.01739), METHODS.md §3.
+
+One network, no teacher (paper §2). Per training step, with N = min(n_pairs, labeled patches):
+
+* LPA, labeled → unlabeled (Eqs. 1-4): one prototype set p_i = MAP(f_li, Y_li) per labeled patch
+  i = 1..N; each set scores the unlabeled features by cosine similarity G_ui = cos(f_u, p_i); the scores
+  are summed over the sets and softmaxed, M̂_u = softmax_c(Σ_i G_ui^c);
+  L_LPA = mean_{c,x} (Ŝ_up − M̂_u)², Ŝ_up the network's own softmax on the unlabeled patch.
+* UPA, unlabeled → labeled (Eqs. 5-9): the N sets' argmaxes and the network's argmax vote; the voting
+  pseudo label S_u gives unlabeled prototypes p_u = MAP(f_u, S_u), averaged over the unlabeled patches
+  (Eq. 8); they classify the labeled features, L_UPA = CE(softmax_c cos(f_l, p_u), Y_l).
+* SPA, inside each unlabeled patch (Eqs. 10-11): regional prototypes weighted by Ŝ_up in the
+  uncertain and reliable agreement regions of every class; L_SPA = Σ_c ||R_unc,c − sg(R_rel,c)||².
+* Total (Eq. 12): L = L_sup + λ(t)·(L_LPA + L_UPA + L_SPA), λ(t) = w_max·exp(−5(1 − t/t_max)²).
+
+Multi-class voting (METHODS.md §3.7, generalising Eq. 7): V_c(x) = number of the N + 1 voters whose
+argmax is c; pseudo label = argmax_c V_c where the maximum is unique and reaches the threshold
+(default: strict majority, 3 of 5 as in the paper), otherwise the voxel is unlabeled. See
+``nnunet_proto.ops.voting`` and docs/methods/mspa.md for the rule with worked examples.
+
+Absent classes: a labeled set without class c does not vote for c, and the LPA score of c is the sum
+over the sets that have c rescaled by N / (number of such sets), which equals the paper's plain sum
+when every set has every class; a class no set has gets logit −inf. Unlabeled prototypes of classes
+without pseudo-labelled voxels are invalid; their labeled target voxels are ignored in L_UPA. The
+ignore label (and nnU-Net's −1 padding) takes part in no prototype and no loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
+from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
+from nnunet_proto.ops.prototypes import (
+    labels_to_onehot,
+    mask_invalid_logits,
+    masked_average_pooling,
+    prototype_logits,
+    resize_logits,
+    resize_masks,
+)
+from nnunet_proto.ops.voting import (
+    NO_LABEL,
+    RELIABLE_RULES,
+    count_votes,
+    majority_vote,
+    prototype_set_similarities,
+    regional_alignment_loss,
+    regional_prototypes,
+    reliable_vote_range,
+    resolve_vote_threshold,
+    set_predictions,
+    vote_regions,
+)
+
+LABELED_PROTOTYPE_MASKS = ("gt", "pred")
+
+
+@dataclass(frozen=True)
+class MSPAConfig(SemiSupervisedConfig):
+    """MSPA hyperparameters. Where the paper is silent the value is METHODS.md §8 (decision 3) or ours.
+
+    Attributes:
+        use_teacher: ``False``: the paper trains a single network; every prediction (the network's
+            softmax Ŝ_up, its vote, the SPA weights) and every feature map comes from the student.
+            ``True`` is refused: the paper has no teacher and this implementation does not define one.
+        n_pairs: N, the number of labeled prototype sets per step (paper §3.1: 4, the labeled batch). The
+            first min(n_pairs, labeled patches) labeled patches of the batch are used, so nnU-Net 3D batches
+            of 2 give N = 2.
+        vote_threshold: minimum votes of the winning class (paper Eq. 7: 3 of 5). ``None`` = strict
+            majority floor((N+1)/2) + 1 of the N + 1 voters (3 for N = 4, agreement of both voters for N = 1,
+            METHODS.md §3.7-3.8); a value above N + 1 is lowered to N + 1 (unanimity). Ties never win.
+        spa_reliable: how each pseudo-labelled class's region is split (``ops.voting.reliable_vote_range``):
+            ``"next_level"`` (paper Eqs. 10-11 as written: uncertain = threshold votes, reliable = one vote
+            more, unanimous voxels unused), ``"next_level_and_unanimous"`` (METHODS.md §3.4 option) or
+            ``"unanimous"`` (METHODS.md §3.7: reliable = all voters agree).
+        labeled_prototype_mask: mask of the labeled prototypes (Eq. 1): ``"gt"`` (METHODS.md §8 default;
+            the paper's text says "predicted mask", which is ambiguous) or ``"pred"`` (the network's argmax on
+            the labeled patch, ignore-label voxels excluded).
+        similarity_scale: multiplies the cosine similarities before every softmax/CE. Paper Eqs. 3 and 9
+            use none (1.0; METHODS.md §6.2: "×1, summed over N pairs"); the switch exists because the
+            resulting probabilities are very soft (METHODS.md §3.8).
+        lpa_detach_prototype_prediction: detach M̂_u in L_LPA. Paper silent; default False = gradient on
+            both sides (METHODS.md §3.2: single network, symmetric consistency).
+        upa_detach_prototypes: detach the unlabeled prototypes p_u in L_UPA. Paper silent; default False
+            (our choice): the gradient into the unlabeled features is what makes UPA train on unlabeled data
+            ("prototypes extracted from the unlabeled images should segment the labeled images well").
+        spa_detach_reliable: stop-gradient on the reliable regional prototypes (METHODS.md §8 default; the
+            paper pulls the uncertain region towards the reliable one). False = symmetric.
+        spa_detach_weights: use Ŝ_up in Eq. 10 as a constant soft weight (our choice; the paper calls it a
+            weighting role). False lets the loss also change the network's confidences.
+        lpa_weight / upa_weight / spa_weight: factors on λ(t) per term (paper Eq. 12: all 1). Setting one to
+            0 reproduces the ablations of Table 1; the term is still computed and logged.
+        w_max: final weight of the Gaussian ramp (paper: not given; METHODS.md §3.5/§8: 0.1, the CPCL/UA-MT
+            convention). rampup/rampup_length: Gaussian ramp over the whole run (paper: t_max = maximum
+            training step).
+        feature_layer: prototype features (paper silent; METHODS.md §3.1/§8: last decoder stage, full
+            resolution). At a coarser layer, cosine scores are computed at feature resolution and the
+            C-channel logits are upsampled; masks and SPA weights are area-averaged down.
+    """
+
+    use_teacher: bool = False
+    n_pairs: int = 4
+    vote_threshold: Optional[int] = None
+    spa_reliable: str = "next_level"
+    labeled_prototype_mask: str = "gt"
+    similarity_scale: float = 1.0
+    lpa_detach_prototype_prediction: bool = False
+    upa_detach_prototypes: bool = False
+    spa_detach_reliable: bool = True
+    spa_detach_weights: bool = True
+    lpa_weight: float = 1.0
+    upa_weight: float = 1.0
+    spa_weight: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.use_teacher:
+            raise ValueError("MSPA trains a single network (paper §2); use_teacher=True is not supported. "
+                             "Keep use_teacher=False.")
+        if self.n_pairs < 1:
+            raise ValueError(f"n_pairs must be >= 1 (paper: 4), got {self.n_pairs}")
+        if self.vote_threshold is not None and self.vote_threshold < 1:
+            raise ValueError(f"vote_threshold must be >= 1 or None (strict majority), got {self.vote_threshold}")
+        if self.spa_reliable not in RELIABLE_RULES:
+            raise ValueError(f"spa_reliable must be one of {RELIABLE_RULES}, got {self.spa_reliable!r}")
+        if self.labeled_prototype_mask not in LABELED_PROTOTYPE_MASKS:
+            raise ValueError(f"labeled_prototype_mask must be one of {LABELED_PROTOTYPE_MASKS}, "
+                             f"got {self.labeled_prototype_mask!r}")
+        if self.similarity_scale <= 0:
+            raise ValueError(f"similarity_scale must be > 0 (paper: 1.0), got {self.similarity_scale}")
+        for name in ("lpa_weight", "upa_weight", "spa_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Tensor, logits_u: torch.Tensor,
+                num_classes: int, ignore_index: Optional[int], config: MSPAConfig,
+                reduce_fn=None, logits_l: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """The three MSPA terms, unweighted.
+
+    Args:
+        feats_l: ``(B_l, D, *s)`` features of the labeled patches (attached).
+        target_l: ``(B_l, 1, *S)`` labels at full resolution.
+        feats_u: ``(B_u, D, *s)`` features of the unlabeled patches (attached).
+        logits_u: ``(B_u, C, *S)`` the network's highest-resolution logits on the unlabeled patches.
+        num_classes: C. ignore_index: nnU-Net's ignore label or None.
+        reduce_fn: sums tensors across DDP ranks (unlabeled prototypes of Eq. 8 are batch-global).
+        logits_l: ``(B_l, C, *S)`` labeled logits; needed only for ``labeled_prototype_mask="pred"``.
+    Returns: ``{"lpa", "upa", "spa"}`` float32 scalars, finite for any input; empty classes or regions
+    contribute 0. Which side is detached is set by the config (see ``MSPAConfig``).
+    """
+    if feats_l.shape[1] != feats_u.shape[1] or feats_l.shape[2:] != feats_u.shape[2:]:
+        raise ValueError(f"labeled features {tuple(feats_l.shape)} and unlabeled features {tuple(feats_u.shape)} "
+                         f"must have the same channels and spatial size (one network, one feature layer)")
+    full_size = tuple(target_l.shape[2:])
+    feat_size = tuple(feats_l.shape[2:])
+    if tuple(logits_u.shape[2:]) != full_size:
+        raise ValueError(f"unlabeled logits {tuple(logits_u.shape)} must have the label size {full_size}: pass the "
+                         f"highest-resolution output")
+    n = min(config.n_pairs, feats_l.shape[0])
+    scale = config.similarity_scale
+    with torch.autocast(device_type=logits_u.device.type, enabled=False):
+        probs_u = torch.softmax(logits_u.float(), dim=1)  # Ŝ_up
+
+    # --- LPA (Eqs. 1-4): one prototype set per labeled patch, summed cosine scores -------------------
+    mask_l = _labeled_masks(target_l[:n], logits_l[:n] if logits_l is not None else None, num_classes,
+                            ignore_index, config.labeled_prototype_mask)
+    sets = masked_average_pooling(feats_l[:n], resize_masks(mask_l, feat_size), "per_image")  # (N, C, D)
+    sims = prototype_set_similarities(feats_u, sets.vectors)  # (B_u, N, C, *s)
+    set_valid = sets.valid.view(1, *sets.valid.shape, *([1] * len(feat_size))).float()
+    n_valid = sets.valid.float().sum(0)  # (C,) sets that have each class
+    # N × (mean over the sets that have the class) = the paper's plain sum when every set has every class
+    summed = (sims * set_valid).sum(1) * (n / n_valid.clamp_min(1.0)).view(1, -1, *([1] * len(feat_size)))
+    lpa_logits = mask_invalid_logits(_to_size(summed * scale, full_size), n_valid > 0)
+    with torch.autocast(device_type=logits_u.device.type, enabled=False):
+        m_u = torch.softmax(lpa_logits, dim=1)  # M̂_u
+        if config.lpa_detach_prototype_prediction:
+            m_u = m_u.detach()
+        has_set = (n_valid > 0).any().float()  # no labeled class at all: the term is 0, not a uniform target
+        lpa = masked_mean((probs_u - m_u) ** 2, has_set.view(*([1] * probs_u.dim())))
+
+    # --- voting pseudo label (Eqs. 5-7 generalised) ----------------------------------------------------
+    with torch.no_grad():
+        set_labels = set_predictions(_to_size(sims.flatten(1, 2), full_size).unflatten(1, sims.shape[1:3]),
+                                     sets.valid)  # (B_u, N, *S)
+        own = probs_u.argmax(dim=1, keepdim=True)  # S_u(N+1)
+        votes = count_votes(torch.cat([set_labels, own], dim=1), num_classes)  # (B_u, C, *S)
+        num_voters = n + 1
+        threshold = resolve_vote_threshold(num_voters, config.vote_threshold)
+        pseudo = majority_vote(votes, threshold)  # (B_u, 1, *S), NO_LABEL where no majority
+
+    # --- UPA (Eqs. 8-9): batch-averaged unlabeled prototypes classify the labeled features -----------
+    onehot_u = labels_to_onehot(pseudo, num_classes)
+    protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, feat_size), "batch_mean", reduce_fn)
+    if config.upa_detach_prototypes:
+        protos_u = protos_u._replace(vectors=protos_u.vectors.detach())
+    upa_logits = prototype_logits(feats_l, protos_u, scale, full_size)
+    upa = cross_entropy_ignore(upa_logits, _upa_targets(target_l, protos_u.valid, num_classes, ignore_index))
+
+    # --- SPA (Eqs. 10-11): uncertain vs reliable regional prototypes per class ------------------------
+    lo, hi = reliable_vote_range(num_voters, threshold, config.spa_reliable)
+    uncertain, reliable = vote_regions(votes, pseudo, lo, hi)
+    weights = probs_u.detach() if config.spa_detach_weights else probs_u
+    spa = regional_alignment_loss(regional_prototypes(feats_u, weights, uncertain),
+                                  regional_prototypes(feats_u, weights, reliable),
+                                  detach_reliable=config.spa_detach_reliable)
+    return {"lpa": lpa, "upa": upa, "spa": spa}
+
+
+def _to_size(logits: torch.Tensor, size) -> torch.Tensor:
+    """Upsample C-channel score maps from feature to label resolution (no-op when equal)."""
+    return logits if tuple(logits.shape[2:]) == tuple(size) else resize_logits(logits, size)
+
+
+def _labeled_masks(target: torch.Tensor, logits: Optional[torch.Tensor], num_classes: int,
+                   ignore_index: Optional[int], source: str) -> torch.Tensor:
+    """One-hot masks ``(N, C, *S)`` of the labeled prototypes: ground truth, or the network's argmax.
+
+    The predicted variant takes the argmax (no gradient) only where the ground truth is a real class, so
+    ignore-label and padding voxels stay out of the prototypes either way.
+    """
+    gt = labels_to_onehot(target, num_classes, ignore_index)
+    if source == "gt":
+        return gt
+    if logits is None:
+        raise ValueError("labeled_prototype_mask='pred' needs the labeled logits (logits_l)")
+    pred = logits.detach().argmax(dim=1, keepdim=True)
+    known = gt.sum(1, keepdim=True) > 0
+    return labels_to_onehot(torch.where(known, pred, torch.full_like(pred, NO_LABEL)), num_classes)
+
+
+def _upa_targets(target: torch.Tensor, valid: torch.Tensor, num_classes: int,
+                 ignore_index: Optional[int]) -> torch.Tensor:
+    """Labels ``(B, *S)`` with -100 where the voxel is ignored/padding or its class has no unlabeled prototype."""
+    t = target[:, 0].long()
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    safe = torch.where(keep, t, torch.zeros_like(t))
+    keep &= valid[safe]
+    return torch.where(keep, t, torch.full_like(t, -100))
+
+
+class MSPA(SemiSupervisedMethod):
+    """Single-network MSPA; terms ``lpa``, ``upa``, ``spa``, each weighted by λ(t) × its factor."""
+
+    config_class = MSPAConfig
+    term_names = ("lpa", "upa", "spa")
+    needs_features = True
+
+    def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
+        if inputs.feats_l is None or inputs.feats_u is None or inputs.logits_u is None:
+            raise ValueError("MSPA needs the student's features on labeled and unlabeled patches and its logits on "
+                             "the unlabeled patches (student_sees_unlabeled must stay True)")
+        return mspa_losses(inputs.feats_l, inputs.target_l, inputs.feats_u, inputs.logits_u, inputs.num_classes,
+                           inputs.ignore_index, self.config, inputs.reduce_fn, logits_l=inputs.logits_l)
+
+    def weights(self, progress: float) -> Dict[str, float]:
+        lam = self.config.ramp(progress)
+        cfg = self.config
+        return {"lpa": cfg.lpa_weight * lam, "upa": cfg.upa_weight * lam, "spa": cfg.spa_weight * lam}
