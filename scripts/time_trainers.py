@@ -1,14 +1,22 @@
 #!/usr/bin/env python
-"""Time trainers side by side on the same plan: seconds per iteration, peak memory, data wait, overhead.
+"""Time trainers side by side on the same plan: seconds per iteration, overhead, data wait, peak memory.
 
-For every (configuration, trainer) a fresh subprocess builds the trainer exactly as nnUNetv2_train does,
-starts its data loaders (background workers as configured by nnUNet_n_proc_DA), runs warm-up steps
-and then ``--iterations`` timed steps. Semi-supervised trainers interleave each real step with an
-"ideal" step that runs only the network passes the method needs (student forward+backward on the
-patches the student sees, teacher forward on the unlabeled patches, optimizer step) with a trivial
-loss: ``real / ideal - 1`` is the cost of the prototype maths, the method losses and the EMA update.
-A second ideal, the one the core issue defines (student on labeled+unlabeled plus teacher forward),
-is timed as well. Peak memory is the subprocess's peak RSS (CPU) or max allocated CUDA memory.
+Two measurements per configuration:
+
+1. Compute (one process, all trainers interleaved round-robin): each trainer is built exactly as
+   nnUNetv2_train builds it, a few labeled and unlabeled batches are fetched up front, and the timed
+   steps cycle through those cached batches with no background workers running, so that no data
+   augmentation competes for the CPU and a change of machine load hits all trainers alike. Each
+   semi-supervised step is paired with "ideal" steps that run only the network passes:
+     * own passes: student forward+backward on the patches the method feeds the student, teacher
+       forward on the unlabeled patches, gradient clipping and optimizer step, with a trivial loss;
+       ``real / own - 1`` is the cost of prototype maths, method losses and the EMA update;
+     * issue ideal: student forward+backward on labeled+unlabeled plus teacher forward (the core
+       issue's definition).
+2. Data wait and memory (one fresh process per trainer, real data loaders with nnU-Net's background
+   workers as set by nnUNet_n_proc_DA): the share of the step time spent waiting for batches, and the
+   peak resident memory during training (the kernel's high-water mark is reset after start-up via
+   /proc/self/clear_refs, so imports and set-up do not count) or max allocated CUDA memory.
 
 Usage (after plan/preprocess, preprocess-unlabeled, make-splits):
     python scripts/time_trainers.py -d 801 -p nnUNetPlans_tiny -f 5 -c 2d 3d_fullres -o timing.md
@@ -16,9 +24,9 @@ Usage (after plan/preprocess, preprocess-unlabeled, make-splits):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +37,8 @@ DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainerMeanTeacher", "nnUNetTrainerC
 
 
 class TimedIterator:
+    """Wraps a batch iterator and adds up the seconds spent waiting in ``next``."""
+
     def __init__(self, it):
         self.it, self.waited = it, 0.0
 
@@ -39,25 +49,72 @@ class TimedIterator:
         return item
 
 
-def _loader_wait(trainer) -> float:
-    return sum(getattr(dl, "waited", 0.0) for dl in (trainer.dataloader_train, getattr(trainer, "dataloader_unlabeled",
-                                                                                          None)) if dl is not None)
-
-
-def _sync(device):
+def _sync(device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def ideal_step(trainer, data_l, target, data_u, student_on_unlabeled: bool) -> float:
-    """Only the network passes (+ optimizer step) a semi-supervised step needs; returns seconds."""
+def _rss_high_water_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_rss_high_water() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build(name: str, args, configuration: str):
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.manual_seed(0)
+    trainer = get_trainer_from_args(str(args.dataset), configuration, args.fold, name, args.plans,
+                                    device=torch.device(args.device))
+    trainer.num_epochs = 1000  # lr/ramp positions of an ordinary run; no epoch ends during timing
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
+def is_ssl(trainer) -> bool:
+    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+
+    return isinstance(trainer, nnUNetTrainerSemiSupervised)
+
+
+def _raw(loader):
+    """The batch iterator under the trainer's timing wrapper (if any)."""
+    return getattr(loader, "loader", getattr(loader, "it", loader))
+
+
+def shutdown(trainer) -> None:
+    from nnunet_proto.training.base_trainer import _finish
+
+    for dl in (trainer.dataloader_train, getattr(trainer, "dataloader_unlabeled", None), trainer.dataloader_val):
+        _finish(_raw(dl))
+
+
+def ideal_step(trainer, batch: dict, data_u, student_on_unlabeled: bool) -> float:
+    """Only the network passes (+ clipping and optimizer step) a semi-supervised step needs; seconds."""
     import torch
 
-    from nnunet_proto.training.compat import unwrap_network
-
-    _sync(trainer.device)
+    device = trainer.device
+    data_l = batch["data"].to(device)
+    target = batch["target"]
+    target = [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
+    data_u = data_u.to(device)
+    _sync(device)
     t0 = perf_counter()
     trainer.optimizer.zero_grad(set_to_none=True)
     n = data_l.shape[0]
@@ -69,105 +126,133 @@ def ideal_step(trainer, data_l, target, data_u, student_on_unlabeled: bool) -> f
         loss = loss + 1e-3 * outs[0][n:].float().mean()
     if trainer.teacher is not None:
         with torch.no_grad():
-            unwrap_network(trainer.teacher.module)(data_u)
+            trainer.teacher.module(data_u)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
     trainer.optimizer.step()
-    _sync(trainer.device)
+    _sync(device)
     for tap in list(trainer.student_taps.values()) + list(trainer.teacher_taps.values()):
         tap.clear()
     return perf_counter() - t0
 
 
-def worker(args) -> dict:
+class ComputeTimer:
+    """A started trainer that steps on cached batches (no data loading inside the timed region)."""
+
+    def __init__(self, name: str, args, configuration: str, cache: int = 4):
+        self.trainer = t = build(name, args, configuration)
+        self.ssl = is_ssl(t)
+        self.labeled = [next(t.dataloader_train) for _ in range(cache)]
+        self.unlabeled = [next(t.dataloader_unlabeled) for _ in range(cache)] if self.ssl else []
+        shutdown(t)  # no background workers while timing
+        if self.ssl:
+            t.dataloader_unlabeled = itertools.cycle(self.unlabeled)
+        self._labeled = itertools.cycle(self.labeled)
+        self.steps, self.own, self.issue = [], [], []
+
+    def step(self, record: bool = True) -> None:
+        t = self.trainer
+        batch = next(self._labeled)
+        _sync(t.device)
+        t0 = perf_counter()
+        t.train_step(batch)
+        _sync(t.device)
+        if not record:
+            return
+        self.steps.append(perf_counter() - t0)
+        if self.ssl:
+            data_u = self.unlabeled[len(self.steps) % len(self.unlabeled)]["data"]
+            self.own.append(ideal_step(t, batch, data_u, t.method.student_sees_unlabeled))
+            self.issue.append(ideal_step(t, batch, data_u, True))
+
+    def result(self, configuration: str) -> dict:
+        t = self.trainer
+        med = statistics.median(self.steps)
+        r = {"trainer": type(t).__name__, "configuration": configuration, "iterations": len(self.steps),
+             "s_per_it_median": med, "s_per_it_mean": statistics.mean(self.steps), "batch_size": t.batch_size,
+             "unlabeled_batch_size": t.unlabeled_batch_size if self.ssl else 0,
+             "patch_size": list(t.configuration_manager.patch_size)}
+        if self.ssl:
+            r.update(own_passes_s_per_it=statistics.median(self.own),
+                     overhead_vs_own_passes=med / statistics.median(self.own) - 1,
+                     issue_ideal_s_per_it=statistics.median(self.issue),
+                     ratio_vs_issue_ideal=med / statistics.median(self.issue),
+                     student_sees_unlabeled=t.method.student_sees_unlabeled)
+        return r
+
+
+def time_compute(args, configuration: str) -> list:
+    os.environ["nnUNet_n_proc_DA"] = "0"  # batches come from the cache; start no workers at all
+    timers = [ComputeTimer(name, args, configuration) for name in args.trainers]
+    for _ in range(args.warmup):
+        for timer in timers:
+            timer.step(record=False)
+    for _ in range(args.iterations):
+        for timer in timers:
+            timer.step()
+    return [timer.result(configuration) for timer in timers]
+
+
+def loader_worker(args) -> dict:
+    """Data wait and peak memory of one trainer stepping alone with its real data loaders."""
     import torch
 
-    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    trainer = get_trainer_from_args(str(args.dataset), args.configuration, args.fold, args.trainer, args.plans,
-                                    device=device)
-    trainer.num_epochs = 1000  # keeps the lr/ramp position of an ordinary run; no epoch ends here
-    trainer.on_train_start()
-    if not isinstance(trainer.dataloader_train, TimedIterator) and not hasattr(trainer.dataloader_train, "waited"):
+    trainer = build(args.trainer, args, args.configuration)
+    device = trainer.device
+    if not hasattr(trainer.dataloader_train, "waited"):
         trainer.dataloader_train = TimedIterator(trainer.dataloader_train)
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
-    ssl = isinstance(trainer, nnUNetTrainerSemiSupervised)
-
-    def real_step():
-        _sync(device)
-        t0 = perf_counter()
-        w0 = _loader_wait(trainer)
-        trainer.train_step(next(trainer.dataloader_train))
-        _sync(device)
-        return perf_counter() - t0, _loader_wait(trainer) - w0
-
+    loaders = [trainer.dataloader_train] + ([trainer.dataloader_unlabeled] if is_ssl(trainer) else [])
     for _ in range(args.warmup):
-        real_step()
+        trainer.train_step(next(trainer.dataloader_train))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    steps, waits, ideal, ideal_issue = [], [], [], []
+    reset = _reset_rss_high_water()
+    waited0 = sum(dl.waited for dl in loaders)
+    _sync(device)
+    t0 = perf_counter()
     for _ in range(args.iterations):
-        s, w = real_step()
-        steps.append(s)
-        waits.append(w)
-        if ssl:
-            batch = next(trainer.dataloader_train)
-            data_u = next(trainer.dataloader_unlabeled)["data"].to(device)
-            target = batch["target"]
-            target = [t.to(device) for t in target] if isinstance(target, list) else target.to(device)
-            data_l = batch["data"].to(device)
-            ideal.append(ideal_step(trainer, data_l, target, data_u, trainer.method.student_sees_unlabeled))
-            ideal_issue.append(ideal_step(trainer, data_l, target, data_u, True))
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {"trainer": args.trainer, "configuration": args.configuration, "iterations": args.iterations,
-              "s_per_it_median": statistics.median(steps), "s_per_it_mean": statistics.mean(steps),
-              "data_wait_fraction": sum(waits) / sum(steps), "peak_memory_mb": peak / 2 ** 20,
-              "memory_kind": "cuda max allocated" if device.type == "cuda" else "process peak RSS",
-              "batch_size": trainer.batch_size,
-              "unlabeled_batch_size": trainer.unlabeled_batch_size if ssl else 0,
-              "patch_size": list(trainer.configuration_manager.patch_size)}
-    if ssl:
-        result["ideal_s_per_it_median"] = statistics.median(ideal)
-        result["overhead_vs_ideal"] = statistics.median(steps) / statistics.median(ideal) - 1
-        result["ideal_issue_s_per_it_median"] = statistics.median(ideal_issue)
-        result["ratio_vs_issue_ideal"] = statistics.median(steps) / statistics.median(ideal_issue)
-        result["student_sees_unlabeled"] = trainer.method.student_sees_unlabeled
-    trainer.on_train_end = lambda: None  # do not write checkpoints or run validation
-    from nnunet_proto.training.base_trainer import _finish
-
-    for dl in (trainer.dataloader_train, getattr(trainer, "dataloader_unlabeled", None), trainer.dataloader_val):
-        _finish(getattr(dl, "it", dl))
-    return result
+        trainer.train_step(next(trainer.dataloader_train))
+    _sync(device)
+    total = perf_counter() - t0
+    wait = sum(dl.waited for dl in loaders) - waited0
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA max allocated"
+    else:
+        peak, kind = _rss_high_water_mb(), "peak RSS during training" if reset else "peak RSS of the process"
+    shutdown(trainer)
+    return {"data_wait_fraction": wait / total, "loader_s_per_it": total / args.iterations,
+            "peak_memory_mb": peak, "memory_kind": kind,
+            "workers": os.environ.get("nnUNet_n_proc_DA", "nnU-Net default")}
 
 
 def report(results: list, args) -> str:
+    kind = results[0].get("memory_kind", "") if results else ""
     lines = [f"# Trainer timing ({args.device}, dataset {args.dataset}, plans {args.plans}, fold {args.fold})", "",
-             f"Command: `{' '.join(sys.argv)}`", "",
-             f"{args.iterations} timed iterations after {args.warmup} warm-up iterations, each trainer in its own "
-             f"process; nnUNet_n_proc_DA={os.environ.get('nnUNet_n_proc_DA', '(nnU-Net default)')}. "
-             "Ratios compare trainers measured in this run on the same machine.", "",
-             "| config | trainer | batch (l+u) | s/it (median) | vs plain | data wait | peak memory MB | "
-             "extra work vs own passes | vs issue ideal |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Command: `python {' '.join(sys.argv)}`", "",
+             f"Compute: {args.iterations} timed steps per trainer after {args.warmup} warm-up steps, trainers "
+             f"interleaved in one process on cached batches, no augmentation workers running. Data wait and memory: "
+             f"each trainer alone in a fresh process with its real loaders (nnUNet_n_proc_DA="
+             f"{results[0].get('workers') if results else '?'}), {args.iterations} steps. Compare ratios within this "
+             f"run, not absolute times across machines.", "",
+             f"| config | trainer | batch (l+u) | s/it | vs plain | extra work vs own passes | vs issue ideal "
+             f"| data wait | {kind} MB |", "|---|---|---|---|---|---|---|---|---|"]
     plain = {r["configuration"]: r["s_per_it_median"] for r in results if r["trainer"] == "nnUNetTrainer"}
     for r in results:
         base = plain.get(r["configuration"])
-        lines.append(
-            f"| {r['configuration']} | {r['trainer']} | {r['batch_size']}+{r['unlabeled_batch_size']} | "
-            f"{r['s_per_it_median']:.3f} | {r['s_per_it_median'] / base:.2f}x | "
-            f"{100 * r['data_wait_fraction']:.1f}% | {r['peak_memory_mb']:.0f} | "
-            + (f"{100 * r['overhead_vs_ideal']:+.1f}% | {r['ratio_vs_issue_ideal']:.2f}x |" if "overhead_vs_ideal" in r
-               else "- | - |"))
-    lines += ["", "* *extra work vs own passes*: real step time over the time of the same network passes with a "
-                  "trivial loss (student forward+backward on the patches the method feeds it, teacher forward on the "
-                  "unlabeled patches, optimizer step) minus 1: the cost of prototype maths, method losses and EMA.",
-              "* *vs issue ideal*: real step over student forward+backward on labeled+unlabeled plus teacher "
-              "forward. CPCL's student sees labeled patches only (paper path), so it can be below 1.",
-              "* *data wait*: share of the step time spent waiting for the labeled and unlabeled batches."]
+        rel = f"{r['s_per_it_median'] / base:.2f}x" if base else "-"
+        extra = (f"{100 * r['overhead_vs_own_passes']:+.1f}% | {r['ratio_vs_issue_ideal']:.2f}x"
+                 if "overhead_vs_own_passes" in r else "- | -")
+        lines.append(f"| {r['configuration']} | {r['trainer']} | {r['batch_size']}+{r['unlabeled_batch_size']} | "
+                     f"{r['s_per_it_median']:.3f} | {rel} | {extra} | {100 * r['data_wait_fraction']:.1f}% | "
+                     f"{r['peak_memory_mb']:.0f} |")
+    lines += ["", "* s/it: median seconds per training step (compute only).",
+              "* extra work vs own passes: real step over the same network passes with a trivial loss (student "
+              "forward+backward on the patches the method feeds it, teacher forward on the unlabeled patches, "
+              "clipping, optimizer step), minus 1: the cost of prototype maths, method losses and the EMA update.",
+              "* vs issue ideal: real step over student forward+backward on labeled+unlabeled plus teacher forward. "
+              "A method whose student sees only labeled patches (CPCL's paper path) can come out below 1.",
+              "* data wait: share of the step time spent waiting for labeled and unlabeled batches with real "
+              "background loaders."]
     return "\n".join(lines) + "\n"
 
 
@@ -181,27 +266,31 @@ def main() -> int:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("-o", "--output", help="markdown report (a .json with the raw numbers is written beside it)")
+    p.add_argument("-o", "--output", help="markdown report (the raw numbers go to a .json beside it)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trainer", help=argparse.SUPPRESS)
     p.add_argument("--configuration", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+        print("RESULT " + json.dumps(loader_worker(args)))
         return 0
+    user_env = dict(os.environ)
     results = []
     for configuration in args.configurations:
-        for trainer in args.trainers:
-            cmd = [sys.executable, __file__, "--worker", "-d", str(args.dataset), "-p", args.plans, "-f", str(args.fold),
-                   "--trainer", trainer, "--configuration", configuration, "--iterations", str(args.iterations),
-                   "--warmup", str(args.warmup), "--device", args.device]
-            print(f"timing {trainer} {configuration} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"compute timing of {args.trainers} on {configuration} ...", file=sys.stderr, flush=True)
+        config_results = time_compute(args, configuration)
+        for r in config_results:
+            print(f"data wait and memory of {r['trainer']} on {configuration} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, "--worker", "-d", str(args.dataset), "-p", args.plans,
+                   "-f", str(args.fold), "--trainer", r["trainer"], "--configuration", configuration,
+                   "--iterations", str(args.iterations), "--warmup", str(args.warmup), "--device", args.device]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=user_env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-                raise RuntimeError(f"timing {trainer} {configuration} failed")
-            results.append(json.loads(lines[-1][7:]))
+                raise RuntimeError(f"loader run of {r['trainer']} on {configuration} failed")
+            r.update(json.loads(lines[-1][7:]))
+        results += config_results
     text = report(results, args)
     print(text)
     if args.output:

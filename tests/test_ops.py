@@ -136,6 +136,13 @@ def test_cosine_similarity_analytic_and_scale_invariant():
     torch.testing.assert_close(cosine_similarity_map(feats, per_image), cosine_similarity_map(feats, protos))
 
 
+def test_zero_features_give_finite_gradients():
+    feats = torch.zeros(1, 4, 3, 3, requires_grad=True)
+    protos = masked_average_pooling(torch.randn(1, 4, 3, 3), labels_to_onehot(torch.zeros(1, 1, 3, 3).long(), 2))
+    torch.softmax(prototype_logits(feats, protos, 20.0), 1).sum().backward()
+    assert torch.isfinite(feats.grad).all()
+
+
 def test_fp16_input_under_autocast_gives_finite_fp32():
     feats = (torch.randn(2, 8, 6, 6) * 100).half()
     labels = _labels((2, 1, 6, 6), 3)

@@ -25,6 +25,7 @@ from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod
 from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
 from nnunet_proto.ops.prototypes import (
     Prototypes,
+    channel_argmax,
     labels_to_onehot,
     masked_average_pooling,
     prototype_logits,
@@ -101,7 +102,7 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     fpc = masked_mean((p_l2u - probs_u) ** 2, has_proto_l.view(-1, *([1] * (probs_u.dim() - 1))))
 
     # U2L: prototypes of the unlabeled features under the teacher's pseudo label classify F_l
-    pseudo = probs_u.argmax(dim=1, keepdim=True)
+    pseudo = channel_argmax(probs_u, keepdim=True)
     onehot_u = labels_to_onehot(pseudo, num_classes)
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
                                       config.prototype_reduction, reduce_fn)

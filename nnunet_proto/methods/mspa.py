@@ -34,6 +34,7 @@ import torch
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
 from nnunet_proto.ops.prototypes import (
+    channel_argmax,
     labels_to_onehot,
     mask_invalid_logits,
     masked_average_pooling,
@@ -186,7 +187,7 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     with torch.no_grad():
         set_labels = set_predictions(_to_size(sims.flatten(1, 2), full_size).unflatten(1, sims.shape[1:3]),
                                      sets.valid)  # (B_u, N, *S)
-        own = probs_u.argmax(dim=1, keepdim=True)  # S_u(N+1)
+        own = channel_argmax(probs_u, keepdim=True)  # S_u(N+1)
         votes = count_votes(torch.cat([set_labels, own], dim=1), num_classes)  # (B_u, C, *S)
         num_voters = n + 1
         threshold = resolve_vote_threshold(num_voters, config.vote_threshold)
@@ -227,7 +228,7 @@ def _labeled_masks(target: torch.Tensor, logits: Optional[torch.Tensor], num_cla
         return gt
     if logits is None:
         raise ValueError("labeled_prototype_mask='pred' needs the labeled logits (logits_l)")
-    pred = logits.detach().argmax(dim=1, keepdim=True)
+    pred = channel_argmax(logits.detach(), keepdim=True)
     known = gt.sum(1, keepdim=True) > 0
     return labels_to_onehot(torch.where(known, pred, torch.full_like(pred, NO_LABEL)), num_classes)
 

@@ -45,6 +45,23 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
+def channel_norm(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """max(L2 norm over dim 1, eps), keepdim, with a finite gradient everywhere.
+
+    (x*x).sum(1) is many times faster on CPU than linalg.vector_norm over a strided channel axis
+    (torch 2.14: 0.5 ms vs 9 ms for 8x16x4096). The clamp comes before the square root: sqrt has an
+    infinite derivative at 0, and clamping afterwards would turn an all-zero feature vector into NaN
+    gradients (0 * inf).
+    """
+    return (x * x).sum(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
+
+
+def channel_argmax(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """argmax over dim 1 (classes). ``max(dim=1).indices`` gives the same indices (first maximum) and is
+    about 10x faster on CPU than ``argmax(dim=1)`` for (B, C, N) maps with small C."""
+    return x.max(dim=1, keepdim=keepdim).indices
+
+
 def labels_to_onehot(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
     """One-hot float32 masks ``(B, C, *spatial)`` from integer labels ``(B, 1, *spatial)``.
 
@@ -54,13 +71,14 @@ def labels_to_onehot(labels: torch.Tensor, num_classes: int, ignore_index: Optio
     if labels.dim() < 3 or labels.shape[1] != 1:
         raise ValueError(f"labels must be (B, 1, *spatial), got {tuple(labels.shape)}; add the channel axis with "
                          f"labels.unsqueeze(1)")
-    labels = labels[:, 0].long()
+    labels = labels.long()
     valid = (labels >= 0) & (labels < num_classes)
     if ignore_index is not None:
         valid &= labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    onehot = F.one_hot(safe, num_classes).movedim(-1, 1).float()
-    return onehot * valid.unsqueeze(1).float()
+    onehot = torch.zeros((labels.shape[0], num_classes, *labels.shape[2:]), dtype=torch.float32, device=labels.device)
+    # scatter writes straight into the (B, C, ...) layout (no int64 one-hot, no channel-last copy)
+    onehot.scatter_(1, torch.where(valid, labels, torch.zeros_like(labels)), valid.float())
+    return onehot
 
 
 def class_feature_sums(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +93,10 @@ def class_feature_sums(features: torch.Tensor, weights: torch.Tensor) -> tuple[t
                          f"and spatial size; resize the masks to the feature resolution first "
                          f"(nnunet_proto.ops.prototypes.resize_masks).")
     with _no_autocast(features):
-        f = _fp32(features).flatten(2)  # (B, D, N)
+        f = _fp32(features).flatten(2)  # (B, D, N), a view
         w = _fp32(weights).flatten(2)  # (B, C, N)
-        sums = torch.bmm(w, f.transpose(1, 2))  # (B, C, D)
+        # (B, D, N) @ (B, N, C): only the small C-channel operand is transposed, F is read once in place
+        sums = torch.bmm(f, w.transpose(1, 2)).transpose(1, 2)  # (B, C, D)
         mass = w.sum(-1)  # (B, C)
     return sums, mass
 
@@ -131,19 +150,18 @@ def cosine_similarity_map(features: torch.Tensor, prototypes: torch.Tensor) -> t
     in float32 (eps 1e-6), so a zero prototype yields similarity 0 — mask it with
     ``mask_invalid_logits``.
     """
+    if prototypes.dim() == 3 and prototypes.shape[0] != features.shape[0]:
+        raise ValueError(f"per-image prototypes {tuple(prototypes.shape)} do not match batch size {features.shape[0]}")
+    if prototypes.dim() not in (2, 3):
+        raise ValueError(f"prototypes must be (C, D) or (B, C, D), got {tuple(prototypes.shape)}")
     with _no_autocast(features):
-        f = F.normalize(_fp32(features), dim=1, eps=NORM_EPS)
+        flat = _fp32(features).flatten(2)  # (B, D, N), a view
         p = F.normalize(_fp32(prototypes), dim=-1, eps=NORM_EPS)
-        flat = f.flatten(2)  # (B, D, N)
-        if p.dim() == 2:
-            sim = torch.einsum("bdn,cd->bcn", flat, p)
-        elif p.dim() == 3:
-            if p.shape[0] != f.shape[0]:
-                raise ValueError(f"per-image prototypes {tuple(p.shape)} do not match batch size {f.shape[0]}")
-            sim = torch.einsum("bdn,bcd->bcn", flat, p)
-        else:
-            raise ValueError(f"prototypes must be (C, D) or (B, C, D), got {tuple(p.shape)}")
-        return sim.reshape(f.shape[0], p.shape[-2], *f.shape[2:])
+        # cos = <f, p^> / max(|f|, eps): dividing the (B, C, N) dot products by the (B, 1, N) norms never
+        # materialises a normalised copy of the wide feature map
+        dots = torch.matmul(p, flat)  # (C, D) or (B, C, D) @ (B, D, N) -> (B, C, N)
+        norms = channel_norm(flat)
+        return (dots / norms).reshape(features.shape[0], p.shape[-2], *features.shape[2:])
 
 
 def mask_invalid_logits(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -154,6 +172,8 @@ def mask_invalid_logits(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     logits are left unchanged; callers must treat such images as "no prototype information"
     (see ``any_valid``).
     """
+    if bool(valid.all()):
+        return logits  # nothing to mask: skip a full-size copy
     if valid.dim() == 1:
         valid = valid.unsqueeze(0).expand(logits.shape[0], -1)
     has_any = valid.any(dim=1, keepdim=True)
