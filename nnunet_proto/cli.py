@@ -113,6 +113,39 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    import shlex
+    from pathlib import Path
+
+    from nnunet_proto.benchmark.runner import run_benchmark
+    from nnunet_proto.benchmark.spec import BenchmarkSpec
+    from nnunet_proto.training.compat import nnUNet_raw, nnUNet_results, require_env_path
+
+    name = _dataset_name(args.dataset)
+    raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() else None
+    test_images = args.test_images or (str(raw / "imagesTs") if raw else None)
+    test_labels = args.test_labels or (str(raw / "labelsTs") if raw else None)
+    if not test_images or not test_labels:
+        raise ValueError("give --test-images and --test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
+    spec = BenchmarkSpec(
+        dataset=args.dataset, configuration=args.configuration, plans=args.plans, trainers=tuple(args.trainers),
+        amounts=tuple(args.labeled), seeds=tuple(args.seeds), test_images=test_images, test_labels=test_labels,
+        epochs=args.epochs, iterations_per_epoch=args.iterations, val_iterations_per_epoch=args.val_iterations,
+        group_regex=args.group_regex, base_fold=args.base_fold, device=args.device, checkpoint=args.checkpoint,
+        run_validation=not args.no_validation, labels=tuple(args.labels) if args.labels else None, name=args.name,
+        notes=args.notes or "", extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
+    results = Path(args.results_dir) if args.results_dir else \
+        Path(require_env_path(nnUNet_results)) / "nnunet_proto_benchmarks" / args.name
+    report_dir = Path(args.output) if args.output else results / "report"
+    if args.report_only:
+        from nnunet_proto.benchmark.report import write_report
+
+        print(write_report(spec, results, report_dir))
+        return 0
+    run_benchmark(spec, results, report_dir)
+    return 0
+
+
 def cmd_trainers_path(args) -> int:
     print(trainers_path())
     return 0
@@ -159,6 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("patch", help="patch JSON file, e.g. plans/acdc_2d_cpu.json")
     s.add_argument("--source-plans", default="nnUNetPlans")
     s.set_defaults(func=cmd_plans_patch)
+
+    s = sub.add_parser("benchmark", help="train every trainer and plain nnU-Net on the same label-scarce folds, "
+                                         "predict and evaluate a test set, write a report (resumable)")
+    s.add_argument("-d", "--dataset", required=True)
+    s.add_argument("-c", "--configuration", default="2d")
+    s.add_argument("-p", "--plans", default="nnUNetPlans")
+    s.add_argument("-tr", "--trainers", nargs="+", default=["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPCL"],
+                   help="semi-supervised trainers; plain nnUNetTrainer is always added")
+    s.add_argument("--labeled", nargs="+", required=True, help="labeled amounts, counts or percentages (2 4 / 10%%)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed picks the labeled cases and seeds "
+                                                                      "training")
+    s.add_argument("--epochs", type=int, required=True)
+    s.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
+    s.add_argument("--val-iterations", type=int, default=10, help="nnU-Net's validation iterations per epoch")
+    s.add_argument("--group-regex")
+    s.add_argument("--base-fold", type=int, default=0)
+    s.add_argument("--test-images", help="default: nnUNet_raw/<dataset>/imagesTs")
+    s.add_argument("--test-labels", help="default: nnUNet_raw/<dataset>/labelsTs")
+    s.add_argument("-l", "--labels", type=int, nargs="+", help="labels to evaluate (default: all foreground)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--checkpoint", choices=["final", "best"], default="final",
+                   help="final, or nnU-Net's best on the fold's validation cases (never the test set)")
+    s.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each run")
+    s.add_argument("--name", default="benchmark", help="benchmark name (results sub-folder)")
+    s.add_argument("--results-dir", help="default: $nnUNet_results/nnunet_proto_benchmarks/<name>")
+    s.add_argument("-o", "--output", help="report folder (default: <results-dir>/report)")
+    s.add_argument("--notes", help="free text for the report (what was run and why)")
+    s.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    s.set_defaults(func=cmd_benchmark)
 
     s = sub.add_parser("trainers-path", help="print the folder to export as nnUNet_extTrainer")
     s.set_defaults(func=cmd_trainers_path)

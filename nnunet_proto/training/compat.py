@@ -16,6 +16,7 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.run.run_training import get_trainer_from_args
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import (
     comp_blosc2_params,
@@ -37,8 +38,8 @@ NNUNET_VERSION_TESTED = "2.8.1"
 __all__ = [
     "ConfigurationManager", "DefaultPreprocessor", "LocalLogger", "NNUNET_VERSION_TESTED",
     "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "checkpoint_payload",
-    "comp_blosc2_params", "generate_crossval_split",
-    "get_allowed_n_proc_DA", "get_pool_and_conv_props", "infer_dataset_class", "load_json", "load_pickle",
+    "comp_blosc2_params", "generate_crossval_split", "get_allowed_n_proc_DA", "get_pool_and_conv_props",
+    "get_trainer_from_args", "infer_dataset_class", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",
     "nnUNetTrainer", "nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results", "nnunet_version",
     "recursive_find_trainer_class_by_name", "require_env_path", "save_json", "unwrap_network",

@@ -8,6 +8,7 @@ import torch
 #: suffix -> (num_epochs, iterations per epoch or None = nnU-Net's 250, validation iterations or None = 50)
 SCHEDULES: Dict[str, tuple] = {
     "smoke": (2, 5, 2),  # seconds on CPU: checks that everything runs
+    "demo": (8, 60, 10),  # minutes on CPU: scripts/quickstart.sh
     "1epoch": (1, None, None),
     "5epochs": (5, None, None),
     "10epochs": (10, None, None),
