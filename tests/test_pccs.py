@@ -411,3 +411,57 @@ def test_losses_without_modules_fail_clearly():
     inputs.teacher_modules = None
     with pytest.raises(ValueError, match="projection branch"):
         method.losses(inputs)
+
+
+# ----------------------------------------------------------------------------- through the real trainer
+def test_trainer_projection_branch_is_optimised_ema_copied_and_checkpointed(synthetic_dataset, fresh_results):
+    from conftest import build_trainer
+
+    from nnunet_proto.ops.schedules import ema_decay
+
+    trainer = build_trainer("nnUNetTrainerPCCS", synthetic_dataset, "2d")
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 2, 3
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    try:
+        head = list(trainer.method_modules.parameters())
+        optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        assert head and all(id(p) in optimised for p in head)
+        ema = trainer.teacher_modules
+        assert all(not p.requires_grad for p in ema.module.parameters())
+        for _ in range(2):
+            before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+            alpha = ema_decay(trainer.global_step, trainer.config.ema_decay, trainer.config.ema_warmup)
+            trainer.train_step(next(trainer.dataloader_train))
+            student = trainer.method_modules.state_dict()
+            for k, v in ema.module.state_dict().items():
+                torch.testing.assert_close(v, alpha * before[k] + (1 - alpha) * student[k])
+        assert trainer.method.memory.updates == 1  # step 0 is before the consistency phase, step 1 after it
+    finally:
+        trainer.on_train_end()
+    saved = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", map_location="cpu", weights_only=False)
+    head_keys = {f"head.{k}" for k in trainer.method_modules.head.state_dict()}
+    assert head_keys.isdisjoint(saved["network_weights"]) and saved["nnunet_proto"]["modules"].keys() == {
+        k for k in trainer.method_modules.state_dict()}  # the branch is saved beside network_weights
+    restored = build_trainer("nnUNetTrainerPCCS", synthetic_dataset, "2d", continue_training=True)
+    restored.num_epochs, restored.num_iterations_per_epoch = 2, 3
+    restored.load_checkpoint(f"{trainer.output_folder}/checkpoint_final.pth")
+    for k, v in trainer.teacher_modules.module.state_dict().items():
+        torch.testing.assert_close(restored.teacher_modules.module.state_dict()[k], v)
+    assert torch.equal(restored.method.memory.vectors, trainer.method.memory.vectors.cpu())
+    assert restored.method.memory.updates == 1
+
+
+def test_trainer_with_too_few_encoder_stages_fails_before_building(synthetic_dataset, fresh_results):
+    from conftest import build_trainer
+
+    plans = synthetic_dataset.load_plans()
+    arch = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
+    for key in ("features_per_stage", "strides", "kernel_sizes", "n_conv_per_stage"):
+        arch[key] = arch[key][:3]
+    arch["n_stages"] = 3
+    arch["n_conv_per_stage_decoder"] = arch["n_conv_per_stage_decoder"][:2]
+    trainer = build_trainer("nnUNetTrainerPCCS", synthetic_dataset, "2d", plans=plans)
+    with pytest.raises(ValueError, match=r"configuration '2d' has only 3 encoder stages"):
+        trainer.initialize()
