@@ -76,6 +76,25 @@ def test_depth_and_layers_of_a_square_are_its_rings(ndim):
     assert depth_to_layers(depth, 2.0, 16)[4, 4] == 1  # wider bins: depths 1-2 → 0, 3-4 → 1
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 13, 11), (2, 1, 5, 9, 8)])
+def test_bounding_box_depth_equals_full_grid_edt(shape):
+    from scipy.ndimage import distance_transform_edt
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(shape[0], 4, *[max(2, s // 3) for s in shape[2:]], generator=g)
+    mode = "bilinear" if len(shape) == 4 else "trilinear"
+    labels = F.interpolate(low, size=shape[2:], mode=mode).argmax(1, keepdim=True)  # blobs touching borders
+    labels[0, 0, 0] = -1  # out-of-range voxels belong to no class
+    depth = own_class_depth(labels, 4)
+    for b in range(shape[0]):
+        for c in range(4):
+            mask = (labels[b, 0] == c).numpy()
+            if mask.any():
+                expected = torch.from_numpy(distance_transform_edt(mask)[mask]).float()
+                torch.testing.assert_close(depth[b, 0][torch.from_numpy(mask)], expected)
+    assert (depth[0, 0, 0] == 0).all()
+
+
 def test_layer_index_excludes_labels_outside_the_classes():
     lab = _square_labels()
     lab[..., 0, 0] = -1  # e.g. padding
