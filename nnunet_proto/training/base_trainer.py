@@ -255,7 +255,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             f"{info['num_cases']} unlabeled cases {info['sources']}, labeled batch {self.batch_size}, "
             f"unlabeled batch {info['batch_size']} ({info['workers']} workers), teacher "
             f"{'EMA %.4f' % self.config.ema_decay if self.teacher is not None else 'none'}, "
-            f"features {self.config.feature_layer if self.method.needs_features else 'none'}")
+            f"features {', '.join(self.method.feature_layers) or 'none'}")
         if self.local_rank == 0:
             with open(os.path.join(self.output_folder, "nnunet_proto_config.json"), "w") as f:
                 json.dump({**self.resolved_config(), "unlabeled": info}, f, indent=2, default=str)

@@ -1,0 +1,26 @@
+"""nnUNetTrainerPCCS: prototype contrastive consistency segmentation (He et al., arXiv 2502.06650), paper intent.
+
+Projection branch on encoder stages 1-3 (kept beside the stock network, EMA-copied for the teacher),
+SDM distance-layer prototypes of the unlabeled pseudo labels with an uncertainty-weighted contrastive
+loss (0.01), a teacher prototype memory (K = 2 per class, momentum 0.999, Sinkhorn-balanced) with a
+pixel-prototype CE (0.3), and consistency to the teacher's prototype prediction plus entropy
+minimisation (λ(t) = 0.1·ramp, 0.1·λ(t)). See nnunet_proto/methods/pccs.py, docs/methods/pccs.md and
+METHODS.md §5. Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
+"""
+from nnunet_proto.methods.pccs import PCCS, PCCSConfig
+from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+from nnunet_proto.training.variants import schedule_variants
+
+
+class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
+    method_class = PCCS
+    config = PCCSConfig()
+
+    def initialize(self):
+        if not self.was_initialized:  # clear message before the feature taps fail on a missing stage
+            arch = self.configuration_manager.network_arch_init_kwargs
+            self.method.check_encoder_stages(len(arch["features_per_stage"]), self.configuration_name)
+        super().initialize()
+
+
+globals().update(schedule_variants(nnUNetTrainerPCCS))
