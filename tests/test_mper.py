@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from nnunet_proto.methods.mper import MPER, MixedBatch, MixGroup, MPERConfig, MPERStepInputs
 from nnunet_proto.ops.copy_paste import (
     box_size,
-    masked_soft_dice_loss,
     paste,
     random_box_mask,
     region_ce_dice,
@@ -178,11 +177,15 @@ def test_region_losses_are_zero_and_finite_for_empty_regions():
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     target = torch.randint(0, 3, (2, 1, 4, 4))
     empty = torch.zeros(1, 1, 4, 4)
-    out = region_ce_dice(logits, target, empty)
+    out = region_ce_dice(logits, target, [(empty, 1.0)])
     assert out.item() == 0.0
     out.backward()
     assert torch.isfinite(logits.grad).all()
-    assert masked_soft_dice_loss(logits, torch.full_like(target, 9), torch.ones(1, 1, 4, 4), 3, ignore_index=9) == 0
+    all_ignored = region_ce_dice(logits, torch.full_like(target, 9), [(torch.ones(1, 1, 4, 4), 1.0)], ignore_index=9)
+    assert all_ignored.item() == 0.0
+    # one region, compared with PyTorch's cross-entropy and a per-image, per-class Dice
+    whole = region_ce_dice(logits, target, [(torch.ones(1, 1, 4, 4), 2.0)])
+    torch.testing.assert_close(whole, 2.0 * _manual_region_loss(logits, target, torch.ones(1, 1, 4, 4), 3, 99))
 
 
 def test_paste_copies_integer_labels():

@@ -408,10 +408,9 @@ class MPER(SemiSupervisedMethod):
         cfg = self.config
         total = logits.new_zeros((), dtype=torch.float32)
         for g in groups:
-            lg, tg = logits[g.start:g.stop], target[g.start:g.stop]
-            for region, weight in ((box_mask, g.context_weight), (1.0 - box_mask, g.patch_weight)):
-                total = total + weight * region_ce_dice(lg, tg, region, ignore_index, cfg.dice_smooth,
-                                                        cfg.dice_include_background)
+            regions = ((box_mask, g.context_weight), (1.0 - box_mask, g.patch_weight))
+            total = total + region_ce_dice(logits[g.start:g.stop], target[g.start:g.stop], regions, ignore_index,
+                                           cfg.dice_smooth, cfg.dice_include_background)
         return total
 
     def linear_consistency(self, outputs: Sequence[torch.Tensor], batch: MixedBatch,

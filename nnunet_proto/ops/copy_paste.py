@@ -96,55 +96,40 @@ def partner(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, shifts=-1, dims=0)
 
 
-def masked_soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor, num_classes: int,
-                          ignore_index: Optional[int] = None, smooth: float = 1e-5,
-                          include_background: bool = True) -> torch.Tensor:
-    """Soft Dice loss restricted to a region (BCP's 3D ``mask_DiceLoss``), float32 scalar.
+def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Tuple[torch.Tensor, float]],
+                   ignore_index: Optional[int] = None, smooth: float = 1e-5,
+                   include_background: bool = True) -> torch.Tensor:
+    """BCP's mixed-label loss (MPER Eq. 4 per region): Σ_r w_r [CE_r + Dice_r], float32 scalar.
 
-    1 − mean_{b,c} (2 Σ_x p_c y_c m + s) / (Σ_x (p_c + y_c) m + s), p = softmax(logits),
-    y = one-hot(target) (ignore-label voxels count in no class and are removed from m).
+    For every region r with weight w_r:
+
+    * CE_r = Σ_x m_r(x) CE(x) / Σ_x m_r(x), the cross-entropy averaged over the region (0 if empty);
+    * Dice_r = 1 − mean_{b,c} (2 Σ_x p_c y_c m_r + s) / (Σ_x (p_c + y_c) m_r + s), the soft Dice of
+      BCP's 3D ``mask_DiceLoss`` restricted to the region, per image and class (background included
+      unless ``include_background`` is False); an empty region gives s/s = 1, i.e. 0 loss.
+
+    Ignore-label voxels and labels outside [0, C) are removed from every region.
 
     Args:
-        logits: ``(B, C, *S)``, carries gradient.
+        logits: ``(B, C, *S)``, carries gradient; the softmax is computed once for all regions.
         target: ``(B, 1, *S)`` integer labels (constant).
-        region: ``(B or 1, 1, *S)`` weights in [0, 1] (constant).
-    Returns 0 with zero gradient for an empty region (every ratio is s/s = 1), never NaN.
-    """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        probs = torch.softmax(logits.float(), dim=1)
-        onehot = labels_to_onehot(target, num_classes, ignore_index)
-        m = region.float().expand(target.shape) * onehot.sum(1, keepdim=True)  # drop ignore voxels
-        dims = tuple(range(2, probs.dim()))
-        inter = (probs * onehot * m).sum(dims)
-        union = ((probs + onehot) * m).sum(dims)
-        dice = (2.0 * inter + smooth) / (union + smooth)  # (B, C)
-        if not include_background:
-            dice = dice[:, 1:]
-        return 1.0 - dice.mean()
-
-
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor,
-                         ignore_index: Optional[int] = None) -> torch.Tensor:
-    """Cross-entropy averaged over a region: Σ_x m·CE(x) / Σ_x m (0 for an empty region), float32.
-
-    ``logits`` ``(B, C, *S)``; ``target`` ``(B, 1, *S)`` (constant); ``region`` ``(B or 1, 1, *S)``.
-    Ignore-label voxels and labels outside [0, C) are removed from the region.
+        regions: ``(mask, weight)`` pairs, masks ``(B or 1, 1, *S)`` in [0, 1] (constant).
     """
     num_classes = logits.shape[1]
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        t = target[:, 0].long()
-        keep = (t >= 0) & (t < num_classes)
-        if ignore_index is not None:
-            keep &= t != ignore_index
-        ce = F.cross_entropy(logits.float(), torch.where(keep, t, torch.zeros_like(t)), reduction="none")
-        m = region.float().expand(target.shape)[:, 0] * keep.float()
-        return masked_mean(ce, m)
-
-
-def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor,
-                   ignore_index: Optional[int] = None, smooth: float = 1e-5,
-                   include_background: bool = True) -> torch.Tensor:
-    """Region-masked CE + region-masked Dice (MPER Eq. 4 on one region of a mixed image), float32 scalar."""
-    return (masked_cross_entropy(logits, target, region, ignore_index)
-            + masked_soft_dice_loss(logits, target, region, logits.shape[1], ignore_index, smooth,
-                                    include_background))
+        log_probs = torch.log_softmax(logits.float(), dim=1)
+        probs = log_probs.exp()
+        onehot = labels_to_onehot(target, num_classes, ignore_index)
+        valid = onehot.sum(1, keepdim=True)  # 1 on voxels with a usable label
+        nll = -(log_probs * onehot).sum(1, keepdim=True)  # per-voxel CE, 0 where invalid
+        overlap, total = probs * onehot, probs + onehot
+        dims = tuple(range(2, logits.dim()))
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for region, weight in regions:
+            m = region.float().expand_as(valid) * valid
+            ce = masked_mean(nll, m)
+            dice = (2.0 * (overlap * m).sum(dims) + smooth) / ((total * m).sum(dims) + smooth)  # (B, C)
+            if not include_background:
+                dice = dice[:, 1:]
+            loss = loss + weight * (ce + 1.0 - dice.mean())
+        return loss
