@@ -1,0 +1,541 @@
+"""MPER: multi-prototype-based embedding refinement (Bi et al., ICASSP 2025) on bidirectional copy-paste.
+
+Spec: METHODS.md §4 (MPER) and §1.7 (BCP); paper texts 002/004. The paper is implemented; each
+documented departure of the official code (METHODS.md §4.8) is a config switch.
+
+Two stages inside one nnU-Net run (paper §II):
+
+1. **Pre-training** (the first ``pretrain_fraction`` of the epochs): labeled-only copy-paste. Each
+   labeled patch is the context for a box cut from its neighbour in the batch; loss = region CE +
+   Dice of nnU-Net's head against the mixed ground truth (BCP, METHODS.md §1.7), deep supervision kept.
+2. **Self-training**: at the first self-training epoch the prototype bank is initialised by k-means on
+   labeled voxel embeddings of the pre-trained student and the EMA teacher is reset to the student,
+   so both start from the end of stage one. Each step (batch of B labeled and B unlabeled patches):
+
+   * the teacher predicts the *un-mixed* unlabeled patches: pseudo label Ŷ^u = argmax, confidence = max softmax;
+   * bidirectional copy-paste with one box M shared by the batch:
+     X_in = X^l ⊙ M + X^u ⊙ (1 − M) and X_out = X^u ⊙ M + X^l_partner ⊙ (1 − M), mixed labels Ŷ^m likewise;
+   * the student sees [X_in; X_out] (2B patches); z = its last decoder stage (full resolution, the
+     input of nnU-Net's 1×1 "linear classifier");
+   * L = L^l_cons + λ(t) (L^p_cons + γ L_cont) (Eq. 6), with
+     L^l_cons = region CE + Dice of nnU-Net's head vs Ŷ^m (Eq. 4; deep supervision with nnU-Net's weights),
+     L^p_cons = the same for the prototype classifier logit_c = max_k cos(z, p_c^k)/τ1 (Eqs. 1, 4; full resolution),
+     L_cont = InfoNCE of z against all C·K prototypes, nearest prototype as positive, τ2 (Eq. 5);
+     region weights 1 for ground-truth voxels, 0.5 for pseudo-labeled ones, 0 for the ignore label;
+   * after the forward, no gradient: every prototype moves towards the mean of the voxels of its class
+     that are closest to it, p ← η p + (1 − η) z̄ (Eq. 2), using labeled voxels and pseudo-labeled voxels
+     with confidence > α.
+
+Gradient: all three terms reach the student (linear head and decoder through z); the bank is a
+buffer (never a parameter); the teacher's pseudo labels and confidences are constants.
+
+Batches of any size: BCP splits a batch into halves a/b; here labeled patch i is paired with
+unlabeled patch i for X_in, and unlabeled patch i with labeled patch (i + 1) mod B for X_out
+(``ops.copy_paste.partner``), so every patch is used once as context and once as pasted box, for
+B = 1, 2 or odd. Stage one pairs labeled patch i with labeled patch (i + 1) mod B.
+
+In stage one the prototype terms are still computed (against the seeded random initial bank) with
+weight 0, so the autograd graph is the same in both stages and the contract test can check their
+gradient; their stage-one values are meaningless and the bank is not updated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
+from nnunet_proto.ops.copy_paste import (
+    BCP_BOX_FRACTION,
+    partner,
+    paste,
+    random_box_mask,
+    region_ce_dice,
+    resize_box_mask,
+    resize_labels,
+)
+from nnunet_proto.ops.kmeans import ClassReservoir, broadcast_from_rank0_, kmeans_bank
+from nnunet_proto.ops.multi_prototype import (
+    CONTRAST_IGNORE_MODES,
+    multi_prototype_dot,
+    multi_prototype_logits,
+    multi_prototype_similarity,
+    nearest_prototype_infonce,
+    update_bank,
+)
+
+#: paper 002 §III.A: pre-training / self-training iterations, LA (3D) 2k + 15k, ACDC (2D) 10k + 30k
+PAPER_PRETRAIN_FRACTION = {2: 10_000 / 40_000, 3: 2_000 / 17_000}
+#: paper 002 §III.A: γ = 0.02 (LA, 3D V-Net) and 0.1 (ACDC, 2D U-Net)
+PAPER_GAMMA = {2: 0.1, 3: 0.02}
+UPDATE_MODES = ("pooled", "per_region")
+SIMILARITIES = ("cosine", "dot")
+
+
+@dataclass(frozen=True)
+class MPERConfig(SemiSupervisedConfig):
+    """MPER hyperparameters: paper 002 defaults; the official code's values as switches (METHODS.md §4.8).
+
+    Inherited fields with MPER-specific defaults:
+        ema_decay: 0.99; the paper only says "Mean Teacher", the code (LA and ACDC) uses 0.99 (§4.6).
+        ema_warmup: False; BCP/MPER code blend at a constant 0.99 from the pre-trained copy (§1.2, §1.7);
+            a warm-up would make the teacher copy the student again right after the reset.
+        w_max: 1.0; "increasing the weight of prototype-associated losses from 0 to 1" (paper Eq. 6).
+            The ACDC code's maximum is 0.5 (§4.8 item 4).
+        rampup / rampup_length: sigmoid ramp over the whole **self-training stage** (λ(t) is measured from
+            the stage switch; ``rampup_length`` is a fraction of stage two). Paper: "over the training
+            period"; the LA code reaches 1 at 75 % of self-training (§6.9), i.e. ``rampup_length=0.75``.
+        feature_layer: must be ``"decoder"`` (the embedding z is the input of the linear classifier, §4.9).
+
+    MPER fields:
+        num_prototypes: K prototypes per class; paper 3 (Table V: best of 1-5).
+        tau_proto: τ1 of the prototype classifier (Eq. 1); paper 0.1.
+        tau_contrast: τ2 of the InfoNCE (Eq. 5); paper 0.1.
+        gamma: weight γ of L_cont (Eq. 6). ``None`` resolves by dimensionality to the paper's values,
+            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001 (§4.8 item 2).
+        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99 (§4.8 item 1).
+        confidence_threshold: α; pseudo-labeled voxels update prototypes only when the teacher's max
+            softmax exceeds it; paper 0.9.
+        update_background: update background prototypes too (paper: "each class"); the code never does
+            (§4.8 item 5, METHODS.md §8).
+        require_agreement: also require that the prototype classifier agrees with Ŷ^m before a voxel
+            updates a prototype (code only, §4.8 item 6). Default False: the paper uses all labeled voxels
+            and the confident pseudo-labeled ones. (METHODS.md §8 proposes True; we follow the rule
+            "paper by default" and flag it.)
+        update_mode: ``"pooled"`` (paper: one momentum step per iteration from the pooled cluster means) or
+            ``"per_region"`` (code: separate steps for the unlabeled region, then the labeled region, of
+            each mixed batch: up to 4 steps per iteration, METHODS.md §4.4 step 4).
+        contrast_ignore: ``"none"`` (paper Eq. 5, METHODS.md §8), ``"background"`` (drop voxels nearest to a
+            background prototype) or ``"index0"`` (code: ``ignore_index=0``, §4.8 item 7).
+        contrast_similarity: ``"cosine"`` (code; Eq. 5 with the normalised vectors of Eq. 1, the same
+            temperature 0.1 as τ1) or ``"dot"`` (Eq. 5 read literally as z·p on raw vectors; §4.8 item 8).
+        pretrain_fraction: fraction of the epochs spent in stage one. ``None`` resolves to the paper's
+            iteration counts: 10k/(10k + 30k) = 0.25 for 2D (ACDC) and 2k/(2k + 15k) ≈ 0.118 for 3D (LA).
+            The stage-one epoch count is ⌈fraction · epochs⌉, at most epochs − 1, so short runs reach stage two.
+        box_fraction: edge of the pasted box as a fraction of each patch edge; BCP/paper 2/3.
+        unlabeled_weight: weight of pseudo-labeled voxels in the mixed losses; BCP code ``u_weight`` 0.5
+            (labeled voxels weigh 1).
+        dice_smooth: smoothing of the region Dice; BCP's 3D ``mask_DiceLoss`` 1e-5.
+        dice_include_background: the region Dice averages over all classes including background
+            (BCP/SSL4MIS convention, METHODS.md §1.4).
+        kmeans_batches: labeled training batches whose embeddings feed the k-means initialisation. The
+            code makes one pass over its loader: 18 batches of 4 (LA) to 98 of 12 (ACDC); 20 nnU-Net
+            batches cost a fraction of one epoch (forward only).
+        kmeans_samples_per_class: bound on the embeddings clustered per class (METHODS.md §8: ≤ 200k).
+        kmeans_spherical: L2-normalise embeddings before k-means and before the momentum means (not in
+            paper or code; METHODS.md §4.5 suggests it as an option). Default False (raw embeddings, code).
+        kmeans_batch_size / kmeans_n_init: MiniBatchKMeans settings (its default batch 1024; n_init 3,
+            its default before scikit-learn 1.4, which the official code ran with defaults).
+        seed: seeds the reservoir, k-means, the fallback noise and the random stage-one bank.
+    """
+
+    ema_decay: float = 0.99
+    ema_warmup: bool = False
+    w_max: float = 1.0
+    rampup: str = "sigmoid"
+    rampup_length: float = 1.0
+    num_prototypes: int = 3
+    tau_proto: float = 0.1
+    tau_contrast: float = 0.1
+    gamma: Optional[float] = None
+    prototype_momentum: float = 0.999
+    confidence_threshold: float = 0.9
+    update_background: bool = True
+    require_agreement: bool = False
+    update_mode: str = "pooled"
+    contrast_ignore: str = "none"
+    contrast_similarity: str = "cosine"
+    pretrain_fraction: Optional[float] = None
+    box_fraction: float = BCP_BOX_FRACTION
+    unlabeled_weight: float = 0.5
+    dice_smooth: float = 1e-5
+    dice_include_background: bool = True
+    kmeans_batches: int = 20
+    kmeans_samples_per_class: int = 200_000
+    kmeans_spherical: bool = False
+    kmeans_batch_size: int = 1024
+    kmeans_n_init: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.use_teacher:
+            raise ValueError("MPER needs use_teacher=True (pseudo labels come from the EMA teacher)")
+        if self.feature_layer != "decoder":
+            raise ValueError(f"MPER's embedding is the last decoder stage (input of the linear classifier); "
+                             f"feature_layer must be 'decoder', got {self.feature_layer!r}")
+        if self.num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {self.num_prototypes}")
+        for name in ("tau_proto", "tau_contrast", "dice_smooth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.gamma is not None and self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0 or None (paper value by dimensionality), got {self.gamma}")
+        if not 0.0 <= self.prototype_momentum < 1.0:
+            raise ValueError(f"prototype_momentum must be in [0, 1), got {self.prototype_momentum}")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        if self.update_mode not in UPDATE_MODES:
+            raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {self.update_mode!r}")
+        if self.contrast_ignore not in CONTRAST_IGNORE_MODES:
+            raise ValueError(f"contrast_ignore must be one of {CONTRAST_IGNORE_MODES}, got {self.contrast_ignore!r}")
+        if self.contrast_similarity not in SIMILARITIES:
+            raise ValueError(f"contrast_similarity must be one of {SIMILARITIES}, got {self.contrast_similarity!r}")
+        if self.pretrain_fraction is not None and not 0.0 <= self.pretrain_fraction < 1.0:
+            raise ValueError(f"pretrain_fraction must be in [0, 1) or None (paper value), got {self.pretrain_fraction}")
+        if not 0.0 < self.box_fraction < 1.0:
+            raise ValueError(f"box_fraction must be in (0, 1), got {self.box_fraction}; BCP uses 2/3")
+        if self.unlabeled_weight < 0:
+            raise ValueError(f"unlabeled_weight must be >= 0, got {self.unlabeled_weight}")
+        if self.kmeans_batches < 1:
+            raise ValueError(f"kmeans_batches must be >= 1, got {self.kmeans_batches}")
+        if self.kmeans_samples_per_class < self.num_prototypes:
+            raise ValueError(f"kmeans_samples_per_class ({self.kmeans_samples_per_class}) must be at least "
+                             f"num_prototypes ({self.num_prototypes})")
+        if self.kmeans_batch_size < 1 or self.kmeans_n_init < 1:
+            raise ValueError(f"kmeans_batch_size and kmeans_n_init must be >= 1, got {self.kmeans_batch_size}, "
+                             f"{self.kmeans_n_init}")
+
+
+@dataclass(frozen=True)
+class MixGroup:
+    """Images ``start:stop`` of a mixed batch and the weights of their two regions.
+
+    ``context_weight`` applies where the box mask M is 1, ``patch_weight`` inside the box; 1 for
+    ground-truth regions, ``unlabeled_weight`` for pseudo-labeled ones.
+    """
+
+    start: int
+    stop: int
+    context_weight: float
+    patch_weight: float
+
+
+@dataclass
+class MixedBatch:
+    """The student's copy-paste batch and everything needed to supervise it.
+
+    Attributes:
+        images: ``(N, C_in, *S)`` mixed input patches (N = B in stage one, 2B in stage two).
+        targets: per deep-supervision scale, ``(N, 1, *S_s)`` mixed labels Ŷ^m (constant).
+        box_masks: per scale, ``(1, 1, *S_s)`` float, 1 = context region, 0 = pasted box.
+        groups: the mixed sub-batches and their region weights (the losses are summed over groups).
+        from_pseudo: ``(N, 1, *S)`` bool, voxels whose label is the teacher's pseudo label.
+        confidence: ``(N, 1, *S)`` float, the teacher's max softmax on pseudo-labeled voxels, 1 elsewhere.
+    """
+
+    images: torch.Tensor
+    targets: List[torch.Tensor]
+    box_masks: List[torch.Tensor]
+    groups: Tuple[MixGroup, ...]
+    from_pseudo: torch.Tensor
+    confidence: torch.Tensor
+
+
+@dataclass
+class MPERStepInputs(StepInputs):
+    """``StepInputs`` for MPER: ``feats_l``/``logits_l``/``target_l`` describe the *mixed* batch.
+
+    ``feats_l`` is z ``(N, D, *S)`` of the student on ``batch.images`` (with gradient), ``logits_l`` its
+    full-resolution linear logits and ``target_l`` = ``batch.targets[0]``.
+    """
+
+    batch: Optional[MixedBatch] = None
+
+
+class MPER(SemiSupervisedMethod):
+    """MPER terms ``proto_cons`` (L^p_cons) and ``contrast`` (L_cont); L^l_cons is the trainer's supervised loss.
+
+    State (saved in checkpoints): ``stage`` (1 or 2), ``stage_two_start`` (training progress at the
+    switch), ``kmeans_done`` and the prototype ``bank`` ``(C, K, D)``.
+    """
+
+    config_class = MPERConfig
+    term_names = ("proto_cons", "contrast")
+    needs_features = True
+
+    def __init__(self, config: MPERConfig):
+        super().__init__(config)
+        self.num_classes: Optional[int] = None
+        self.embed_dim: Optional[int] = None
+        self.spatial_dims: Optional[int] = None
+        self.bank: Optional[torch.Tensor] = None
+        self.stage = 1
+        self.stage_two_start: Optional[float] = None
+        self.kmeans_done = False
+        self.kmeans_report: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup and resolved settings
+    def build_modules(self, feature_channels: Dict[str, int], num_classes: int, dim: int) -> None:
+        """No trainable modules; records C, D and the dimensionality and creates the initial bank."""
+        self.setup(num_classes, feature_channels[self.config.feature_layer], dim)
+        return None
+
+    def setup(self, num_classes: int, embed_dim: int, spatial_dims: int) -> None:
+        """Record the problem size; the stage-one bank is seeded N(0, I) noise until k-means replaces it."""
+        if num_classes < 2:
+            raise ValueError(f"MPER needs at least 2 classes (background + foreground), got {num_classes}")
+        if spatial_dims not in PAPER_GAMMA:
+            raise ValueError(f"MPER supports 2D and 3D patches, got {spatial_dims} spatial dimensions")
+        self.num_classes, self.embed_dim, self.spatial_dims = num_classes, embed_dim, spatial_dims
+        shape = (num_classes, self.config.num_prototypes, embed_dim)
+        if self.bank is None or tuple(self.bank.shape) != shape:
+            gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
+            self.bank = torch.randn(*shape, generator=gen)
+
+    def _require_setup(self) -> None:
+        if self.spatial_dims is None or self.bank is None:
+            raise RuntimeError("MPER is not set up: call setup(num_classes, embed_dim, spatial_dims) (the trainer "
+                               "does it in initialize() through build_modules)")
+
+    def _config_or_paper(self, value: Optional[float], paper: Mapping[int, float]) -> float:
+        if value is not None:
+            return value
+        self._require_setup()
+        return paper[self.spatial_dims]
+
+    @property
+    def gamma(self) -> float:
+        """γ: the config value, or the paper's 0.1 (2D) / 0.02 (3D)."""
+        return self._config_or_paper(self.config.gamma, PAPER_GAMMA)
+
+    @property
+    def pretrain_fraction(self) -> float:
+        """Stage-one fraction: the config value, or the paper's 0.25 (2D) / 2/17 (3D)."""
+        return self._config_or_paper(self.config.pretrain_fraction, PAPER_PRETRAIN_FRACTION)
+
+    def stage_one_epochs(self, num_epochs: int) -> int:
+        """⌈fraction · num_epochs⌉ epochs of pre-training, capped at num_epochs − 1 (stage two always runs)."""
+        if num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+        return min(math.ceil(self.pretrain_fraction * num_epochs - 1e-9), num_epochs - 1)
+
+    def resolved(self, num_epochs: int) -> Dict[str, Any]:
+        """Values that depend on the dimensionality or the schedule, for logs and nnunet_proto_config.json."""
+        return {"gamma": self.gamma, "pretrain_fraction": self.pretrain_fraction,
+                "stage_one_epochs": self.stage_one_epochs(num_epochs), "bank_shape": list(self.bank.shape)}
+
+    # ------------------------------------------------------------------ stage switch
+    def needs_switch(self, epoch: int, num_epochs: int) -> bool:
+        """True exactly when stage two must start now: still in stage one and the pre-training epochs are over."""
+        return self.stage == 1 and epoch >= self.stage_one_epochs(num_epochs)
+
+    def new_reservoir(self, ignore_index: Optional[int]) -> ClassReservoir:
+        """An empty bounded, seeded sample of labeled embeddings for ``begin_self_training``."""
+        self._require_setup()
+        return ClassReservoir(self.num_classes, self.config.kmeans_samples_per_class, self.config.seed, ignore_index)
+
+    def begin_self_training(self, reservoir: ClassReservoir, progress: float,
+                            device: Optional[torch.device] = None) -> Dict[str, Any]:
+        """k-means initialisation of the bank and switch to stage two (once). Returns a short report.
+
+        The bank is identical on every DDP rank (rank 0's result is broadcast).
+        """
+        self._require_setup()
+        if self.stage != 1 or self.kmeans_done:
+            raise RuntimeError("MPER is already in stage two; the stage switch (k-means + teacher reset) must happen "
+                               "once. Was the method state restored from a checkpoint?")
+        cfg = self.config
+        bank, report = kmeans_bank(reservoir.samples(), cfg.num_prototypes, self.bank, cfg.seed,
+                                   cfg.kmeans_batch_size, cfg.kmeans_n_init, cfg.kmeans_spherical)
+        device = device if device is not None else self.bank.device
+        self.bank = broadcast_from_rank0_(bank.to(device))
+        self.stage, self.kmeans_done, self.stage_two_start = 2, True, float(progress)
+        self.kmeans_report = {**report, "samples_per_class": [int(s.shape[0]) for s in reservoir.samples()],
+                              "voxels_seen_per_class": [int(n) for n in reservoir.seen]}
+        return dict(self.kmeans_report)
+
+    # ------------------------------------------------------------------ copy-paste batch
+    def make_batch(self, data_l: torch.Tensor, targets_l: Sequence[torch.Tensor],
+                   data_u: Optional[torch.Tensor] = None, teacher_logits_u: Optional[torch.Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> MixedBatch:
+        """Copy-paste mixing of the network inputs after nnU-Net's augmentation (BCP, METHODS.md §1.7).
+
+        Args:
+            data_l: ``(B, C_in, *S)`` labeled patches; targets_l: their labels per deep-supervision scale,
+                ``(B, 1, *S_s)``, full resolution first (nnU-Net's target list).
+            data_u: ``(B, C_in, *S)`` unlabeled patches; teacher_logits_u: the teacher's full-resolution
+                logits on them (no gradient). Both required in stage two, ignored in stage one.
+            generator: CPU generator for the box position (replayable); global RNG when None.
+        """
+        self._require_setup()
+        targets_l = list(targets_l)
+        if tuple(targets_l[0].shape[2:]) != tuple(data_l.shape[2:]):
+            raise ValueError(f"the first target {tuple(targets_l[0].shape)} must be full resolution like the data "
+                             f"{tuple(data_l.shape)} (nnU-Net's deep-supervision list starts at full resolution)")
+        b = data_l.shape[0]
+        mask = random_box_mask(data_l.shape[2:], self.config.box_fraction, generator, data_l.device)
+        masks = [resize_box_mask(mask, t.shape[2:]) for t in targets_l]
+        full = (b, 1, *data_l.shape[2:])
+        if self.stage == 1:
+            images = paste(data_l, partner(data_l), mask)
+            targets = [paste(t, partner(t), m) for t, m in zip(targets_l, masks)]
+            return MixedBatch(images, targets, masks, (MixGroup(0, b, 1.0, 1.0),),
+                              torch.zeros(full, dtype=torch.bool, device=data_l.device),
+                              torch.ones(full, device=data_l.device))
+
+        if data_u is None or teacher_logits_u is None:
+            raise ValueError("stage two needs the unlabeled patches and the teacher's logits on them")
+        if data_u.shape != data_l.shape:
+            raise ValueError(f"copy-paste pairs labeled and unlabeled patches one to one: got labeled "
+                             f"{tuple(data_l.shape)} and unlabeled {tuple(data_u.shape)}; set "
+                             f"unlabeled_batch_size=None (= the labeled batch size)")
+        with torch.no_grad(), torch.autocast(device_type=data_l.device.type, enabled=False):
+            probs = torch.softmax(teacher_logits_u.detach().float(), dim=1)
+            conf, pseudo = probs.max(dim=1, keepdim=True)  # (B, 1, *S)
+        pseudo_scales = [resize_labels(pseudo, t.shape[2:]).to(t.dtype) for t in targets_l]
+        x_in = paste(data_l, data_u, mask)  # labeled context, unlabeled box
+        x_out = paste(data_u, partner(data_l), mask)  # unlabeled context, labeled box
+        targets = [torch.cat([paste(t, p, m), paste(p, partner(t), m)])
+                   for t, p, m in zip(targets_l, pseudo_scales, masks)]
+        inside = (mask < 0.5).expand(full)
+        from_pseudo = torch.cat([inside, ~inside])
+        ones = torch.ones_like(conf)
+        confidence = torch.cat([paste(ones, conf, mask), paste(conf, ones, mask)])
+        u = self.config.unlabeled_weight
+        groups = (MixGroup(0, b, 1.0, u), MixGroup(b, 2 * b, u, 1.0))
+        return MixedBatch(torch.cat([x_in, x_out]), targets, masks, groups, from_pseudo, confidence)
+
+    # ------------------------------------------------------------------ losses
+    def mixed_region_loss(self, logits: torch.Tensor, target: torch.Tensor, box_mask: torch.Tensor,
+                          groups: Sequence[MixGroup], ignore_index: Optional[int]) -> torch.Tensor:
+        """Σ_groups [w_context (CE + Dice)(region M) + w_patch (CE + Dice)(region 1 − M)] (BCP mix_loss, Eq. 4).
+
+        ``logits`` ``(N, C, *S)`` (gradient), ``target`` ``(N, 1, *S)`` and ``box_mask`` ``(1, 1, *S)`` constants.
+        """
+        cfg = self.config
+        total = logits.new_zeros((), dtype=torch.float32)
+        for g in groups:
+            regions = ((box_mask, g.context_weight), (1.0 - box_mask, g.patch_weight))
+            total = total + region_ce_dice(logits[g.start:g.stop], target[g.start:g.stop], regions, ignore_index,
+                                           cfg.dice_smooth, cfg.dice_include_background)
+        return total
+
+    def linear_consistency(self, outputs: Sequence[torch.Tensor], batch: MixedBatch,
+                           scale_weights: Sequence[float], ignore_index: Optional[int]) -> torch.Tensor:
+        """L^l_cons: nnU-Net's head against the mixed labels at every deep-supervision scale.
+
+        ``outputs`` are the student's logits per scale (full resolution first), ``scale_weights`` nnU-Net's
+        deep-supervision weights (scales with weight 0 are skipped, as nnU-Net's wrapper does; the
+        weights do not depend on the data). In stage one this is BCP's labeled copy-paste loss.
+        """
+        if len(outputs) != len(batch.targets) or len(scale_weights) != len(outputs):
+            raise ValueError(f"{len(outputs)} network outputs, {len(batch.targets)} targets and "
+                             f"{len(scale_weights)} deep-supervision weights must match")
+        total = outputs[0].new_zeros((), dtype=torch.float32)
+        for logits, target, mask, w in zip(outputs, batch.targets, batch.box_masks, scale_weights):
+            if w != 0:
+                total = total + w * self.mixed_region_loss(logits, target, mask, batch.groups, ignore_index)
+        return total
+
+    def _valid_voxels(self, target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
+        t = target.long()
+        keep = (t >= 0) & (t < self.num_classes)
+        if ignore_index is not None:
+            keep &= t != ignore_index
+        return keep
+
+    def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
+        """L^p_cons and L_cont on the full-resolution embedding of the mixed batch (METHODS.md §4.9).
+
+        Returns float32 scalars, finite for any input (empty classes/regions give 0).
+        """
+        if not isinstance(inputs, MPERStepInputs) or inputs.batch is None or inputs.feats_l is None:
+            raise ValueError("MPER.losses needs MPERStepInputs with the mixed batch and the student's embeddings "
+                             "(nnUNetTrainerMPER.compute_loss builds them)")
+        self._require_setup()
+        z, batch, cfg = inputs.feats_l, inputs.batch, self.config
+        target = batch.targets[0]
+        if tuple(z.shape[2:]) != tuple(target.shape[2:]):
+            raise ValueError(f"embeddings {tuple(z.shape)} must have the resolution of the mixed labels "
+                             f"{tuple(target.shape)}")
+        self.bank = self.bank.to(z.device)
+        sim = multi_prototype_similarity(z, self.bank)  # (N, C, K, *S)
+        logits_p, _ = multi_prototype_logits(sim, cfg.tau_proto)
+        proto_cons = self.mixed_region_loss(logits_p, target, batch.box_masks[0], batch.groups, inputs.ignore_index)
+
+        keep = self._valid_voxels(target, inputs.ignore_index)
+        sim_c = sim if cfg.contrast_similarity == "cosine" else multi_prototype_dot(z, self.bank)
+        contrast = sim.new_zeros(())
+        for g in batch.groups:  # one InfoNCE mean per mixed image set, summed like the consistency terms
+            contrast = contrast + nearest_prototype_infonce(sim_c[g.start:g.stop], cfg.tau_contrast,
+                                                            keep[g.start:g.stop], cfg.contrast_ignore)
+        return {"proto_cons": proto_cons, "contrast": contrast}
+
+    @torch.no_grad()
+    def update_prototypes(self, inputs: MPERStepInputs) -> int:
+        """Momentum update of the bank from the current mixed batch (stage two only; Eq. 2).
+
+        Sources (paper): voxels labeled by ground truth, plus pseudo-labeled voxels whose teacher
+        confidence exceeds α; ignore-label voxels never. ``require_agreement`` adds the code's gate
+        (prototype classifier agrees with Ŷ^m); ``update_background=False`` freezes class 0 (code).
+        Returns the number of voxels used on this rank (0 in stage one, where nothing moves).
+        """
+        if self.stage != 2:
+            return 0
+        batch, cfg = inputs.batch, self.config
+        z = inputs.feats_l.detach()
+        if cfg.kmeans_spherical:
+            z = torch.nn.functional.normalize(z.float(), dim=1, eps=1e-6)
+        target = batch.targets[0]
+        keep = self._valid_voxels(target, inputs.ignore_index)
+        labeled = keep & ~batch.from_pseudo
+        confident = keep & batch.from_pseudo & (batch.confidence > cfg.confidence_threshold)
+        if cfg.require_agreement:
+            logits_p, _ = multi_prototype_logits(multi_prototype_similarity(z, self.bank), cfg.tau_proto)
+            agree = logits_p.argmax(dim=1, keepdim=True) == target.long()
+            labeled, confident = labeled & agree, confident & agree
+        classes = torch.ones(self.num_classes, dtype=torch.bool, device=z.device)
+        if not cfg.update_background:
+            classes[0] = False
+        if cfg.update_mode == "pooled":
+            selections = [labeled | confident]
+        else:  # code order: unlabeled region, then labeled region, of each mixed image set
+            selections = []
+            for g in batch.groups:
+                in_group = torch.zeros_like(keep)
+                in_group[g.start:g.stop] = True
+                selections += [confident & in_group, labeled & in_group]
+        used = 0
+        bank = self.bank.to(z.device)
+        for select in selections:
+            bank, n = update_bank(bank, z, target, select, cfg.prototype_momentum, classes, inputs.reduce_fn)
+            used += n
+        self.bank = bank
+        return used
+
+    def weights(self, progress: float) -> Dict[str, float]:
+        """0 in stage one; λ(t) and γ·λ(t) in stage two, t measured from the stage switch (Eq. 6)."""
+        if self.stage == 1 or self.stage_two_start is None:
+            return {"proto_cons": 0.0, "contrast": 0.0}
+        start = self.stage_two_start
+        t = (progress - start) / (1.0 - start) if start < 1.0 else 1.0
+        lam = self.config.ramp(min(max(t, 0.0), 1.0))
+        return {"proto_cons": lam, "contrast": self.gamma * lam}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"stage": self.stage, "stage_two_start": self.stage_two_start, "kmeans_done": self.kmeans_done,
+                "kmeans_report": dict(self.kmeans_report),
+                "bank": self.bank.detach().cpu().clone() if self.bank is not None else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = {"stage", "stage_two_start", "kmeans_done", "bank"} - set(state)
+        if missing:
+            raise ValueError(f"MPER method state lacks {sorted(missing)} (keys: {sorted(state)}); was the checkpoint "
+                             f"written by another method?")
+        if state["stage"] not in (1, 2):
+            raise ValueError(f"MPER stage must be 1 or 2, got {state['stage']!r}")
+        bank = state["bank"]
+        if bank is not None and self.bank is not None and tuple(bank.shape) != tuple(self.bank.shape):
+            raise ValueError(f"checkpoint prototype bank {tuple(bank.shape)} does not match this network and config "
+                             f"{tuple(self.bank.shape)} (classes x num_prototypes x embedding channels)")
+        device = self.bank.device if self.bank is not None else torch.device("cpu")
+        self.stage = int(state["stage"])
+        self.stage_two_start = state["stage_two_start"]
+        self.kmeans_done = bool(state["kmeans_done"])
+        self.kmeans_report = dict(state.get("kmeans_report", {}))
+        self.bank = bank.detach().clone().to(device) if bank is not None else self.bank
+
