@@ -52,6 +52,14 @@ for tr in "nnUNetTrainer_$schedule" "${trainer}_$schedule"; do
   step "7/7 nnunet_proto evaluate ($tr)"
   "$bin/nnunet_proto" evaluate "$nnUNet_raw/$name/labelsTs" "$out" -o "$work/evaluation_$tr.json"
 done
+step "summary: foreground means over the 10 test images (one run each; a demo, not a benchmark)"
+"$py" - "$work" "nnUNetTrainer_$schedule" "${trainer}_$schedule" <<'PY'
+import json, sys
+work = sys.argv[1]
+for tr in sys.argv[2:]:
+    m = json.load(open(f"{work}/evaluation_{tr}.json"))["foreground_mean"]
+    print(f"{tr:40s} Dice {m['Dice']:.3f}  IoU {m['IoU']:.3f}  HD95 {m['HD95']:.2f} mm  ASD {m['ASD']:.2f} mm")
+PY
 echo
 echo "Done. Models: $nnUNet_results/$name; predictions: $work/predictions; metrics: $work/evaluation_*.json"
 echo "The EMA teacher of $trainer is in checkpoint_final_teacher.pth (nnUNetv2_predict ... -chk checkpoint_final_teacher.pth)."

@@ -66,6 +66,20 @@ def test_make_splits_appends_and_never_touches_nnunet_folds(synthetic_dataset, t
         make_label_scarce_fold(str(pre), LabeledAmount.parse("2"), base_fold=5)
 
 
+def test_missing_split_file_is_created_grouped_with_group_regex(tmp_path):
+    from nnunet_proto.data.splits import default_folds
+
+    ids = [f"patient{p:03d}_frame{f:02d}" for p in range(12) for f in (1, 2)]
+    folds = default_folds(ids, r"(patient\d+)")
+    assert len(folds) == 5
+    for fold in folds:
+        train_p = {c.split("_")[0] for c in fold["train"]}
+        val_p = {c.split("_")[0] for c in fold["val"]}
+        assert not train_p & val_p and sorted(fold["train"] + fold["val"]) == sorted(ids)
+    assert sorted(c for f in folds for c in f["val"]) == sorted(ids)  # every case validated exactly once
+    assert default_folds(ids, r"(patient\d+)") == folds  # deterministic
+
+
 def test_make_splits_cli_prints_fold_number(synthetic_dataset):
     out = run_cli("make-splits", "-d", str(DATASET_ID), "--labeled", "3", "--seed", "0")
     assert int(out.strip()) == synthetic_dataset.fold  # same fold as the fixture made: reused, not appended

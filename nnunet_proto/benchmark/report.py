@@ -70,13 +70,17 @@ class Results:
                 self.curves[key] = json.loads((d / "curves.json").read_text())
         self.labels = sorted(self.label_names, key=int) + ["fg"]
         self.label_names["fg"] = "mean"
+        # runs.json accumulates every invocation of this benchmark (more seeds or trainers later)
+        self.seeds = sorted({r.seed for r in self.runs})
+        self.amounts = list(dict.fromkeys(r.amount for r in self.runs))
 
     def trainers(self) -> List[str]:
-        return [t for t in self.spec.all_trainers if any(k[0] == t for k in self.cases)]
+        order = list(dict.fromkeys([PLAIN, *self.spec.all_trainers, *(r.trainer for r in self.runs)]))
+        return [t for t in order if any(k[0] == t for k in self.cases)]
 
     def run_means(self, trainer: str, amount: str, label: str, metric: str) -> List[float]:
         return [_nanmean([c[label][metric] for c in self.cases[(trainer, amount, s)].values()])
-                for s in self.spec.seeds if (trainer, amount, s) in self.cases]
+                for s in self.seeds if (trainer, amount, s) in self.cases]
 
     def summary(self, trainer: str, amount: str, label: str, metric: str):
         means = self.run_means(trainer, amount, label, metric)
@@ -84,7 +88,7 @@ class Results:
             return math.nan, math.nan, 0
         if len(means) > 1:
             return float(np.mean(means)), float(np.std(means, ddof=1)), len(means)
-        only = self.cases[(trainer, amount, next(s for s in self.spec.seeds if (trainer, amount, s) in self.cases))]
+        only = self.cases[(trainer, amount, next(s for s in self.seeds if (trainer, amount, s) in self.cases))]
         return means[0], _nanstd([c[label][metric] for c in only.values()]), 1
 
     def paired(self, trainer: str, amount: str, metric: str = "Dice", label: str = "fg") -> Optional[dict]:
@@ -92,7 +96,7 @@ class Results:
         from scipy.stats import wilcoxon
 
         xs, ys = [], []
-        for s in self.spec.seeds:
+        for s in self.seeds:
             a, b = self.cases.get((trainer, amount, s)), self.cases.get((PLAIN, amount, s))
             if a is None or b is None:
                 continue
@@ -119,18 +123,21 @@ def _fmt(mean: float, sd: float, metric: str) -> str:
 
 
 def tables(res: Results) -> List[str]:
-    spec = res.spec
-    several = len(spec.seeds) > 1
+    several = len(res.seeds) > 1
     lines = [f"Values: mean ± sd; sd over {'seeds (of per-run means over test cases)' if several else 'test cases'}. "
              f"Dice and IoU in %, HD95 and ASD in mm.", ""]
     for metric in METRICS:
         lines += [f"### {metric}", "",
                   "| labeled | trainer | " + " | ".join(res.label_names[lab] for lab in res.labels) + " |",
                   "|---|---|" + "---|" * len(res.labels)]
-        for amount in spec.amounts:
+        for amount in res.amounts:
             for trainer in res.trainers():
+                n_seeds = res.summary(trainer, amount, "fg", metric)[2]
+                if n_seeds == 0:
+                    continue
                 cells = [_fmt(*res.summary(trainer, amount, lab, metric)[:2], metric) for lab in res.labels]
-                lines.append(f"| {amount} | {trainer} | " + " | ".join(cells) + " |")
+                mark = "" if n_seeds == len(res.seeds) else f" ({n_seeds} of {len(res.seeds)} seeds)"
+                lines.append(f"| {amount} | {trainer}{mark} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -143,7 +150,7 @@ def tests_section(res: Results) -> List[str]:
              "| labeled | trainer | n pairs | Dice Δ mean | Dice Δ median | Dice wins | Dice p | HD95 Δ mean "
              "| HD95 p |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for amount in res.spec.amounts:
+    for amount in res.amounts:
         for trainer in res.trainers():
             if trainer == PLAIN:
                 continue
@@ -187,7 +194,7 @@ def plots(res: Results, out: Path) -> List[str]:
     import matplotlib.pyplot as plt
 
     files = []
-    amounts = list(res.spec.amounts)
+    amounts = list(res.amounts)
     xs = [_amount_value(a) for a in amounts]
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, trainer in enumerate(res.trainers()):
@@ -211,7 +218,7 @@ def plots(res: Results, out: Path) -> List[str]:
     for ax, amount in zip(axes[0], amounts):
         data, names = [], []
         for trainer in res.trainers():
-            vals = [c["fg"]["Dice"] * 100 for s in res.spec.seeds if (trainer, amount, s) in res.cases
+            vals = [c["fg"]["Dice"] * 100 for s in res.seeds if (trainer, amount, s) in res.cases
                     for c in res.cases[(trainer, amount, s)].values() if not math.isnan(c["fg"]["Dice"])]
             data.append(vals)
             names.append(trainer.replace("nnUNetTrainer", "") or "plain")
@@ -225,7 +232,7 @@ def plots(res: Results, out: Path) -> List[str]:
     files.append("per_case_dice_boxplot.png")
 
     for amount in amounts:
-        seed = res.spec.seeds[0]
+        seed = res.seeds[0]
         keys = [(t, amount, seed) for t in res.trainers() if (t, amount, seed) in res.curves]
         if not keys:
             continue
@@ -253,7 +260,7 @@ def plots(res: Results, out: Path) -> List[str]:
     return files
 
 
-def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> Path:
+def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, failed: Optional[List[str]] = None) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     res = Results(spec, results_root)
     done, total = len(res.cases), len(res.runs)
@@ -268,6 +275,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> P
              f"`{spec.test_labels}`. Runs finished: {done}/{total}.", ""]
     if spec.notes:
         lines += [spec.notes, ""]
+    if failed:
+        lines += [f"**Failed runs (not in the tables):** {', '.join(failed)}.", ""]
     lines += ["Label-scarce folds (splits_final.json): " + ", ".join(f"labeled {a}, seed {s} → fold {f}"
                                                                     for a, s, f in folds), ""]
     lines += ["## Test results", ""] + tables(res)
@@ -280,7 +289,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> P
     lines += ["## Reproduce", "", "```", spec.extra.get("command", "(command not recorded)"), "```", ""]
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
-    summary = {f"{t}|{a}": {m: res.summary(t, a, "fg", m)[:2] for m in METRICS}
-               for t in res.trainers() for a in spec.amounts}
+    summary = {f"{t}|{a}": {m: res.summary(t, a, "fg", m) for m in METRICS}
+               for t in res.trainers() for a in res.amounts}
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return out

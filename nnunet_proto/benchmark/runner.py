@@ -17,7 +17,7 @@ from pathlib import Path
 from time import perf_counter, strftime
 from typing import List
 
-from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run
+from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs
 
 
 def _repo_trainers() -> str:
@@ -59,7 +59,11 @@ def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
             fold, _ = make_label_scarce_fold(str(pre), LabeledAmount.parse(amount), seed, spec.group_regex,
                                              spec.base_fold, file_ending=ending)
             runs += [Run(trainer, amount, seed, fold) for trainer in spec.all_trainers]
-    (results_root / "runs.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2))
+    # earlier invocations (other seeds or trainers) stay part of the benchmark and its report
+    runs_file = results_root / "runs.json"
+    known = load_runs(runs_file) if runs_file.is_file() else []
+    everything = known + [r for r in runs if r not in known]
+    runs_file.write_text(json.dumps([r.__dict__ for r in everything], indent=2))
     return runs
 
 
@@ -79,6 +83,7 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
     print(f"[benchmark] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to do "
           f"(results in {results_root})", flush=True)
     t_start = perf_counter()
+    failed = []
     for i, run in enumerate(todo, 1):
         run_dir = run.dir(runs_root)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,11 +102,14 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
                 if _interesting(line):
                     print(f"    {run.trainer} {run.amount}/s{run.seed}: {line.rstrip()}", flush=True)
             code = proc.wait()
-        if code != 0:
-            raise RuntimeError(f"run {run.tag} failed with exit code {code}; see {run_dir / 'log.txt'}. Re-run the "
-                               f"same command to resume after fixing the cause.")
-    report = write_report(spec, results_root, report_dir)
+        if code != 0:  # keep going: one broken run must not waste the remaining budget
+            failed.append(run)
+            print(f"[benchmark] run {run.tag} FAILED (exit code {code}); see {run_dir / 'log.txt'}", flush=True)
+    report = write_report(spec, results_root, report_dir, failed=[r.tag for r in failed])
     print(f"[benchmark] report: {report}", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {[r.tag for r in failed]}; their logs are in the run "
+                           f"folders. Re-run the same command to retry them (finished runs are skipped).")
     return report
 
 

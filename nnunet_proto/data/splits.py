@@ -103,6 +103,25 @@ def case_identifiers(preprocessed_dataset_folder: str, raw_dataset_folder: Optio
                             f"run nnUNetv2_plan_and_preprocess first")
 
 
+def default_folds(identifiers: Sequence[str], group_regex: Optional[str] = None) -> List[dict]:
+    """nnU-Net's 5-fold split (KFold, shuffle, seed 12345). With a group regex the same KFold runs over the
+    sorted groups and each fold takes whole groups, so e.g. both frames of a patient share a side."""
+    from nnunet_proto.training.compat import generate_crossval_split
+
+    if not group_regex:
+        return [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]}
+                for s in generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5)]
+    pattern = re.compile(group_regex)
+    groups: Dict[str, List[str]] = {}
+    for case in sorted(identifiers):
+        groups.setdefault(group_of(case, pattern), []).append(case)
+    folds = []
+    for s in generate_crossval_split(sorted(groups), seed=12345, n_splits=5):
+        folds.append({"train": sorted(c for g in s["train"] for c in groups[str(g)]),
+                      "val": sorted(c for g in s["val"] for c in groups[str(g)])})
+    return folds
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=4))
@@ -114,18 +133,17 @@ def make_label_scarce_fold(preprocessed_dataset_folder: str, amount: LabeledAmou
                            raw_dataset_folder: Optional[str] = None, file_ending: str = ".nii.gz") -> Tuple[int, dict]:
     """Append (or find) a label-scarce fold; returns (fold index, fold dict).
 
-    If splits_final.json does not exist yet it is created exactly as nnU-Net would create it (5-fold
-    KFold, seed 12345, over the sorted labeled identifiers) before the new fold is appended.
+    If splits_final.json does not exist yet, nnU-Net's five folds are created first: exactly as nnU-Net
+    would (5-fold KFold, seed 12345, over the sorted labeled identifiers), or, with ``group_regex``, the
+    same KFold over groups so that no group is split between train and val (nnU-Net's default would
+    put the two frames of an ACDC patient on both sides). Existing folds are never modified.
     """
-    from nnunet_proto.training.compat import generate_crossval_split
-
     splits_file = Path(preprocessed_dataset_folder) / "splits_final.json"
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text())
     else:
         ids = case_identifiers(preprocessed_dataset_folder, raw_dataset_folder, file_ending)
-        splits = generate_crossval_split(ids, seed=12345, n_splits=5)
-        splits = [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]} for s in splits]
+        splits = default_folds(ids, group_regex)
     if not 0 <= base_fold < len(splits):
         raise ValueError(f"base fold {base_fold} does not exist (splits_final.json has {len(splits)} folds)")
     base = splits[base_fold]
