@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 from pathlib import Path
 from time import perf_counter
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from nnunet_proto.benchmark.spec import BenchmarkSpec
+from nnunet_proto.training.base_trainer import seed_everything
 
 
 def _rss_peak_mb() -> float:
@@ -41,12 +41,6 @@ def _reset_rss_peak() -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device) -> dict:

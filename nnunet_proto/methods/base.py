@@ -43,6 +43,10 @@ class SemiSupervisedConfig:
         w_max: maximum consistency weight of the ramp λ(t) = w_max · ramp(t).
         rampup: ramp shape, ``"sigmoid"`` (Gaussian exp(−5(1−t)²)) or ``"linear"``.
         rampup_length: fraction of all training iterations after which λ reaches w_max.
+        seed: if set, Python, NumPy and torch are seeded (seed + DDP rank) when the trainer initialises,
+            before the network is built and the data loaders start. With nnUNet_n_proc_DA=0 a CPU run is
+            then repeatable step for step (docs/reproducibility.md); background augmentation workers
+            (nnUNet_n_proc_DA > 0) draw their own random seeds, as in nnU-Net.
     """
 
     use_teacher: bool = True
@@ -55,6 +59,7 @@ class SemiSupervisedConfig:
     w_max: float = 0.1
     rampup: str = "sigmoid"
     rampup_length: float = 1.0
+    seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()

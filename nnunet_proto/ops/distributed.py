@@ -17,18 +17,34 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks and return the result (autograd-aware).
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x; backward sums the incoming gradients over ranks as well.
 
-    Without a process group the input is returned unchanged. With one, the functional collective
-    keeps the autograd graph: the gradient of the global sum with respect to the local input is the
-    identity on every rank, which is what DDP's gradient averaging expects.
+    Every rank's loss depends on the same global y, so the gradient reaching a local x is the sum of all
+    ranks' dL_r/dy (the same rule as torch.distributed.nn.functional.all_reduce, which is deprecated).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.detach().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks and return the result; autograd flows back to every rank's input.
+
+    Without a process group the input is returned unchanged (no copy, no communication).
     """
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(tensor)
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:

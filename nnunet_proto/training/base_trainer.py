@@ -79,6 +79,15 @@ def _finish(loader) -> None:
         loader._finish()
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (nnU-Net's loaders and transforms use them)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def atomic_torch_save(obj: Any, filename: str) -> None:
     """torch.save to a temporary file, then rename: a crash mid-write never corrupts the old file."""
     tmp = filename + ".tmp"
@@ -141,6 +150,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     # ------------------------------------------------------------------ setup
     def initialize(self):
+        if self.config.seed is not None and not self.was_initialized:
+            seed_everything(self.config.seed + self.local_rank)
         super().initialize()
         student = unwrap_network(self.network)
         self.student_taps = {layer: FeatureTap(student, layer) for layer in self.method.feature_layers}
