@@ -40,7 +40,8 @@ def cmd_synthetic(args) -> int:
 
     spec = SyntheticSpec(dataset_id=args.dataset_id, name=args.name, mode=args.mode, num_labeled=args.labeled,
                          num_unlabeled=args.unlabeled, num_test=args.test,
-                         shape=tuple(args.shape) if args.shape else None, seed=args.seed)
+                         shape=tuple(args.shape) if args.shape else None, seed=args.seed,
+                         ignore_fraction=args.ignore_fraction)
     out = write_synthetic_dataset(spec, args.output or require_env_path(nnUNet_raw), overwrite=args.overwrite)
     print(f"wrote {out} ({spec.num_labeled} labeled, {spec.num_unlabeled} unlabeled, {spec.num_test} test cases)")
     return 0
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=0, help="cases in imagesTs/labelsTs")
     s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"))
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ignore-fraction", type=float, default=0.0,
+                   help="simulate sparse annotation: a box covering this fraction of each slice of the labeled "
+                        "cases gets nnU-Net's ignore label")
     s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_synthetic)

@@ -105,7 +105,7 @@ def apply_patch_file(preprocessed_dataset_folder: str, patch_file: str, source_p
     for name in patch.get("configurations", {}):
         data_dir = folder / new["configurations"][name]["data_identifier"]
         if not data_dir.is_dir():
-            raise FileNotFoundError(f"configuration {name!r} trains on {data_dir}, which does not exist. Run "
-                                    f"nnUNetv2_preprocess -c {name} for this dataset first.")
+            print(f"note: configuration {name!r} trains on {data_dir}, which does not exist yet; run "
+                  f"nnUNetv2_preprocess -d {plans['dataset_name']} -c {name} before training it")
     out.write_text(json.dumps(new, indent=2))
     return out

@@ -22,6 +22,7 @@ from scipy import ndimage
 from nnunet_proto.data.raw_io import check_dataset_folder_writable, write_nifti
 
 LABELS: Dict[str, int] = {"background": 0, "cavity": 1, "wall": 2, "satellite": 3}
+IGNORE_LABEL = 4  # nnU-Net's ignore label must be the highest label value
 
 #: default (z, y, x) shapes and (z, y, x) spacings per mode
 DEFAULT_SHAPES = {"2d": (6, 64, 64), "3d": (32, 40, 40)}
@@ -41,6 +42,7 @@ class SyntheticSpec:
     shape: Optional[Tuple[int, int, int]] = None  # (z, y, x); default depends on mode
     spacing: Optional[Tuple[float, float, float]] = None  # (z, y, x) in mm
     seed: int = 0
+    ignore_fraction: float = 0.0  # in-plane area per labeled case left unannotated (nnU-Net ignore label)
 
     def __post_init__(self) -> None:
         if self.mode not in DEFAULT_SHAPES:
@@ -52,6 +54,8 @@ class SyntheticSpec:
                              f"got {self.num_labeled}")
         if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 1):
             raise ValueError(f"shape must be three positive integers (z, y, x), got {self.shape}")
+        if not 0.0 <= self.ignore_fraction < 1.0:
+            raise ValueError(f"ignore_fraction is a fraction in [0, 1), got {self.ignore_fraction}")
 
     @property
     def folder_name(self) -> str:
@@ -148,6 +152,7 @@ def write_synthetic_dataset(spec: SyntheticSpec, raw_root: os.PathLike, overwrit
     out = Path(raw_root) / spec.folder_name
     check_dataset_folder_writable(out, overwrite)
     rng = np.random.default_rng(spec.seed)
+    ignore_rng = np.random.default_rng([spec.seed, 1])  # separate stream: images are the same with or without
     groups = [("imagesTr", "labelsTr", "case", spec.num_labeled),
               ("imagesUnlabeled", None, "unl", spec.num_unlabeled),
               ("imagesTs", "labelsTs", "test", spec.num_test)]
@@ -161,10 +166,18 @@ def write_synthetic_dataset(spec: SyntheticSpec, raw_root: os.PathLike, overwrit
             image, label = make_case(rng, spec.resolved_shape, spec.resolved_spacing, spec.mode)
             write_nifti(image, spec.resolved_spacing, out / img_dir / f"{prefix}_{i:03d}_0000.nii.gz")
             if lab_dir:
+                if spec.ignore_fraction > 0 and img_dir == "imagesTr":
+                    # sparse annotation: a box covering ignore_fraction of every slice's area is unannotated
+                    # (whole unannotated slices would never be sampled by nnU-Net's 2d loader)
+                    side = np.sqrt(spec.ignore_fraction)
+                    h, w = (max(1, int(round(side * n))) for n in label.shape[1:])
+                    y0 = ignore_rng.integers(0, label.shape[1] - h + 1)
+                    x0 = ignore_rng.integers(0, label.shape[2] - w + 1)
+                    label[:, y0:y0 + h, x0:x0 + w] = IGNORE_LABEL
                 write_nifti(label, spec.resolved_spacing, out / lab_dir / f"{prefix}_{i:03d}.nii.gz")
     dataset_json = {
         "channel_names": {"0": "MRI"},
-        "labels": dict(LABELS),
+        "labels": {**LABELS, **({"ignore": IGNORE_LABEL} if spec.ignore_fraction > 0 else {})},
         "numTraining": spec.num_labeled,
         "file_ending": ".nii.gz",
         "name": spec.name,
