@@ -36,19 +36,6 @@ from time import perf_counter
 DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainerMeanTeacher", "nnUNetTrainerCPCL"]
 
 
-class TimedIterator:
-    """Wraps a batch iterator and adds up the seconds spent waiting in ``next``."""
-
-    def __init__(self, it):
-        self.it, self.waited = it, 0.0
-
-    def __next__(self):
-        t0 = perf_counter()
-        item = next(self.it)
-        self.waited += perf_counter() - t0
-        return item
-
-
 def _sync(device) -> None:
     import torch
 
@@ -74,8 +61,10 @@ def _reset_rss_high_water() -> bool:
 
 
 def build(name: str, args, configuration: str):
+    """A trainer built and started exactly as nnUNetv2_train does (lookup via nnUNet_extTrainer)."""
     import torch
-    from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_proto.training.compat import get_trainer_from_args
 
     torch.manual_seed(0)
     trainer = get_trainer_from_args(str(args.dataset), configuration, args.fold, name, args.plans,
@@ -94,8 +83,8 @@ def is_ssl(trainer) -> bool:
 
 
 def _raw(loader):
-    """The batch iterator under the trainer's timing wrapper (if any)."""
-    return getattr(loader, "loader", getattr(loader, "it", loader))
+    """The batch iterator under a timing wrapper (if any)."""
+    return getattr(loader, "loader", loader)
 
 
 def shutdown(trainer) -> None:
@@ -197,10 +186,12 @@ def loader_worker(args) -> dict:
     """Data wait and peak memory of one trainer stepping alone with its real data loaders."""
     import torch
 
+    from nnunet_proto.training.base_trainer import TimedLoader
+
     trainer = build(args.trainer, args, args.configuration)
     device = trainer.device
     if not hasattr(trainer.dataloader_train, "waited"):
-        trainer.dataloader_train = TimedIterator(trainer.dataloader_train)
+        trainer.dataloader_train = TimedLoader(trainer.dataloader_train)
     loaders = [trainer.dataloader_train] + ([trainer.dataloader_unlabeled] if is_ssl(trainer) else [])
     for _ in range(args.warmup):
         trainer.train_step(next(trainer.dataloader_train))

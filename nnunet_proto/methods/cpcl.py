@@ -24,11 +24,11 @@ import torch
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
 from nnunet_proto.ops.prototypes import (
-    Prototypes,
     channel_argmax,
     labels_to_onehot,
     masked_average_pooling,
     prototype_logits,
+    prototype_targets,
     resize_masks,
 )
 
@@ -107,23 +107,8 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
                                       config.prototype_reduction, reduce_fn)
     logits_u2l = prototype_logits(feats_l, protos_u, config.alpha, full_size)
-    bpc = cross_entropy_ignore(logits_u2l, _ignore_targets(target_l, protos_u, num_classes, ignore_index))
+    bpc = cross_entropy_ignore(logits_u2l, prototype_targets(target_l, protos_u.valid, num_classes, ignore_index))
     return {"fpc": fpc, "bpc": bpc}
-
-
-def _ignore_targets(target: torch.Tensor, protos: Prototypes, num_classes: int, ignore_index) -> torch.Tensor:
-    """Labels with -100 where the voxel is ignored/padding or its class has no prototype."""
-    t = target[:, 0].long() if target.dim() > 1 and target.shape[1] == 1 else target.long()
-    keep = (t >= 0) & (t < num_classes)
-    if ignore_index is not None:
-        keep &= t != ignore_index
-    valid = protos.valid
-    safe = torch.where(keep, t, torch.zeros_like(t))
-    if valid.dim() == 1:
-        keep &= valid[safe]
-    else:  # per-image prototypes
-        keep &= torch.gather(valid, 1, safe.flatten(1)).view_as(safe)
-    return torch.where(keep, t, torch.full_like(t, -100))
 
 
 class CPCL(SemiSupervisedMethod):

@@ -39,6 +39,7 @@ from nnunet_proto.ops.prototypes import (
     mask_invalid_logits,
     masked_average_pooling,
     prototype_logits,
+    prototype_targets,
     resize_logits,
     resize_masks,
 )
@@ -199,7 +200,7 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     if config.upa_detach_prototypes:
         protos_u = protos_u._replace(vectors=protos_u.vectors.detach())
     upa_logits = prototype_logits(feats_l, protos_u, scale, full_size)
-    upa = cross_entropy_ignore(upa_logits, _upa_targets(target_l, protos_u.valid, num_classes, ignore_index))
+    upa = cross_entropy_ignore(upa_logits, prototype_targets(target_l, protos_u.valid, num_classes, ignore_index))
 
     # --- SPA (Eqs. 10-11): uncertain vs reliable regional prototypes per class ------------------------
     lo, hi = reliable_vote_range(num_voters, threshold, config.spa_reliable)
@@ -231,18 +232,6 @@ def _labeled_masks(target: torch.Tensor, logits: Optional[torch.Tensor], num_cla
     pred = channel_argmax(logits.detach(), keepdim=True)
     known = gt.sum(1, keepdim=True) > 0
     return labels_to_onehot(torch.where(known, pred, torch.full_like(pred, NO_LABEL)), num_classes)
-
-
-def _upa_targets(target: torch.Tensor, valid: torch.Tensor, num_classes: int,
-                 ignore_index: Optional[int]) -> torch.Tensor:
-    """Labels ``(B, *S)`` with -100 where the voxel is ignored/padding or its class has no unlabeled prototype."""
-    t = target[:, 0].long()
-    keep = (t >= 0) & (t < num_classes)
-    if ignore_index is not None:
-        keep &= t != ignore_index
-    safe = torch.where(keep, t, torch.zeros_like(t))
-    keep &= valid[safe]
-    return torch.where(keep, t, torch.full_like(t, -100))
 
 
 class MSPA(SemiSupervisedMethod):

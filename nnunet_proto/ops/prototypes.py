@@ -196,6 +196,25 @@ def prototype_logits(features: torch.Tensor, prototypes: Prototypes, scale: floa
     return mask_invalid_logits(logits, prototypes.valid)
 
 
+def prototype_targets(target: torch.Tensor, valid: torch.Tensor, num_classes: int,
+                      ignore_index: Optional[int] = None, ignore_value: int = -100) -> torch.Tensor:
+    """Labels ``(B, *spatial)`` for a cross-entropy against prototype logits, with ``ignore_value`` where the
+    voxel is padding/ignore label or its class has no valid prototype (whose logit is -inf).
+
+    ``target`` is ``(B, 1, *spatial)``; ``valid`` is ``(C,)`` (shared prototypes) or ``(B, C)`` (per image).
+    """
+    t = target[:, 0].long()
+    keep = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        keep &= t != ignore_index
+    safe = torch.where(keep, t, torch.zeros_like(t))
+    if valid.dim() == 1:
+        keep &= valid[safe]
+    else:
+        keep &= torch.gather(valid, 1, safe.flatten(1)).view_as(safe)
+    return torch.where(keep, t, torch.full_like(t, ignore_value))
+
+
 def resize_logits(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Bilinear (2D) / trilinear (3D) resize of a (B, C, *spatial) map, float32, align_corners=False."""
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[logits.dim() - 2]

@@ -55,7 +55,7 @@ CHECKPOINT_FORMAT = 1
 TEACHER_CHECKPOINT = "checkpoint_final_teacher.pth"
 
 
-class _TimedLoader:
+class TimedLoader:
     """Wraps a batch iterator and accumulates the seconds spent waiting in ``next``."""
 
     def __init__(self, loader):
@@ -73,7 +73,7 @@ class _TimedLoader:
 
 
 def _finish(loader) -> None:
-    if isinstance(loader, _TimedLoader):
+    if isinstance(loader, TimedLoader):
         loader = loader.loader
     if isinstance(loader, NonDetMultiThreadedAugmenter):
         loader._finish()
@@ -257,8 +257,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.dataloader_unlabeled = _TimedLoader(self.get_unlabeled_dataloader())
-        self.dataloader_train = _TimedLoader(self.dataloader_train)
+        self.dataloader_unlabeled = TimedLoader(self.get_unlabeled_dataloader())
+        self.dataloader_train = TimedLoader(self.dataloader_train)
         self._ensure_teacher()
         info = self.unlabeled_info
         self.print_to_log_file(
@@ -272,7 +272,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 json.dump({**self.resolved_config(), "unlabeled": info}, f, indent=2, default=str)
 
     def on_train_end(self):
-        if isinstance(self.dataloader_train, _TimedLoader):
+        if isinstance(self.dataloader_train, TimedLoader):
             self.dataloader_train = self.dataloader_train.loader  # nnU-Net shuts down its own augmenters
         super().on_train_end()
         _finish(self.dataloader_unlabeled)
@@ -285,7 +285,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         super().on_train_epoch_start()
         self._iter_in_epoch = 0
         for loader in (self.dataloader_train, self.dataloader_unlabeled):
-            if isinstance(loader, _TimedLoader):
+            if isinstance(loader, TimedLoader):
                 loader.waited = 0.0
 
     def train_step(self, batch: dict) -> dict:
