@@ -157,3 +157,30 @@ def _tensors_equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def test_teacher_starts_from_pretrained_weights(synthetic_dataset, fresh_results, tmp_path):
+    """nnUNetv2_train -pretrained_weights loads into the student after initialize(); the teacher must be
+    created from those weights (in on_train_start), not from the random initialisation."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    donor = build_trainer("nnUNetTrainer", synthetic_dataset, "2d")
+    donor.initialize()
+    with torch.no_grad():
+        for p in donor.network.parameters():
+            p.add_(0.5)  # clearly different from any fresh initialisation
+    pretrained = tmp_path / "pretrained.pth"
+    donor.save_checkpoint(str(pretrained))
+
+    trainer = build_trainer("nnUNetTrainerCPCL", synthetic_dataset, "2d")
+    trainer.initialize()  # the order of nnunetv2.run.run_training.maybe_load_checkpoint
+    load_pretrained_weights(trainer.network, str(pretrained), verbose=False)
+    trainer.on_train_start()
+    try:
+        student = unwrap_network(trainer.network).state_dict()
+        for k, v in trainer.teacher.module.state_dict().items():
+            if ".seg_layers." not in k:  # nnU-Net does not transfer segmentation heads
+                torch.testing.assert_close(v, student[k])
+                torch.testing.assert_close(v, donor.network.state_dict()[k])
+    finally:
+        trainer.on_train_end()
