@@ -188,16 +188,29 @@ def test_regional_alignment_loss_value_mean_over_images_with_pairs():
     r = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], requires_grad=True)
     u_valid = torch.tensor([[True, True], [True, False]])
     r_valid = torch.tensor([[True, True], [False, True]])  # image 2 has no complete pair
-    loss = regional_alignment_loss(Prototypes(u, u_valid), Prototypes(r, r_valid))
+    loss = regional_alignment_loss(Prototypes(u, u_valid), Prototypes(r, r_valid), normalize=False)
     assert loss.item() == pytest.approx((1 + 4) + (0 + 1))  # image 1 only: sum over both classes
     loss.backward()
     assert r.grad is None  # reliable side detached (METHODS.md §8)
     torch.testing.assert_close(u.grad[0], 2 * u.detach()[0])
     assert u.grad[1].abs().sum() == 0
     u.grad = None
-    sym = regional_alignment_loss(Prototypes(u, u_valid), Prototypes(r, r_valid), detach_reliable=False)
+    sym = regional_alignment_loss(Prototypes(u, u_valid), Prototypes(r, r_valid), detach_reliable=False,
+                                  normalize=False)
     sym.backward()
     assert r.grad is not None and r.grad.abs().sum() > 0
+
+
+def test_normalised_regional_alignment_is_scale_invariant_and_bounded():
+    torch.manual_seed(0)
+    u, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    base = regional_alignment_loss(Prototypes(u, valid), Prototypes(r, valid))
+    scaled = regional_alignment_loss(Prototypes(100 * u, valid), Prototypes(100 * r, valid))
+    torch.testing.assert_close(scaled, base)
+    assert 0 <= base.item() <= 4 * 3  # at most 4 per class, 3 classes per image
+    raw = regional_alignment_loss(Prototypes(100 * u, valid), Prototypes(100 * r, valid), normalize=False)
+    assert raw.item() > 1000 * base.item()  # the literal form grows with the feature scale
 
 
 def test_regional_alignment_loss_without_pairs_is_zero_with_graph():
@@ -288,8 +301,11 @@ def test_spa_known_answer_with_three_voters():
     w_unc = p1[2:4]
     r_unc = (w_unc[:, None] * f[2:4]).sum(0) / w_unc.sum()
     r_rel = f[4]  # only one reliable class-1 voxel
-    expected = float(((r_unc - r_rel) ** 2).sum())  # class 0 has no uncertain region
+    unit = torch.nn.functional.normalize
+    expected = float(((unit(r_unc, dim=0) - unit(r_rel, dim=0)) ** 2).sum())  # class 0: no uncertain region
     assert out["spa"].item() == pytest.approx(expected, rel=1e-5)
+    raw = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(spa_normalize=False))
+    assert raw["spa"].item() == pytest.approx(float(((r_unc - r_rel) ** 2).sum()), rel=1e-5)  # literal Eq. 11
     (g,) = torch.autograd.grad(out["spa"], feats_u)
     assert g[0, :, 0, 2:4].abs().sum() > 0  # uncertain voxels move
     assert g[0, :, 0, 4].abs().sum() == 0  # the reliable prototype is a stop-gradient target

@@ -91,6 +91,11 @@ class MSPAConfig(SemiSupervisedConfig):
             ("prototypes extracted from the unlabeled images should segment the labeled images well").
         spa_detach_reliable: stop-gradient on the reliable regional prototypes (METHODS.md §8 default; the
             paper pulls the uncertain region towards the reliable one). False = symmetric.
+        spa_normalize: compare L2-normalised regional prototypes in L_SPA (distance 2 − 2·cos ∈ [0, 4]).
+            Our choice: MSPA classifies by cosine similarity (Eqs. 2-3), so a prototype's direction is what
+            matters, while the literal ‖R_3 − R_4‖² of Eq. 11 grows with the unbounded scale of nnU-Net's
+            decoder features. With the literal form our ACDC benchmark run diverged (L_SPA 1.6 → 135 as
+            λ ramped up; the network collapsed to test Dice 0). False = the paper's raw distance.
         spa_detach_weights: use Ŝ_up in Eq. 10 as a constant soft weight (our choice; the paper calls it a
             weighting role). False lets the loss also change the network's confidences.
         lpa_weight / upa_weight / spa_weight: factors on λ(t) per term (paper Eq. 12: all 1). Setting one to
@@ -113,6 +118,7 @@ class MSPAConfig(SemiSupervisedConfig):
     upa_detach_prototypes: bool = False
     spa_detach_reliable: bool = True
     spa_detach_weights: bool = True
+    spa_normalize: bool = True
     lpa_weight: float = 1.0
     upa_weight: float = 1.0
     spa_weight: float = 1.0
@@ -208,7 +214,7 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     weights = probs_u.detach() if config.spa_detach_weights else probs_u
     spa = regional_alignment_loss(regional_prototypes(feats_u, weights, uncertain),
                                   regional_prototypes(feats_u, weights, reliable),
-                                  detach_reliable=config.spa_detach_reliable)
+                                  detach_reliable=config.spa_detach_reliable, normalize=config.spa_normalize)
     return {"lpa": lpa, "upa": upa, "spa": spa}
 
 

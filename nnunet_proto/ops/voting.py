@@ -171,8 +171,12 @@ def regional_prototypes(features: torch.Tensor, probs: torch.Tensor, region: tor
     return masked_average_pooling(features, weights, "per_image")
 
 
-def regional_alignment_loss(uncertain: Prototypes, reliable: Prototypes, detach_reliable: bool = True) -> torch.Tensor:
+def regional_alignment_loss(uncertain: Prototypes, reliable: Prototypes, detach_reliable: bool = True,
+                            normalize: bool = True) -> torch.Tensor:
     """Self-prototype alignment (paper Eq. 11): ``||R_unc,c − R_rel,c||²`` summed over classes.
+
+    With ``normalize`` the prototypes are L2-normalised first, so the distance is 2 − 2·cos ∈ [0, 4]:
+    independent of the (unbounded) scale of the feature map, like the cosine classifiers of LPA/UPA.
 
     Per image the squared L2 distances of all classes whose uncertain *and* reliable regions are
     non-empty are summed (the paper sums the foreground and background terms); the result is averaged
@@ -184,6 +188,7 @@ def regional_alignment_loss(uncertain: Prototypes, reliable: Prototypes, detach_
         detach_reliable: stop the gradient on the reliable prototypes, so that only the uncertain
             regions move towards them (METHODS.md §8 default; the paper says it pulls the uncertain
             region towards the reliable one).
+        normalize: compare directions (default) instead of raw vectors (paper's literal Eq. 11).
     Returns: float32 scalar.
     """
     if uncertain.vectors.dim() != 3 or uncertain.vectors.shape != reliable.vectors.shape:
@@ -191,7 +196,11 @@ def regional_alignment_loss(uncertain: Prototypes, reliable: Prototypes, detach_
                          f"and {tuple(reliable.vectors.shape)}")
     target = reliable.vectors.detach() if detach_reliable else reliable.vectors
     with torch.autocast(device_type=target.device.type, enabled=False):
-        dist = ((uncertain.vectors.float() - target.float()) ** 2).sum(-1)  # (B, C)
+        u, r = uncertain.vectors.float(), target.float()
+        if normalize:  # invalid (zero) rows stay zero and are masked out by `pair` below
+            u = torch.nn.functional.normalize(u, dim=-1, eps=1e-6)
+            r = torch.nn.functional.normalize(r, dim=-1, eps=1e-6)
+        dist = ((u - r) ** 2).sum(-1)  # (B, C)
         pair = (uncertain.valid & reliable.valid).float()
         per_image = (dist * pair).sum(-1)  # (B,)
         return masked_mean(per_image, pair.sum(-1) > 0)
