@@ -164,6 +164,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.optimizer.add_param_group({"params": list(self.method_modules.parameters())})
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
+        if self.optimizer is not None:  # the optimizer's lists: no walk over the module tree every step
+            return [p for group in self.optimizer.param_groups for p in group["params"]]
         params = list(self.network.parameters())
         if self.method_modules is not None:
             params += list(self.method_modules.parameters())

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,26 +27,41 @@ class EMATeacher:
         self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # tensor lists built once: walking the module tree each step costs milliseconds on small networks
+        # (load_state_dict copies in place, so the tensors stay the same objects)
+        self._t_params = list(self.module.parameters())
+        self._t_buffers = list(self.module.buffers())
+        self._student: Optional[nn.Module] = None
+        self._s_params: List[torch.Tensor] = []
+        self._s_buffers: List[torch.Tensor] = []
+
+    def _student_tensors(self, student: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        if student is not self._student:
+            s_params = [p.detach() for p in student.parameters()]
+            if len(s_params) != len(self._t_params):
+                raise RuntimeError("teacher and student have different parameter lists; was the student rebuilt?")
+            self._s_params = s_params
+            self._s_buffers = [b.detach() for b in student.buffers()]
+            self._student = student
+        return self._s_params, self._s_buffers
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> float:
         """Blend the student into the teacher; returns the effective decay used."""
         alpha = ema_decay(step, self.decay, self.warmup)
-        t_params = list(self.module.parameters())
-        s_params = [p.detach() for p in student.parameters()]
-        if len(t_params) != len(s_params):
-            raise RuntimeError("teacher and student have different parameter lists; was the student rebuilt?")
-        torch._foreach_lerp_(t_params, s_params, 1.0 - alpha)
-        for t_buf, s_buf in zip(self.module.buffers(), student.buffers()):
+        s_params, s_buffers = self._student_tensors(student)
+        torch._foreach_lerp_(self._t_params, s_params, 1.0 - alpha)
+        for t_buf, s_buf in zip(self._t_buffers, s_buffers):
             if t_buf.dtype.is_floating_point:
-                t_buf.lerp_(s_buf.detach(), 1.0 - alpha)
+                t_buf.lerp_(s_buf, 1.0 - alpha)
             else:
                 t_buf.copy_(s_buf)
         self.num_updates += 1
         return alpha
 
     def __call__(self, x: torch.Tensor) -> Any:
-        self.module.eval()
+        if self.module.training:  # eval() walks every submodule: only when something switched it
+            self.module.eval()
         with torch.no_grad():
             return self.module(x)
 
