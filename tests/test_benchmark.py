@@ -17,7 +17,7 @@ def benchmark_args(synthetic_dataset, tmp_path, monkeypatch):
     report = tmp_path / "report"
     args = ["benchmark", "-d", str(DATASET_ID), "-c", "2d", "-p", PLANS, "-tr", "nnUNetTrainerCPCL",
             "--labeled", "3", "--seeds", "0", "--epochs", "1", "--iterations", "3", "--val-iterations", "1",
-            "--no-validation", "--name", "smoke", "--results-dir", str(results), "-o", str(report)]
+            "--no-validation", "--disable-tta", "--name", "smoke", "--results-dir", str(results), "-o", str(report)]
     return args, results, report
 
 
@@ -27,7 +27,7 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     text = (report / "README.md").read_text()
     for name in ("nnUNetTrainer", "nnUNetTrainerCPCL"):
         assert f"| 3 | {name} |" in text
-    for section in ("### Dice", "### HD95", "## Paired tests", "## Cost", "Wilcoxon"):
+    for section in ("### Dice", "### HD95", "## Paired tests", "## Cost", "Wilcoxon", "without mirroring"):
         assert section in text
     for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "training_curves_labeled3.png"):
         assert (report / png).stat().st_size > 1000
@@ -56,6 +56,16 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     from nnunet_proto.cli import main
 
     assert main(changed) == 2
+    # ... and so is switching test-time mirroring back on (the test predictions would differ)
+    assert main([a for a in args if a != "--disable-tta"]) == 2
+
+
+def test_spec_written_before_the_mirroring_option_loads_with_nnunet_default():
+    spec = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=(), amounts=("2",), seeds=(0,),
+                         test_images=".", test_labels=".", epochs=1, iterations_per_epoch=1)
+    old = json.loads(spec.to_json())
+    del old["test_time_mirroring"]
+    assert BenchmarkSpec.from_json(json.dumps(old)).test_time_mirroring is True
 
 
 def test_report_statistics_on_hand_made_results(tmp_path):

@@ -272,7 +272,9 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
              f"`{spec.device}`. Budget per run: {spec.epochs} epochs x {spec.iterations_per_epoch} iterations "
              f"({spec.epochs * spec.iterations_per_epoch} iterations), identical for every trainer. Evaluated "
              f"checkpoint: `{spec.checkpoint}` ({chosen}), never chosen on the test set. Test set: "
-             f"`{spec.test_labels}`. Runs finished: {done}/{total}.", ""]
+             f"`{spec.test_labels}`, predicted with nnU-Net's sliding window "
+             f"{'and mirroring' if spec.test_time_mirroring else 'without mirroring (--disable-tta)'}. "
+             f"Runs finished: {done}/{total}.", ""]
     if spec.notes:
         lines += [spec.notes, ""]
     if failed:

@@ -89,7 +89,8 @@ def predict(spec: BenchmarkSpec, trainer_name: str, fold: int, model_dir: Path, 
     todo = [c for c in cases if not (out / f"{c}{ending}").is_file()]
     if not todo:
         return
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=device,
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=spec.test_time_mirroring,
+                                device=device,
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ class BenchmarkSpec:
     device: str = "cpu"
     checkpoint: str = "final"
     run_validation: bool = True
+    test_time_mirroring: bool = True  # nnU-Net's default; off = nnUNetv2_predict --disable_tta (cheaper on CPU)
     labels: Optional[Tuple[int, ...]] = None
     name: str = "benchmark"
     notes: str = ""
@@ -65,7 +66,8 @@ class BenchmarkSpec:
     def budget_key(self) -> dict:
         """Fields that must not change when a benchmark is resumed."""
         return {k: getattr(self, k) for k in ("dataset", "configuration", "plans", "epochs", "iterations_per_epoch",
-                                                  "val_iterations_per_epoch", "group_regex", "base_fold", "checkpoint")}
+                                                  "val_iterations_per_epoch", "group_regex", "base_fold", "checkpoint",
+                                                  "test_time_mirroring")}
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
