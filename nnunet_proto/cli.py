@@ -7,7 +7,12 @@
     nnunet_proto trainers-path
     nnunet_proto convert-acdc /data/acdc30_h5 -d 27 --test-count 10 --seed 0 [-o RAW_ROOT]
     nnunet_proto convert-la /data/la20_h5 -d 28 [--test-list ID ...]
-    nnunet_proto evaluate labelsTs predictions -o results.json [-l 1 2 3]
+    nnunet_proto evaluate labelsTs predictions [-o results.json | -o folder/] [-l 1 2 3]
+    nnunet_proto benchmark -d 27 -c 2d -tr nnUNetTrainerCPCL --labeled 2 4 --epochs 20 --name acdc
+    nnunet_proto --version
+
+Every subcommand's --help shows its defaults and an example. Diagnostics go to stderr; stdout carries
+only results (make-splits: only the fold number).
 """
 from __future__ import annotations
 
@@ -17,15 +22,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO_TRAINERS = Path(__file__).resolve().parent.parent / "trainers"
-
-
-def trainers_path() -> Path:
-    """The folder to put into ``nnUNet_extTrainer`` (the repository's ``trainers/``)."""
-    if not (REPO_TRAINERS / "nnUNetTrainerCPCL.py").is_file():
-        raise FileNotFoundError(f"{REPO_TRAINERS} not found: nnunet_proto must be installed from a checkout of the "
-                                f"repository (pip install -e .) so that the trainers/ folder exists")
-    return REPO_TRAINERS
+from nnunet_proto.paths import trainers_path  # noqa: F401  (re-exported: nnunet_proto.cli.trainers_path)
 
 
 def _dataset_name(dataset: str) -> str:
@@ -35,14 +32,21 @@ def _dataset_name(dataset: str) -> str:
 
 
 def cmd_synthetic(args) -> int:
+    from nnunet_proto.data.raw_io import parse_dataset_arg
     from nnunet_proto.data.synthetic import SyntheticSpec, write_synthetic_dataset
-    from nnunet_proto.training.compat import nnUNet_raw, require_env_path
 
-    spec = SyntheticSpec(dataset_id=args.dataset_id, name=args.name, mode=args.mode, num_labeled=args.labeled,
+    dataset_id, name = parse_dataset_arg(args.dataset_id, args.name)
+    spec = SyntheticSpec(dataset_id=dataset_id, name=name or "Synthetic", mode=args.mode, num_labeled=args.labeled,
                          num_unlabeled=args.unlabeled, num_test=args.test,
                          shape=tuple(args.shape) if args.shape else None, seed=args.seed,
                          ignore_fraction=args.ignore_fraction)
-    out = write_synthetic_dataset(spec, args.output or require_env_path(nnUNet_raw), overwrite=args.overwrite)
+    if args.output:
+        raw_root = args.output
+    else:
+        from nnunet_proto.training.compat import nnUNet_raw, require_env_path
+
+        raw_root = require_env_path(nnUNet_raw)
+    out = write_synthetic_dataset(spec, raw_root, overwrite=args.overwrite)
     print(f"wrote {out} ({spec.num_labeled} labeled, {spec.num_unlabeled} unlabeled, {spec.num_test} test cases)")
     return 0
 
@@ -50,9 +54,11 @@ def cmd_synthetic(args) -> int:
 def cmd_preprocess_unlabeled(args) -> int:
     from nnunet_proto.data.unlabeled_preprocessing import preprocess_unlabeled
 
-    summary = preprocess_unlabeled(args.dataset, args.configurations, args.plans, args.num_processes, args.overwrite)
+    summary = preprocess_unlabeled(args.dataset, args.configurations, args.plans, args.num_processes, args.overwrite,
+                                   skip_bad=args.skip_bad)
     for cfg, s in summary.items():
-        print(f"{cfg}: {s['num_cases']} unlabeled cases ({s['new']} new) in {s['folder']}")
+        extra = "".join(f", {len(s[k])} {k}" for k in ("vanished", "changed", "skipped") if s[k])
+        print(f"{cfg}: {s['num_cases']} unlabeled cases ({s['new']} new{extra}) in {s['folder']}")
     return 0
 
 
@@ -86,7 +92,9 @@ def cmd_convert_h5(args) -> int:
     import json
 
     from nnunet_proto.data.convert_h5 import FORMATS, convert_h5_dataset
+    from nnunet_proto.data.raw_io import parse_dataset_arg
 
+    dataset_id, name = parse_dataset_arg(args.dataset_id, args.name)
     if args.output:
         raw_root = args.output
     else:  # only now pay for importing nnU-Net (and torch) to read $nnUNet_raw its way
@@ -94,8 +102,8 @@ def cmd_convert_h5(args) -> int:
 
         raw_root = require_env_path(nnUNet_raw)
     fmt = FORMATS[args.format]
-    out = convert_h5_dataset(fmt, Path(args.input_dir), Path(raw_root), args.dataset_id,
-                             args.name or fmt.key.upper(), args.spacing, args.test_count, args.test_list,
+    out = convert_h5_dataset(fmt, Path(args.input_dir), Path(raw_root), dataset_id,
+                             name or fmt.key.upper(), args.spacing, args.test_count, args.test_list,
                              args.seed, args.overwrite)
     info = json.loads((out / "dataset.json").read_text())
     test = info["nnunet_proto"]["test"]
@@ -105,22 +113,64 @@ def cmd_convert_h5(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from nnunet_proto.evaluation.metrics import evaluate_folders, format_mean_table, write_results
+    from nnunet_proto.evaluation.metrics import evaluate_folders, format_mean_table, result_paths, write_results
 
-    results = evaluate_folders(args.reference, args.prediction, args.labels, num_processes=args.num_processes)
-    json_path, csv_path = write_results(results, args.output)
+    # resolve (and create) the outputs before the possibly long evaluation, so a bad -o fails at once
+    json_path, csv_path = result_paths(args.output, args.prediction)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    results = evaluate_folders(args.reference, args.prediction, args.labels, num_processes=args.num_processes,
+                               progress=True)
+    json_path, csv_path = write_results(results, json_path)
     print(format_mean_table(results))
     print(f"wrote {json_path} and {csv_path}", file=sys.stderr)
     return 0
 
 
 def cmd_benchmark(args) -> int:
+    import dataclasses
     import shlex
-    from pathlib import Path
 
-    from nnunet_proto.benchmark.runner import run_benchmark
+    from nnunet_proto.benchmark.runner import forget_trainers, run_benchmark
+    from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec
+    from nnunet_proto.training.compat import nnUNet_results, require_env_path
+
+    results = Path(args.results_dir) if args.results_dir else \
+        Path(require_env_path(nnUNet_results)) / "nnunet_proto_benchmarks" / args.name
+    report_dir = Path(args.output) if args.output else results / "report"
+    spec_file = results / SPEC_FILE
+    if args.forget or args.report_only:
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"no benchmark in {results} ({SPEC_FILE} is missing): nothing has run there yet. "
+                                    f"Start it without --report-only/--forget, or check --name/--results-dir.")
+    if args.forget:
+        dropped = forget_trainers(results, args.forget)
+        print(f"dropped {len(dropped)} run(s) of {', '.join(args.forget)} from {results / 'runs.json'} (their "
+              f"folders under {results / 'runs'} are kept)", file=sys.stderr)
+    if args.forget or args.report_only:
+        if not (results / "runs.json").is_file():
+            raise FileNotFoundError(f"no run of the benchmark in {results} has started yet (runs.json is missing), so "
+                                    f"there is nothing to report. Run it without --report-only first.")
+        from nnunet_proto.benchmark.report import write_report
+
+        # the saved spec: the settings the runs were made with (only --notes can be changed here)
+        spec = BenchmarkSpec.from_json(spec_file.read_text())
+        if args.notes:
+            spec = dataclasses.replace(spec, notes=args.notes)
+        print(write_report(spec, results, report_dir))
+        return 0
+    missing = [flag for flag, value in (("-d", args.dataset), ("--labeled", args.labeled), ("--epochs", args.epochs))
+               if value is None]
+    if missing:
+        raise ValueError(f"the following arguments are required to run a benchmark: {', '.join(missing)} "
+                         f"(see nnunet_proto benchmark --help)")
+    spec = _benchmark_spec(args, extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
+    run_benchmark(spec, results, report_dir)
+    return 0
+
+
+def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # noqa: F821
     from nnunet_proto.benchmark.spec import BenchmarkSpec
-    from nnunet_proto.training.compat import nnUNet_raw, nnUNet_results, require_env_path
+    from nnunet_proto.training.compat import nnUNet_raw
 
     name = _dataset_name(args.dataset)
     raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() else None
@@ -128,24 +178,21 @@ def cmd_benchmark(args) -> int:
     test_labels = args.test_labels or (str(raw / "labelsTs") if raw else None)
     if not test_images or not test_labels:
         raise ValueError("give --test-images and --test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
-    spec = BenchmarkSpec(
+    return BenchmarkSpec(
         dataset=args.dataset, configuration=args.configuration, plans=args.plans, trainers=tuple(args.trainers),
-        amounts=tuple(args.labeled), seeds=tuple(args.seeds), test_images=test_images, test_labels=test_labels,
-        epochs=args.epochs, iterations_per_epoch=args.iterations, val_iterations_per_epoch=args.val_iterations,
-        group_regex=args.group_regex, base_fold=args.base_fold, device=args.device, checkpoint=args.checkpoint,
-        run_validation=not args.no_validation,
-        test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None, name=args.name,
-        notes=args.notes or "", extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
-    results = Path(args.results_dir) if args.results_dir else \
-        Path(require_env_path(nnUNet_results)) / "nnunet_proto_benchmarks" / args.name
-    report_dir = Path(args.output) if args.output else results / "report"
-    if args.report_only:
-        from nnunet_proto.benchmark.report import write_report
+        amounts=tuple(args.labeled), seeds=tuple(args.seeds), test_images=test_images,
+        test_labels=test_labels, epochs=args.epochs, iterations_per_epoch=args.iterations,
+        val_iterations_per_epoch=args.val_iterations, group_regex=args.group_regex, base_fold=args.base_fold,
+        device=args.device or _default_device(), checkpoint=args.checkpoint, run_validation=not args.no_validation,
+        test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None,
+        name=args.name, notes=args.notes or "", extra=extra or {})
 
-        print(write_report(spec, results, report_dir))
-        return 0
-    run_benchmark(spec, results, report_dir)
-    return 0
+
+def _default_device() -> str:
+    """nnU-Net's default: cuda when available, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_trainers_path(args) -> int:
@@ -153,91 +200,138 @@ def cmd_trainers_path(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnunet_proto", description="Semi-supervised nnU-Net v2 tools")
-    sub = p.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the example's line breaks and appends "(default: ...)" to every option that has a default."""
 
-    s = sub.add_parser("synthetic", help="write a synthetic multi-class dataset in nnU-Net raw format")
-    s.add_argument("-d", "--dataset-id", type=int, required=True)
-    s.add_argument("--name", default="Synthetic")
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add(sub, name: str, summary: str, example: str, func) -> argparse.ArgumentParser:
+    """A subcommand with a one-line description, defaults shown in --help, and one example."""
+    s = sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                       epilog="example:\n  " + example, formatter_class=_HelpFormatter)
+    s.set_defaults(func=func)
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnunet_proto import __version__
+
+    p = argparse.ArgumentParser(prog="nnunet_proto", description="Semi-supervised nnU-Net v2 tools: data "
+                                "preparation, label-scarce splits, evaluation and benchmarks around nnU-Net's own "
+                                "commands.", formatter_class=_HelpFormatter,
+                                epilog="run `nnunet_proto COMMAND --help` for a command's options and an example")
+    p.add_argument("--version", action="version", version=f"nnunet_proto {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = _add(sub, "synthetic", "write a synthetic multi-class dataset in nnU-Net raw format",
+             "nnunet_proto synthetic -d 901 --mode 2d --labeled 24 --unlabeled 40 --test 10", cmd_synthetic)
+    s.add_argument("-d", "--dataset-id", required=True, help="dataset id (901) or name (Dataset901_Synthetic)")
+    s.add_argument("--name", help="dataset name (default: from -d DatasetXXX_Name, else Synthetic)")
     s.add_argument("--mode", choices=["2d", "3d"], default="2d",
                    help="2d: thick-slice stacks (train the 2d configuration); 3d: near-isotropic volumes")
     s.add_argument("--labeled", type=int, default=24, help="cases in imagesTr/labelsTr")
     s.add_argument("--unlabeled", type=int, default=0, help="cases in imagesUnlabeled")
     s.add_argument("--test", type=int, default=0, help="cases in imagesTs/labelsTs")
-    s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"))
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="image shape (default: 6 64 64 in 2d mode, 32 40 40 in 3d mode)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the generator")
     s.add_argument("--ignore-fraction", type=float, default=0.0,
                    help="simulate sparse annotation: a box covering this fraction of each slice of the labeled "
                         "cases gets nnU-Net's ignore label")
     s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_synthetic)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
 
-    s = sub.add_parser("preprocess-unlabeled", help="preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled")
+    s = _add(sub, "preprocess-unlabeled", "verify and preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the "
+             "plans' own preprocessor (re-runs follow the folder)",
+             "nnunet_proto preprocess-unlabeled -d 901 -c 2d 3d_fullres --skip-bad", cmd_preprocess_unlabeled)
     s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    s.add_argument("-c", "--configurations", nargs="+", default=["2d", "3d_fullres"])
+    s.add_argument("-c", "--configurations", nargs="+",
+                   help="configurations (default: those of the plans whose labeled data is preprocessed, cascade "
+                        "stages excluded)")
     s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    s.add_argument("-np", "--num-processes", type=int, default=1)
-    s.add_argument("--overwrite", action="store_true", help="re-create the preprocessed unlabeled folder")
-    s.set_defaults(func=cmd_preprocess_unlabeled)
+    s.add_argument("-np", "--num-processes", type=int, default=1, help="cases preprocessed in parallel")
+    s.add_argument("--overwrite", action="store_true",
+                   help="rebuild the preprocessed unlabeled folder (written beside the old one, swapped in only on "
+                        "success)")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip corrupt or degenerate images (constant, mostly zeros, smaller than half the patch) "
+                        "with a warning instead of refusing")
 
-    s = sub.add_parser("make-splits", help="append a label-scarce fold to splits_final.json and print its number")
-    s.add_argument("-d", "--dataset", required=True)
+    s = _add(sub, "make-splits", "append a label-scarce fold to splits_final.json and print its number (only the "
+             "number goes to stdout)",
+             "fold=$(nnunet_proto make-splits -d 27 --labeled 10% --seed 0 --group-regex '(patient\\d+)')",
+             cmd_make_splits)
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     s.add_argument("--labeled", required=True, help="count (8) or percentage (10%%) of the base fold's training "
                                                       "cases (of groups with --group-regex)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="picks the labeled cases")
     s.add_argument("--group-regex", help="cases whose first capture group matches stay together, e.g. "
                                          "'(patient\\d+)' keeps both ACDC frames of a patient on one side")
-    s.add_argument("--base-fold", type=int, default=0, help="nnU-Net fold whose val cases are reused (default 0)")
-    s.set_defaults(func=cmd_make_splits)
+    s.add_argument("--base-fold", type=int, default=0, help="nnU-Net fold whose val cases are reused")
 
-    s = sub.add_parser("plans-patch", help="derive a plans file from nnUNetPlans with a patch from plans/")
-    s.add_argument("-d", "--dataset", required=True)
+    s = _add(sub, "plans-patch", "derive a plans file from nnUNetPlans with a patch from plans/",
+             "nnunet_proto plans-patch -d 27 plans/acdc_2d_cpu.json", cmd_plans_patch)
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     s.add_argument("patch", help="patch JSON file, e.g. plans/acdc_2d_cpu.json")
-    s.add_argument("--source-plans", default="nnUNetPlans")
-    s.set_defaults(func=cmd_plans_patch)
+    s.add_argument("--source-plans", default="nnUNetPlans", help="plans the patch is applied to")
 
-    s = sub.add_parser("benchmark", help="train every trainer and plain nnU-Net on the same label-scarce folds, "
-                                         "predict and evaluate a test set, write a report (resumable)")
-    s.add_argument("-d", "--dataset", required=True)
-    s.add_argument("-c", "--configuration", default="2d")
-    s.add_argument("-p", "--plans", default="nnUNetPlans")
+    s = _add(sub, "benchmark", "train every trainer and plain nnU-Net on the same label-scarce folds, predict and "
+             "evaluate a test set, write a report (resumable)",
+             "nnunet_proto benchmark -d 27 -c 2d -p nnUNetPlans_acdc_2d_cpu -tr nnUNetTrainerCPCL --labeled 2 4 "
+             "--epochs 20 --iterations 50 --name acdc", cmd_benchmark)
+    s.add_argument("-d", "--dataset", help="dataset id or name (required unless --report-only/--forget reuse the "
+                                           "saved benchmark)")
+    s.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     s.add_argument("-tr", "--trainers", nargs="+", default=["nnUNetTrainerMeanTeacher", "nnUNetTrainerCPCL"],
                    help="semi-supervised trainers; plain nnUNetTrainer is always added")
-    s.add_argument("--labeled", nargs="+", required=True, help="labeled amounts, counts or percentages (2 4 / 10%%)")
+    s.add_argument("--labeled", nargs="+", help="labeled amounts, counts or percentages (2 4 / 10%%); required to "
+                                                "run")
     s.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed picks the labeled cases and seeds "
                                                                       "training")
-    s.add_argument("--epochs", type=int, required=True)
+    s.add_argument("--epochs", type=int, help="epochs per run; required to run")
     s.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
     s.add_argument("--val-iterations", type=int, default=10, help="nnU-Net's validation iterations per epoch")
-    s.add_argument("--group-regex")
-    s.add_argument("--base-fold", type=int, default=0)
-    s.add_argument("--test-images", help="default: nnUNet_raw/<dataset>/imagesTs")
-    s.add_argument("--test-labels", help="default: nnUNet_raw/<dataset>/labelsTs")
+    s.add_argument("--group-regex", help="keep cases of a group on one side, as in make-splits")
+    s.add_argument("--base-fold", type=int, default=0, help="nnU-Net fold whose val cases are reused")
+    s.add_argument("--test-images", help="test images (default: nnUNet_raw/<dataset>/imagesTs)")
+    s.add_argument("--test-labels", help="test labels (default: nnUNet_raw/<dataset>/labelsTs)")
     s.add_argument("-l", "--labels", type=int, nargs="+", help="labels to evaluate (default: all foreground)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("-device", "--device", dest="device",
+                   help="torch device, as nnUNetv2_train -device (default: cuda if available, else cpu)")
     s.add_argument("--checkpoint", choices=["final", "best"], default="final",
                    help="final, or nnU-Net's best on the fold's validation cases (never the test set)")
     s.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each run")
-    s.add_argument("--disable-tta", action="store_true",
+    s.add_argument("--disable-tta", "--disable_tta", dest="disable_tta", action="store_true",
                    help="predict the test cases without mirroring (nnUNetv2_predict --disable_tta): 8x fewer "
                         "network passes in 3D; the same for every trainer")
     s.add_argument("--name", default="benchmark", help="benchmark name (results sub-folder)")
-    s.add_argument("--results-dir", help="default: $nnUNet_results/nnunet_proto_benchmarks/<name>")
+    s.add_argument("--results-dir", help="results folder (default: $nnUNet_results/nnunet_proto_benchmarks/<name>)")
     s.add_argument("-o", "--output", help="report folder (default: <results-dir>/report)")
     s.add_argument("--notes", help="free text for the report (what was run and why)")
     s.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
-    s.set_defaults(func=cmd_benchmark)
+    s.add_argument("--forget", nargs="+", metavar="TRAINER",
+                   help="drop these trainers' runs from the benchmark (runs.json, saved spec, report); their run "
+                        "folders stay on disk")
 
-    s = sub.add_parser("trainers-path", help="print the folder to export as nnUNet_extTrainer")
-    s.set_defaults(func=cmd_trainers_path)
+    _add(sub, "trainers-path", "print the folder to export as nnUNet_extTrainer",
+         "export nnUNet_extTrainer=$(nnunet_proto trainers-path)", cmd_trainers_path)
 
     for fmt, unit, example in [("acdc", "patient", "patient001"), ("la", "case", "06SR5RBREL16DQ6M8LWS")]:
-        s = sub.add_parser(f"convert-{fmt}", help=f"convert the {fmt.upper()} h5 release into an nnU-Net raw dataset")
+        s = _add(sub, f"convert-{fmt}", f"convert the {fmt.upper()} h5 release into an nnU-Net raw dataset",
+                 f"nnunet_proto convert-{fmt} /data/{fmt}_h5 -d {'27' if fmt == 'acdc' else '28'} "
+                 + ("--test-count 10 --seed 0" if fmt == "acdc" else f"--test-list {example}"), cmd_convert_h5)
+        s.set_defaults(format=fmt)
         s.add_argument("input_dir", help="folder with the .h5 files")
-        s.add_argument("-d", "--dataset-id", type=int, required=True)
-        s.add_argument("--name", help=f"dataset name (default {fmt.upper()})")
+        s.add_argument("-d", "--dataset-id", required=True,
+                       help=f"dataset id (27) or name (Dataset027_{fmt.upper()})")
+        s.add_argument("--name", help=f"dataset name (default: from -d DatasetXXX_Name, else {fmt.upper()})")
         s.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
                        help="voxel spacing in mm (the h5 files store none; default "
                             + ("10 1.5 1.5" if fmt == "acdc" else "0.625 0.625 0.625") + ")")
@@ -248,16 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
         s.add_argument("--overwrite", action="store_true",
                        help="replace imagesTr/labelsTr/imagesTs/labelsTs/dataset.json of an existing dataset")
-        s.set_defaults(func=cmd_convert_h5, format=fmt)
 
-    s = sub.add_parser("evaluate", help="Dice, IoU, HD95 and ASD (mm) of a prediction folder against references")
+    s = _add(sub, "evaluate", "Dice, IoU, HD95 and ASD (mm) of a prediction folder against references",
+             "nnunet_proto evaluate nnUNet_raw/Dataset027_ACDC/labelsTs predictions -o results.json -l 1 2 3",
+             cmd_evaluate)
     s.add_argument("reference", help="folder of reference segmentations (e.g. labelsTs)")
     s.add_argument("prediction", help="folder of predictions with the same file names (e.g. nnUNetv2_predict -o)")
-    s.add_argument("-o", "--output", required=True, help="result JSON; a CSV with the same stem is written beside it")
+    s.add_argument("-o", "--output",
+                   help="x.json or x.csv (both files are written, same stem) or a folder (metrics.json + metrics.csv "
+                        "in it); default: metrics.json + metrics.csv in the prediction folder")
     s.add_argument("-l", "--labels", type=int, nargs="+",
                    help="labels to evaluate (default: all foreground labels of dataset.json in either folder)")
-    s.add_argument("-np", "--num-processes", type=int, default=1)
-    s.set_defaults(func=cmd_evaluate)
+    s.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel")
     return p
 
 

@@ -94,8 +94,11 @@ def predict(spec: BenchmarkSpec, trainer_name: str, fold: int, model_dir: Path, 
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files(spec.test_images, str(out), save_probabilities=False, overwrite=False,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    from nnunet_proto.benchmark.runner import folder_progress
+
+    with folder_progress(out, f"*{ending}", len(todo), "predicting test cases"):
+        predictor.predict_from_files(spec.test_images, str(out), save_probabilities=False, overwrite=False,
+                                     num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
 def epoch_seconds(logging: dict) -> list:

@@ -6,33 +6,107 @@ trained on that fold with the same budget, the test images are predicted with nn
 and evaluated. Each run is a separate process (``run_one``) whose output streams to the console and
 to ``<run>/log.txt``. Finished runs are skipped and an interrupted run continues from its last epoch,
 so re-running the same command resumes the benchmark. Finally the report folder is (re)written.
+
+Before the first run every trainer class is looked up (a misspelled ``-tr`` fails at once) and the
+test set is checked for leakage into the training data (``nnunet_proto.data.leakage``). A run is
+recorded in ``runs.json`` only when it starts; ``forget_trainers`` drops a trainer's runs again.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from time import perf_counter, strftime
-from typing import List
+from typing import Iterator, List, Sequence
 
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs
+from nnunet_proto.paths import trainers_path
 
 
 def _repo_trainers() -> str:
-    from nnunet_proto.cli import trainers_path
-
     return str(trainers_path())
 
 
+def _ext_trainer_paths() -> str:
+    return os.pathsep.join(p for p in (_repo_trainers(), os.environ.get("nnUNet_extTrainer")) if p)
+
+
+def resolve_trainers(names: Sequence[str]) -> None:
+    """Look up every trainer class the way nnUNetv2_train does; raise listing the unknown ones (with suggestions).
+
+    Runs before the first training so that a misspelled ``-tr`` fails at once, not hours later.
+    """
+    from nnunet_proto.training.compat import recursive_find_trainer_class_by_name
+
+    unknown = []
+    previous = os.environ.get("nnUNet_extTrainer")
+    os.environ["nnUNet_extTrainer"] = _ext_trainer_paths()
+    try:
+        for name in names:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every folder it searches
+                    recursive_find_trainer_class_by_name(name)
+            except (RuntimeError, AssertionError):
+                unknown.append(name)
+    finally:
+        if previous is None:
+            os.environ.pop("nnUNet_extTrainer", None)
+        else:
+            os.environ["nnUNet_extTrainer"] = previous
+    if unknown:
+        known = sorted({m for p in Path(_repo_trainers()).glob("*.py")
+                        for m in re.findall(r"^class (\w+)\(", p.read_text(), flags=re.M)} | {"nnUNetTrainer"})
+        hints = [f"{n} (did you mean {', '.join(difflib.get_close_matches(n, known, 3)) or 'none close'}?)"
+                 for n in unknown]
+        raise ValueError(f"unknown trainer(s) {', '.join(hints)}: not found in nnunetv2 or nnUNet_extTrainer "
+                         f"({_ext_trainer_paths()}). Nothing was run. This repository's trainers: {', '.join(known)}")
+
+
+def record_started(runs_file: Path, run: Run) -> None:
+    """Add ``run`` to runs.json (once); called when the run starts, so runs that never started are not listed."""
+    known = load_runs(runs_file) if runs_file.is_file() else []
+    if run not in known:
+        tmp = runs_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.__dict__ for r in known + [run]], indent=2))
+        os.replace(tmp, runs_file)
+
+
+def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:
+    """Drop every run of ``trainers`` from runs.json and from the saved spec; returns the dropped runs.
+
+    Their run folders stay on disk (adding the trainer again later finds its finished runs).
+    """
+    runs_file, spec_file = results_root / "runs.json", results_root / SPEC_FILE
+    known = load_runs(runs_file) if runs_file.is_file() else []
+    dropped = [r for r in known if r.trainer in trainers]
+    tmp = runs_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps([r.__dict__ for r in known if r.trainer not in trainers], indent=2))
+    os.replace(tmp, runs_file)
+    if spec_file.is_file():
+        spec = BenchmarkSpec.from_json(spec_file.read_text())
+        spec_file.write_text(dataclasses.replace(spec, trainers=tuple(t for t in spec.trainers
+                                                                       if t not in trainers)).to_json())
+    return dropped
+
+
 def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
-    """Check inputs, create the folds, save the spec; returns the runs in execution order."""
+    """Check inputs (trainer classes, test leakage), create the folds, save the spec; returns the runs in
+    execution order. Nothing is written before every check passed."""
+    from nnunet_proto.data.leakage import check_test_leakage
     from nnunet_proto.data.splits import LabeledAmount, make_label_scarce_fold
     from nnunet_proto.training.compat import (
         load_json,
         maybe_convert_to_dataset_name,
         nnUNet_preprocessed,
+        nnUNet_raw,
         require_env_path,
     )
 
@@ -44,27 +118,59 @@ def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
     for folder in (spec.test_images, spec.test_labels):
         if not Path(folder).is_dir() or not any(Path(folder).iterdir()):
             raise FileNotFoundError(f"test folder {folder} is missing or empty")
-    results_root.mkdir(parents=True, exist_ok=True)
     spec_file = results_root / SPEC_FILE
     if spec_file.is_file():
         old = BenchmarkSpec.from_json(spec_file.read_text())
         if old.budget_key() != spec.budget_key():
             raise ValueError(f"{results_root} holds a benchmark with another setup ({old.budget_key()} vs "
                              f"{spec.budget_key()}); resume it with the same settings or use another --name")
-    spec_file.write_text(spec.to_json())
+    resolve_trainers(spec.all_trainers)
     ending = load_json(str(pre / "dataset.json"))["file_ending"]
+    raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() and (Path(nnUNet_raw.get()) / name).is_dir() else None
+    results_root.mkdir(parents=True, exist_ok=True)
+    print("[benchmark] " + check_test_leakage(Path(spec.test_images), Path(spec.test_labels), ending, pre, raw,
+                                              results_root / "test_leakage_hashes.json"), flush=True)
     runs = []
     for amount in spec.amounts:
         for seed in spec.seeds:
             fold, _ = make_label_scarce_fold(str(pre), LabeledAmount.parse(amount), seed, spec.group_regex,
                                              spec.base_fold, file_ending=ending)
             runs += [Run(trainer, amount, seed, fold) for trainer in spec.all_trainers]
-    # earlier invocations (other seeds or trainers) stay part of the benchmark and its report
-    runs_file = results_root / "runs.json"
-    known = load_runs(runs_file) if runs_file.is_file() else []
-    everything = known + [r for r in runs if r not in known]
-    runs_file.write_text(json.dumps([r.__dict__ for r in everything], indent=2))
+    # the folds may have added cases to splits_final.json: check them too before anything trains
+    check_test_leakage(Path(spec.test_images), Path(spec.test_labels), ending, pre, raw,
+                       results_root / "test_leakage_hashes.json")
+    spec_file.write_text(spec.to_json())
+    # runs.json lists the runs that have started (also those of earlier invocations: other seeds or trainers);
+    # each run is added when it starts (record_started)
     return runs
+
+
+@contextlib.contextmanager
+def folder_progress(folder: Path, pattern: str, total: int, desc: str, interval_s: float = 5.0) -> Iterator[None]:
+    """Show a tqdm bar (stderr) of how many files matching ``pattern`` appear in ``folder`` while the body runs.
+
+    For work that writes one file per item but offers no progress hook (nnU-Net's predict_from_files).
+    """
+    from tqdm import tqdm
+
+    before = len(list(folder.glob(pattern))) if folder.is_dir() else 0
+    stop = threading.Event()
+    bar = tqdm(total=total, desc=desc, unit="case", mininterval=interval_s)
+
+    def poll() -> None:
+        while not stop.wait(interval_s):
+            n = (len(list(folder.glob(pattern))) if folder.is_dir() else 0) - before
+            bar.update(max(0, min(n, total) - bar.n))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+        bar.update(total - bar.n)
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
 
 
 def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> Path:
@@ -75,11 +181,13 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
     runs_root = results_root / "runs"
     env = dict(os.environ)
     env["nnUNet_results"] = str(results_root / "nnUNet_results")
-    env["nnUNet_extTrainer"] = os.pathsep.join(p for p in (_repo_trainers(), os.environ.get("nnUNet_extTrainer"))
-                                               if p)
+    env["nnUNet_extTrainer"] = _ext_trainer_paths()
     env.setdefault("nnUNet_compile", "f")
     spec_file = results_root / SPEC_FILE
     todo = [r for r in runs if not (r.dir(runs_root) / "metrics.json").is_file()]
+    for run in runs:  # finished earlier (e.g. a trainer forgotten and added again): part of the report again
+        if run not in todo:
+            record_started(results_root / "runs.json", run)
     print(f"[benchmark] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to do "
           f"(results in {results_root})", flush=True)
     t_start = perf_counter()
@@ -91,6 +199,7 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
         eta = f", about {elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
         print(f"[benchmark {strftime('%H:%M:%S')}] run {i}/{len(todo)}: {run.trainer}, labeled {run.amount}, "
               f"seed {run.seed}, fold {run.fold}{eta}", flush=True)
+        record_started(results_root / "runs.json", run)
         cmd = [sys.executable, "-m", "nnunet_proto.benchmark.run_one", "--spec", str(spec_file), "--trainer",
                run.trainer, "--fold", str(run.fold), "--seed", str(run.seed), "--run-dir", str(run_dir)]
         with open(run_dir / "log.txt", "a") as log:
@@ -115,5 +224,5 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
 
 def _interesting(line: str) -> bool:
     keys = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time", "semi-supervised terms", "RUN DONE", "resuming",
-            "Mean Validation Dice", "Error", "error", "Traceback")
+            "Mean Validation Dice", "Error", "error", "Traceback", "predicting test cases")
     return any(k in line for k in keys)

@@ -5,8 +5,9 @@ numpy and SimpleITK only; nothing here imports nnU-Net.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,3 +32,20 @@ def check_dataset_folder_writable(folder: Path, overwrite: bool) -> None:
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} already exists and is not empty. Pass overwrite=True (CLI: --overwrite) "
                               f"to replace it, or choose another dataset id.")
+
+
+def parse_dataset_arg(dataset: str, name: Optional[str] = None) -> Tuple[int, Optional[str]]:
+    """``27``, ``027`` or ``Dataset027_ACDC`` (nnU-Net's two spellings) -> (27, name or None).
+
+    A name inside ``dataset`` must agree with ``name`` (``--name``) when both are given.
+    """
+    text = str(dataset).strip()
+    m = re.fullmatch(r"Dataset(\d{3})_(.+)", text)
+    if m:
+        if name is not None and name != m.group(2):
+            raise ValueError(f"-d {text} names the dataset {m.group(2)!r} but --name says {name!r}; give one of them")
+        return int(m.group(1)), m.group(2)
+    if text.isdigit():
+        return int(text), name
+    raise ValueError(f"-d {text!r}: give a dataset id (e.g. 27) or a dataset name DatasetXXX_Name "
+                     f"(e.g. Dataset027_ACDC)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -68,13 +69,46 @@ def group_of(identifier: str, pattern: Optional[re.Pattern]) -> str:
     return m.group(1) if m.groups() else m.group(0)
 
 
+def compile_group_regex(group_regex: Optional[str]) -> Optional[re.Pattern]:
+    """The compiled ``--group-regex`` (None stays None); an invalid pattern is a ValueError naming it."""
+    if not group_regex:
+        return None
+    try:
+        return re.compile(group_regex)
+    except re.error as e:
+        raise ValueError(f"--group-regex {group_regex!r} is not a valid regular expression ({e}); e.g. "
+                         f"'(patient\\d+)' groups ACDC cases by patient") from None
+
+
+def check_grouping(pool: Sequence[str], group_regex: Optional[str]) -> str:
+    """Check that ``group_regex`` groups ``pool`` usefully; returns "matched k/n cases into g groups".
+
+    Refuses a regex that matches no case (it would silently give the ungrouped fold) and one that puts
+    every case into a single group (nothing could be split into labeled and unlabeled).
+    """
+    pattern = compile_group_regex(group_regex)
+    if pattern is None:
+        return f"no --group-regex: {len(pool)} cases, each its own group"
+    matched = [c for c in pool if pattern.search(c)]
+    groups = {group_of(c, pattern) for c in pool}
+    summary = f"--group-regex {group_regex!r} matched {len(matched)}/{len(pool)} cases into {len(groups)} groups"
+    if not matched:
+        raise ValueError(f"{summary}: it matches no case id (e.g. {sorted(pool)[:3]}). Fix the pattern; its first "
+                         f"capture group is the group key, e.g. '(patient\\d+)'.")
+    if len(groups) < 2:
+        raise ValueError(f"{summary}: every case is in the same group {next(iter(groups))!r}, so nothing can be split "
+                         f"into labeled and unlabeled cases. Put the part that differs between groups into the first "
+                         f"capture group, e.g. '(patient\\d+)'.")
+    return summary
+
+
 def choose_labeled(pool: Sequence[str], amount: LabeledAmount, seed: int,
                    group_regex: Optional[str] = None) -> Tuple[List[str], List[str]]:
     """Split ``pool`` into (labeled, unlabeled); whole groups go to one side. Deterministic in ``seed``.
 
     With a group regex, counts and percentages refer to groups (e.g. ACDC patients), not cases.
     """
-    pattern = re.compile(group_regex) if group_regex else None
+    pattern = compile_group_regex(group_regex)
     groups: Dict[str, List[str]] = {}
     for case in sorted(pool):
         groups.setdefault(group_of(case, pattern), []).append(case)
@@ -108,10 +142,10 @@ def default_folds(identifiers: Sequence[str], group_regex: Optional[str] = None)
     sorted groups and each fold takes whole groups, so e.g. both frames of a patient share a side."""
     from nnunet_proto.training.compat import generate_crossval_split
 
-    if not group_regex:
+    pattern = compile_group_regex(group_regex)
+    if pattern is None:
         return [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]}
                 for s in generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5)]
-    pattern = re.compile(group_regex)
     groups: Dict[str, List[str]] = {}
     for case in sorted(identifiers):
         groups.setdefault(group_of(case, pattern), []).append(case)
@@ -137,27 +171,32 @@ def make_label_scarce_fold(preprocessed_dataset_folder: str, amount: LabeledAmou
     would (5-fold KFold, seed 12345, over the sorted labeled identifiers), or, with ``group_regex``, the
     same KFold over groups so that no group is split between train and val (nnU-Net's default would
     put the two frames of an ACDC patient on both sides). Existing folds are never modified.
+    Diagnostics (the grouping summary, warnings) go to stderr, so that stdout can carry the fold number.
     """
     splits_file = Path(preprocessed_dataset_folder) / "splits_final.json"
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text())
     else:
         ids = case_identifiers(preprocessed_dataset_folder, raw_dataset_folder, file_ending)
+        print(check_grouping(ids, group_regex), file=sys.stderr)
         splits = default_folds(ids, group_regex)
     if not 0 <= base_fold < len(splits):
         raise ValueError(f"base fold {base_fold} does not exist (splits_final.json has {len(splits)} folds)")
     base = splits[base_fold]
     if "unlabeled" in base:
         raise ValueError(f"base fold {base_fold} is itself a label-scarce fold; use one of nnU-Net's folds")
+    if group_regex:
+        print(check_grouping(list(base["train"]), group_regex) + f" (training part of base fold {base_fold})",
+              file=sys.stderr)
     labeled, unlabeled = choose_labeled(base["train"], amount, seed, group_regex)
     val = list(base["val"])
     if group_regex:
-        pattern = re.compile(group_regex)
+        pattern = compile_group_regex(group_regex)
         straddling = sorted({group_of(c, pattern) for c in val} & {group_of(c, pattern) for c in base["train"]})
         if straddling:
             print(f"WARNING: groups {straddling[:5]} have cases both in the validation part and the training part "
                   f"of base fold {base_fold} (nnU-Net's default split ignores groups). Validation scores of these "
-                  f"groups are optimistic; the held-out test set is unaffected.")
+                  f"groups are optimistic; the held-out test set is unaffected.", file=sys.stderr)
     fold = {"train": labeled, "val": val, "unlabeled": unlabeled,
             "nnunet_proto": {"labeled": str(amount), "seed": seed, "base_fold": base_fold,
                              "group_regex": group_regex}}

@@ -47,6 +47,7 @@ from surface_distance import (
     compute_robust_hausdorff,
     compute_surface_distances,
 )
+from tqdm import tqdm
 
 METRIC_NAMES: Tuple[str, ...] = ("Dice", "IoU", "HD95", "ASD")
 RULE_BOTH_PRESENT = "both_present"
@@ -190,7 +191,7 @@ def summarize(per_case: List[dict], label_names: Dict[int, str]) -> Tuple[Dict[s
 
 def evaluate_folders(reference_folder: os.PathLike, prediction_folder: os.PathLike,
                      labels: Optional[Sequence[int]] = None, file_ending: Optional[str] = None,
-                     num_processes: int = 1) -> dict:
+                     num_processes: int = 1, progress: bool = False) -> dict:
     """Evaluate every reference case against the prediction of the same file name.
 
     Args:
@@ -200,6 +201,7 @@ def evaluate_folders(reference_folder: os.PathLike, prediction_folder: os.PathLi
             prediction folder (nnUNetv2_predict copies it there) or else in the reference folder.
         file_ending: default: ``file_ending`` of that dataset.json, else ``.nii.gz``.
         num_processes: cases evaluated in parallel (processes).
+        progress: show a tqdm progress bar (stderr).
 
     Returns:
         {"reference_folder", "prediction_folder", "file_ending", "labels": {str(label): name}, "metrics",
@@ -239,11 +241,19 @@ def evaluate_folders(reference_folder: os.PathLike, prediction_folder: os.PathLi
                                 f"reference folder that holds only the predicted cases.")
     predicted = sorted(f.name[: -len(ending)] for f in pred_dir.iterdir() if f.name.endswith(ending))
     jobs = [(c, ref_dir / f"{c}{ending}", pred_dir / f"{c}{ending}", list(label_names)) for c in cases]
-    if num_processes > 1:
-        with ProcessPoolExecutor(max_workers=num_processes) as pool:
-            per_case = list(pool.map(_evaluate_pair, *zip(*jobs)))
-    else:
-        per_case = [_evaluate_pair(*job) for job in jobs]
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=not progress)
+    with bar:
+        if num_processes > 1:
+            with ProcessPoolExecutor(max_workers=num_processes) as pool:
+                per_case = []
+                for result in pool.map(_evaluate_pair, *zip(*jobs)):
+                    per_case.append(result)
+                    bar.update(1)
+        else:
+            per_case = []
+            for job in jobs:
+                per_case.append(_evaluate_pair(*job))
+                bar.update(1)
     mean, foreground = summarize(per_case, label_names)
     return {
         "reference_folder": str(ref_dir), "prediction_folder": str(pred_dir), "file_ending": ending,
@@ -265,12 +275,47 @@ def _nan_to_none(obj):
     return obj
 
 
-def write_results(results: dict, json_path: os.PathLike) -> Tuple[Path, Path]:
-    """Write ``results`` as JSON (NaN -> null) and a CSV beside it (one row per case and class)."""
-    json_path = Path(json_path)
+#: file names used when ``-o`` is a folder or not given (next to the predictions)
+DEFAULT_RESULT_NAME = "metrics"
+
+
+def result_paths(output: Optional[os.PathLike], prediction_folder: os.PathLike) -> Tuple[Path, Path]:
+    """(JSON path, CSV path) for an evaluation output given as a file, a folder or nothing.
+
+    - None: ``<prediction_folder>/metrics.json`` and ``.csv`` (like nnUNetv2_evaluate_folder, which writes
+      its summary into the prediction folder);
+    - an existing folder, or a path ending in a separator: ``<folder>/metrics.json`` and ``.csv``;
+    - ``x.json`` or ``x.csv``: ``x.json`` and ``x.csv`` (either name gives both, never the same file twice);
+    - a path without a suffix that is not a folder: ``path.json`` and ``path.csv``.
+
+    Raises ValueError for another suffix (e.g. ``x.txt``), naming the accepted forms.
+    """
+    if output is None:
+        base = Path(prediction_folder) / DEFAULT_RESULT_NAME
+    else:
+        text = os.fspath(output)
+        out = Path(text)
+        if out.is_dir() or text.endswith((os.sep, "/")):
+            base = out / DEFAULT_RESULT_NAME
+        elif out.suffix.lower() in (".json", ".csv"):
+            base = out.with_suffix("")
+        elif out.suffix == "":
+            base = out
+        else:
+            raise ValueError(f"-o {text!r}: give a .json or .csv file name (both are written, with the same stem) "
+                             f"or a folder (metrics.json and metrics.csv go there)")
+    return base.with_name(base.name + ".json"), base.with_name(base.name + ".csv")
+
+
+def write_results(results: dict, output: os.PathLike) -> Tuple[Path, Path]:
+    """Write ``results`` as JSON (NaN -> null) and a CSV (one row per case and class); returns both paths.
+
+    ``output`` is resolved by ``result_paths`` (a .json or .csv name, or a folder): the two files always
+    share a stem and never overwrite each other.
+    """
+    json_path, csv_path = result_paths(output, results.get("prediction_folder", "."))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(_nan_to_none(results), indent=2, allow_nan=False))
-    csv_path = json_path.with_suffix(".csv")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "label", "name", *METRIC_NAMES, "rule"])

@@ -207,9 +207,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if "folder" in sources:
             fingerprint = preprocessing_fingerprint(self.plans_manager.plans, self.configuration_name,
                                                     self.dataset_json)
-            folder_cases = cases_from_folder(base, data_id, fingerprint, self.configuration_name, dataset_name)
             raw_unlabeled = (os.path.join(nnUNet_raw.get(), dataset_name, "imagesUnlabeled")
                              if nnUNet_raw.is_set() else None)
+            folder_cases = cases_from_folder(base, data_id, fingerprint, self.configuration_name, dataset_name,
+                                             raw_unlabeled, self.dataset_json["file_ending"])
             if not folder_cases and raw_unlabeled and os.path.isdir(raw_unlabeled) and os.listdir(raw_unlabeled):
                 raise FileNotFoundError(
                     f"{raw_unlabeled} holds unlabeled images, but they are not preprocessed for configuration "
@@ -254,7 +255,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                                   pin_memory=self.device.type == "cuda", wait_time=0.002)
         next(stream)  # start the workers now, like nnU-Net does for its own loaders
         self.unlabeled_info = {"num_cases": len(dataset.identifiers), "sources": dataset.sources(),
-                               "batch_size": self.unlabeled_batch_size, "workers": workers}
+                               "batch_size": self.unlabeled_batch_size, "workers": workers,
+                               "case_ids": {src: sorted(c.identifier for c in cases if c.source == src)
+                                            for src in dataset.sources()}}
         return stream
 
     def on_train_start(self):

@@ -9,23 +9,36 @@ Two sources (``SemiSupervisedConfig.unlabeled_sources``):
 * ``"folder"``: ``<data_identifier>_unlabeled/`` beside the labeled folder, written by
   ``nnunet_proto preprocess-unlabeled`` from ``nnUNet_raw/DatasetXXX/imagesUnlabeled``. A manifest
   ``<data_identifier>_unlabeled.json`` records a fingerprint of the preprocessing so that stale data
-  (plans changed after preprocessing) is detected.
+  (plans changed after preprocessing) is detected, the list of cases (training uses exactly these),
+  and per source file its size, mtime and voxel hash, so that images deleted from or changed in
+  ``imagesUnlabeled/`` after preprocessing are noticed (see ``source_changes``).
+
+Manifest format (version 2; a version-1 manifest, written before file records existed, is read as
+version 2 with no records, and ``preprocess-unlabeled`` fills them in)::
+
+    {"version": 2, "fingerprint": "...", "plans_name": "...", "configuration": "2d",
+     "data_identifier": "...", "source": ".../imagesUnlabeled", "cases": ["unl_000", ...],
+     "files": {"unl_000": [{"name": "unl_000_0000.nii.gz", "size": 1234, "mtime_ns": 1, "sha256": "..."}]},
+     "skipped": {"unl_007": "why it was skipped (--skip-bad)"}}
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import blosc2
 import numpy as np
 
+from nnunet_proto.data.image_check import FileRecord, ImageError, image_content_hash
 from nnunet_proto.training.compat import load_pickle, nnUNetDataLoader, nnUNetDatasetBlosc2
 
 MANIFEST_SUFFIX = "_unlabeled.json"
 FOLDER_SUFFIX = "_unlabeled"
+MANIFEST_VERSION = 2
 
 
 def unlabeled_folder(preprocessed_dataset_base: str, data_identifier: str) -> str:
@@ -60,6 +73,98 @@ def preprocessing_fingerprint(plans: dict, configuration: str, dataset_json: dic
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def read_manifest(path: str) -> dict:
+    """The manifest at ``path``, upgraded to the current version (version 1 had no file records)."""
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.setdefault("cases", [])
+    manifest.setdefault("files", {})  # version 1: records unknown until preprocess-unlabeled fills them in
+    manifest.setdefault("skipped", {})
+    manifest["version"] = MANIFEST_VERSION
+    return manifest
+
+
+def write_manifest(path: str, manifest: dict) -> None:
+    """Write atomically (temp file + rename): an interrupted write never leaves half a manifest."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**manifest, "version": MANIFEST_VERSION}, f, indent=2)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SourceChanges:
+    """How ``imagesUnlabeled/`` differs from a manifest (case ids, sorted)."""
+
+    vanished: List[str] = field(default_factory=list)  # in the manifest, no longer in the folder
+    changed: List[str] = field(default_factory=list)  # different content (or different channel files)
+    new: List[str] = field(default_factory=list)  # in the folder, not in the manifest
+    unrecorded: List[str] = field(default_factory=list)  # in both, but the manifest has no file record (version 1)
+    touched: List[str] = field(default_factory=list)  # size/mtime differ but the voxels are identical
+
+    def describe(self) -> str:
+        parts = [f"{len(v)} {k} ({', '.join(v[:5])}{', ...' if len(v) > 5 else ''})"
+                 for k, v in (("vanished", self.vanished), ("changed", self.changed), ("new", self.new)) if v]
+        return "; ".join(parts) if parts else "no change"
+
+
+def _case_changed(records: List[dict], files: Sequence[str]) -> Optional[bool]:
+    """True/False = content changed or not; None = stat changed but voxels identical (refresh the record)."""
+    if sorted(r["name"] for r in records) != sorted(os.path.basename(f) for f in files):
+        return True
+    by_name = {r["name"]: FileRecord(**r) for r in records}
+    stat_changed = [f for f in files if not by_name[os.path.basename(f)].same_stat(f)]
+    if not stat_changed:
+        return False
+    for f in stat_changed:  # confirm by content: a copy or a touch keeps the voxels
+        rec = by_name[os.path.basename(f)]
+        if not rec.sha256:
+            return True
+        try:
+            if image_content_hash(f) != rec.sha256:
+                return True
+        except (ImageError, RuntimeError):
+            return True
+    return None
+
+
+def channel_file_pattern(file_ending: str) -> "re.Pattern":
+    """``<case>_XXXX<file_ending>``: nnU-Net's channel file naming (group 1 = case, group 2 = channel)."""
+    return re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
+
+
+def group_channel_files(folder: str, file_ending: str) -> Dict[str, List[str]]:
+    """{case: channel file paths sorted by channel} of the nnU-Net-named files in ``folder`` (others ignored)."""
+    pattern = channel_file_pattern(file_ending)
+    cases: Dict[str, Dict[int, str]] = {}
+    for f in os.listdir(folder):
+        m = pattern.match(f)
+        if m:
+            cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, f)
+    return {c: [ch[k] for k in sorted(ch)] for c, ch in sorted(cases.items())}
+
+
+def source_changes(manifest: dict, raw_cases: Dict[str, List[str]]) -> SourceChanges:
+    """Compare a manifest with the current cases of imagesUnlabeled ({case: channel files}).
+
+    Size and mtime decide quickly; a case whose size or mtime differs is re-hashed and counts as
+    changed only if its voxels differ.
+    """
+    listed = set(manifest.get("cases", []))
+    out = SourceChanges(vanished=sorted(listed - set(raw_cases)), new=sorted(set(raw_cases) - listed))
+    for case in sorted(listed & set(raw_cases)):
+        records = manifest.get("files", {}).get(case)
+        if not records:
+            out.unrecorded.append(case)
+            continue
+        changed = _case_changed(records, raw_cases[case])
+        if changed:
+            out.changed.append(case)
+        elif changed is None:
+            out.touched.append(case)
+    return out
+
+
 @dataclass(frozen=True)
 class UnlabeledCase:
     identifier: str
@@ -90,8 +195,15 @@ def cases_from_split(fold_dict: dict, labeled_folder: str, fold) -> List[Unlabel
 
 
 def cases_from_folder(preprocessed_dataset_base: str, data_identifier: str, expected_fingerprint: str,
-                      configuration: str, dataset_id_hint: str) -> List[UnlabeledCase]:
-    """Cases of ``<data_identifier>_unlabeled/`` after checking its manifest against the plans."""
+                      configuration: str, dataset_id_hint: str,
+                      raw_unlabeled_folder: Optional[str] = None,
+                      file_ending: str = ".nii.gz") -> List[UnlabeledCase]:
+    """Exactly the manifest's cases of ``<data_identifier>_unlabeled/``, after checking the manifest.
+
+    The manifest must match the plans (fingerprint) and every listed case must be preprocessed. If
+    ``raw_unlabeled_folder`` exists, images deleted from it or changed since preprocessing are an error
+    (they would otherwise still be trained on); new images are not used until preprocessed.
+    """
     folder = unlabeled_folder(preprocessed_dataset_base, data_identifier)
     mpath = manifest_path(preprocessed_dataset_base, data_identifier)
     if not os.path.isdir(folder):
@@ -100,8 +212,7 @@ def cases_from_folder(preprocessed_dataset_base: str, data_identifier: str, expe
     if not os.path.isfile(mpath):
         raise FileNotFoundError(f"{folder} exists but its manifest {mpath} is missing, so its preprocessing cannot be "
                                 f"verified. Re-create it with `{fix}`.")
-    with open(mpath) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(mpath)
     if manifest.get("fingerprint") != expected_fingerprint:
         raise ValueError(f"The preprocessed unlabeled data in {folder} is stale: it was made with preprocessing "
                          f"fingerprint {manifest.get('fingerprint')} (plans {manifest.get('plans_name')!r}, "
@@ -112,6 +223,12 @@ def cases_from_folder(preprocessed_dataset_base: str, data_identifier: str, expe
     if missing:
         raise FileNotFoundError(f"{len(missing)} unlabeled cases listed in {mpath} are missing from {folder} "
                                 f"(e.g. {missing[:3]}). Re-run `{fix}`.")
+    if raw_unlabeled_folder and os.path.isdir(raw_unlabeled_folder) and manifest["files"]:
+        changes = source_changes(manifest, group_channel_files(raw_unlabeled_folder, file_ending))
+        if changes.vanished or changes.changed:
+            raise ValueError(f"{raw_unlabeled_folder} changed after preprocessing: {changes.describe()}. Training "
+                             f"would use stale or deleted images. Re-run `nnunet_proto preprocess-unlabeled -d "
+                             f"{dataset_id_hint} -c {configuration}` (it drops vanished and redoes changed cases).")
     return [UnlabeledCase(i, folder, "folder") for i in ids]
 
 
