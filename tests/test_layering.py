@@ -40,3 +40,10 @@ def test_trainer_leaves_import_only_the_package():
     for p in (REPO / "trainers").glob("*.py"):
         for m in _imports(p):
             assert m.split(".")[0] in allowed, f"{p.name} imports {m}"
+
+
+def test_nothing_imports_the_cli():
+    """The CLI is the top layer: library modules (e.g. the benchmark runner) never import it (no import cycle)."""
+    offenders = [str(p.relative_to(REPO)) for p in PKG.rglob("*.py")
+                 if p.name != "cli.py" and "nnunet_proto.cli" in set(_imports(p))]
+    assert offenders == []

@@ -233,3 +233,27 @@ def test_reference_against_itself(folders, tmp_path):
     for v in res["mean"].values():
         assert (v["Dice"], v["IoU"], v["HD95"], v["ASD"]) == (1.0, 1.0, 0.0, 0.0)
     assert sitk.ReadImage(str(ref / "case_a.nii.gz")).GetSpacing() == pytest.approx((1.0, 1.2, 5.0))
+
+
+def test_cli_evaluate_output_names_never_collide(folders, tmp_path, capsys):
+    """-o x.csv keeps both outputs (x.json + x.csv), -o folder/ writes into the folder, no -o writes next to the
+    predictions, and a bad -o fails before anything is computed."""
+    ref, pred, _, _ = folders
+    out = tmp_path / "x.csv"
+    assert main(["evaluate", str(ref), str(pred), "-o", str(out)]) == 0
+    res = json.loads((tmp_path / "x.json").read_text())  # the JSON is intact, not overwritten by the CSV
+    assert set(res) >= {"metric_per_case", "mean"}
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6 and rows[0]["case"] == "case_a"
+    assert "x.json and " in capsys.readouterr().err
+
+    folder = tmp_path / "new_folder"
+    assert main(["evaluate", str(ref), str(pred), "-o", str(folder) + "/"]) == 0
+    assert (folder / "metrics.json").is_file() and (folder / "metrics.csv").is_file()
+    assert main(["evaluate", str(ref), str(pred), "-o", str(folder)]) == 0  # an existing folder without the slash
+    assert main(["evaluate", str(ref), str(pred)]) == 0
+    assert json.loads((pred / "metrics.json").read_text())["prediction_folder"] == str(pred)
+    assert (pred / "metrics.csv").is_file()
+
+    assert main(["evaluate", str(ref), str(pred), "-o", str(tmp_path / "x.txt")]) == 2
+    assert "give a .json or .csv file name" in capsys.readouterr().err

@@ -66,7 +66,8 @@ def group_of(identifier: str, pattern: Optional[re.Pattern]) -> str:
     m = pattern.search(identifier)
     if m is None:
         return identifier
-    return m.group(1) if m.groups() else m.group(0)
+    # an optional capture group that did not take part in the match falls back to the whole match
+    return m.group(1) if m.groups() and m.group(1) is not None else m.group(0)
 
 
 def compile_group_regex(group_regex: Optional[str]) -> Optional[re.Pattern]:

@@ -325,7 +325,7 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
                 bar.update(1)
                 if too_small_for_patch(shape, patch):
                     _remove_case(target, case)
-                    too_small[case] = (f"{case}: {shape} voxels after cropping and resampling, less than half the "
+                    too_small[case] = (f"{shape} voxels after cropping and resampling, less than half the "
                                        f"patch {list(patch)} along an axis (mostly padding)")
                     continue
                 state["cases"] = sorted(set(state["cases"]) | {case})
@@ -336,7 +336,8 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
                 pool.terminate()
     if too_small and not skip_bad:
         kept = f"The old data in {out_folder} is unchanged; " if rebuild else ""
-        raise ValueError(f"{len(too_small)} unlabeled case(s) are degenerate:\n  " + "\n  ".join(too_small.values())
+        raise ValueError(f"{len(too_small)} unlabeled case(s) are degenerate:\n  "
+                         + "\n  ".join(f"{c}: {why}" for c, why in too_small.items())
                          + f"\n{kept}remove them or pass --skip-bad to skip them.")
     for case, why in too_small.items():
         _warn(f"skipping unlabeled case {case}: {why}")
