@@ -41,6 +41,13 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     assert info["checkpoint"] == "final" and info["seconds_per_epoch_median"] > 0
     curves = json.loads((run_dir / "curves.json").read_text())
     assert "ssl_loss_bpc" in curves
+    assert "predicting test cases" in (run_dir / "log.txt").read_text()  # progress of the prediction phase
+    # the trainer used exactly the fold's unlabeled cases and the manifest's, and says which
+    (config_file,) = (results / "nnUNet_results").rglob("nnunet_proto_config.json")
+    ids = json.loads(config_file.read_text())["unlabeled"]["case_ids"]
+    manifest = json.loads((synthetic_dataset.preprocessed / "nnUNetPlans_2d_unlabeled.json").read_text())
+    fold = json.loads((synthetic_dataset.preprocessed / "splits_final.json").read_text())[runs[0]["fold"]]
+    assert ids == {"folder": manifest["cases"], "split": sorted(fold["unlabeled"])}
     stamp = (run_dir / "metrics.json").stat().st_mtime
 
     # a second invocation skips finished runs (nothing retrained, metrics untouched)

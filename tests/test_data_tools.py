@@ -161,6 +161,8 @@ def test_preprocess_unlabeled_is_incremental_and_guards_stale_data(synthetic_dat
     raw, pre = _copy_raw(synthetic_dataset, tmp_path, monkeypatch)
     summary = preprocess_unlabeled(str(DATASET_ID), ["2d"], "nnUNetPlans_tiny", verbose=False)
     assert summary["2d"]["new"] == 0 and summary["2d"]["num_cases"] == 3  # all done by the fixture
+    # without -c: the configurations of the plans whose labeled data is preprocessed
+    assert set(preprocess_unlabeled(str(DATASET_ID), None, "nnUNetPlans_tiny", verbose=False)) == {"2d", "3d_fullres"}
     img = sitk.ReadImage(str(raw / "imagesUnlabeled" / "unl_000_0000.nii.gz"))
     sitk.WriteImage(img, str(raw / "imagesUnlabeled" / "unl_100_0000.nii.gz"))
     summary = preprocess_unlabeled(str(DATASET_ID), ["2d"], "nnUNetPlans_tiny", verbose=False)
@@ -190,6 +192,12 @@ def test_synthetic_dataset_layout_and_overwrite_guard(tmp_path):
     assert lab.shape == (3, 24, 24) and set(np.unique(lab)) <= {0, 1, 2, 3} and (lab == 1).any()
     with pytest.raises(FileExistsError, match="overwrite"):
         write_synthetic_dataset(spec, tmp_path)
+    # the CLI takes nnU-Net's dataset name as well as the id
+    run_cli("synthetic", "-d", "Dataset991_Named", "--labeled", "2", "--shape", "2", "16", "16", "-o", str(tmp_path))
+    assert (tmp_path / "Dataset991_Named" / "dataset.json").is_file()
+    from nnunet_proto.cli import main
+
+    assert main(["synthetic", "-d", "Dataset992_A", "--name", "B", "-o", str(tmp_path)]) == 2
     # cases differ (shapes and intensities vary)
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "case_000.nii.gz")))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "case_001.nii.gz")))
