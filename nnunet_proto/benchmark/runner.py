@@ -136,9 +136,6 @@ def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
             fold, _ = make_label_scarce_fold(str(pre), LabeledAmount.parse(amount), seed, spec.group_regex,
                                              spec.base_fold, file_ending=ending)
             runs += [Run(trainer, amount, seed, fold) for trainer in spec.all_trainers]
-    # the folds may have added cases to splits_final.json: check them too before anything trains
-    check_test_leakage(Path(spec.test_images), Path(spec.test_labels), ending, pre, raw,
-                       results_root / "test_leakage_hashes.json")
     spec_file.write_text(spec.to_json())
     # runs.json lists the runs that have started (also those of earlier invocations: other seeds or trainers);
     # each run is added when it starts (record_started)

@@ -312,7 +312,7 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
     jobs = [(c, cases[c], target, plans, configuration, dataset_json) for c in todo]
     too_small: Dict[str, str] = {}
     patch = tuple(cm.patch_size)
-    with tqdm(total=len(jobs), desc=f"preprocessing {configuration}", unit="case", disable=not verbose,
+    with tqdm(total=len(jobs), desc=f"preprocessing {configuration}", unit="case", disable=not verbose or not jobs,
               file=sys.stderr) as bar:
         if num_processes <= 1 or len(jobs) <= 1:
             results = map(_preprocess_one, jobs)
