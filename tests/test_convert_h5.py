@@ -1,4 +1,4 @@
-"""h5 -> nnU-Net raw converters on tiny generated files (no /work/shared data needed)."""
+"""h5 -> nnU-Net raw converters on tiny generated files (no downloaded data needed)."""
 from __future__ import annotations
 
 import json
