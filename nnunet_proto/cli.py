@@ -91,7 +91,7 @@ def cmd_plans_patch(args) -> int:
 def cmd_convert_h5(args) -> int:
     import json
 
-    from nnunet_proto.data.convert_h5 import FORMATS, convert_h5_dataset
+    from nnunet_proto.data.convert_h5 import FORMATS, convert_h5_dataset, convert_h5_unlabeled
     from nnunet_proto.data.raw_io import parse_dataset_arg
 
     dataset_id, name = parse_dataset_arg(args.dataset_id, args.name)
@@ -102,6 +102,15 @@ def cmd_convert_h5(args) -> int:
 
         raw_root = require_env_path(nnUNet_raw)
     fmt = FORMATS[args.format]
+    if args.unlabeled:
+        if args.test_count or args.test_list or args.name:
+            raise ValueError("--unlabeled adds images to an existing dataset: --test-count, --test-list and "
+                             "--name do not apply")
+        out, written = convert_h5_unlabeled(fmt, Path(args.input_dir), Path(raw_root), dataset_id,
+                                            args.spacing, args.overwrite)
+        print(f"wrote {len(written)} unlabeled images into {out / 'imagesUnlabeled'}; next: nnunet_proto "
+              f"preprocess-unlabeled -d {dataset_id}")
+        return 0
     out = convert_h5_dataset(fmt, Path(args.input_dir), Path(raw_root), dataset_id,
                              name or fmt.key.upper(), args.spacing, args.test_count, args.test_list,
                              args.seed, args.overwrite)
@@ -340,8 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--test-list", nargs="+", metavar=unit.upper(), help=f"{unit}s for imagesTs, e.g. {example}")
         s.add_argument("--seed", type=int, default=0, help="seed of the --test-count draw")
         s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
+        s.add_argument("--unlabeled", action="store_true",
+                       help="images only: add the h5 images to imagesUnlabeled/ of the existing dataset -d "
+                            "(labels in the files are ignored; cases already in imagesTr/imagesTs are refused)")
         s.add_argument("--overwrite", action="store_true",
-                       help="replace imagesTr/labelsTr/imagesTs/labelsTs/dataset.json of an existing dataset")
+                       help="replace imagesTr/labelsTr/imagesTs/labelsTs/dataset.json of an existing dataset "
+                            "(with --unlabeled: replace existing images in imagesUnlabeled)")
 
     s = _add(sub, "evaluate", "Dice, IoU, HD95 and ASD (mm) of a prediction folder against references",
              "nnunet_proto evaluate nnUNet_raw/Dataset027_ACDC/labelsTs predictions -o results.json -l 1 2 3",

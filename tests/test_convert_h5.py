@@ -1,4 +1,4 @@
-"""h5 -> nnU-Net raw converters on tiny generated files (no /work/shared data needed)."""
+"""h5 -> nnU-Net raw converters on tiny generated files (no downloaded data needed)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_proto.cli import main
-from nnunet_proto.data.convert_h5 import convert_acdc_h5, convert_la_h5
+from nnunet_proto.data.convert_h5 import ACDC, convert_acdc_h5, convert_h5_unlabeled, convert_la_h5
 
 ACDC_SHAPE = (3, 6, 5)  # (slices, H, W): all different so a swapped axis cannot go unnoticed
 LA_SHAPE = (7, 5, 4)  # (X, Y, Z)
@@ -174,3 +174,56 @@ def test_cli_convert(acdc_dir, tmp_path, capsys):
     assert main(args) == 2  # exists: refused, error printed by main()
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+def _write_image_only(path: Path, image: np.ndarray) -> None:
+    with h5py.File(path, "w") as h:
+        h.create_dataset("image", data=image.astype(np.float32))
+
+
+def test_unlabeled_images_only_mode(acdc_dir, tmp_path, capsys):
+    """Images-only h5 files go into imagesUnlabeled with the dataset's spacing; nothing else is touched."""
+    raw = tmp_path / "raw"
+    out = convert_acdc_h5(acdc_dir, raw, 27, spacing=(8.0, 1.4, 1.4), test_patients=["patient001"])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    unl = tmp_path / "unlabeled_h5"
+    unl.mkdir()
+    for p in (21, 34):
+        for f in (1, 9):
+            _write_image_only(unl / f"patient{p:03d}_frame{f:02d}.h5", _case_arrays(p + f, ACDC_SHAPE, 4)[0])
+    assert main(["convert-acdc", str(unl), "-d", "27", "-o", str(raw), "--unlabeled"]) == 0
+    assert "wrote 4 unlabeled images" in capsys.readouterr().out
+    assert _ids(out / "imagesUnlabeled", "_0000.nii.gz") == ["patient021_frame01", "patient021_frame09",
+                                                             "patient034_frame01", "patient034_frame09"]
+    img, arr = _read(out / "imagesUnlabeled" / "patient021_frame09_0000.nii.gz")
+    np.testing.assert_allclose(img.GetSpacing(), (1.4, 1.4, 8.0))  # (x, y, z) = the labeled dataset's spacing
+    np.testing.assert_array_equal(arr, _case_arrays(30, ACDC_SHAPE, 4)[0])
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # labeled/test files and dataset.json untouched
+    # a second run refuses to overwrite, a different spacing is refused
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert_acdc_h5_unlabeled(unl, raw)
+    with pytest.raises(ValueError, match="differs from the spacing"):
+        convert_h5_unlabeled(ACDC, unl, raw, 27, spacing=(10.0, 1.5, 1.5), overwrite=True)
+
+
+def test_unlabeled_mode_refuses_test_and_labeled_patients(acdc_dir, tmp_path):
+    """A frame of a test (or labeled) patient, even a frame not in the dataset, cannot enter the unlabeled pool."""
+    raw = tmp_path / "raw"
+    out = convert_acdc_h5(acdc_dir, raw, 27, test_patients=["patient001"])
+    unl = tmp_path / "unlabeled_h5"
+    unl.mkdir()
+    _write_image_only(unl / "patient050_frame01.h5", np.ones(ACDC_SHAPE))
+    _write_image_only(unl / "patient001_frame07.h5", np.ones(ACDC_SHAPE))  # other frame of a test patient
+    with pytest.raises(ValueError, match=r"patient001_frame07.*imagesTs"):
+        convert_acdc_h5_unlabeled(unl, raw)
+    assert not (out / "imagesUnlabeled").exists()  # refused before anything was written
+    (unl / "patient001_frame07.h5").unlink()
+    _write_image_only(unl / "patient002_frame05.h5", np.ones(ACDC_SHAPE))  # a labeled training patient
+    with pytest.raises(ValueError, match="imagesTr"):
+        convert_acdc_h5_unlabeled(unl, raw)
+    with pytest.raises(FileNotFoundError, match="Convert the labeled data first"):
+        convert_h5_unlabeled(ACDC, unl, raw, 99)
+
+
+def convert_acdc_h5_unlabeled(input_dir: Path, raw: Path):
+    return convert_h5_unlabeled(ACDC, input_dir, raw, 27)

@@ -111,7 +111,7 @@ def test_worked_example_of_the_docs():
 @pytest.mark.parametrize("rule, voters, threshold, expected", [
     ("next_level", 5, 3, (4, 4)),  # paper: R_3 uncertain, R_4 reliable, R_5 unused
     ("next_level_and_unanimous", 5, 3, (4, 5)),
-    ("unanimous", 5, 3, (5, 5)),  # METHODS.md §3.7
+    ("unanimous", 5, 3, (5, 5)),  # multi-class option: reliable = unanimous
     ("next_level", 3, 2, (3, 3)),  # N = 2: the next level is unanimity
     ("next_level", 4, 3, (4, 4)),
     ("next_level", 2, 2, (2, 2)),  # N = 1: nothing below unanimity can be pseudo-labelled
@@ -138,7 +138,7 @@ def test_vote_regions_match_paper_regions():
     assert reliable[0, 1, 0].tolist() == [0, 0, 0, 0, 1, 0]
     assert uncertain[0, 0, 0].tolist() == [0, 0, 1, 0, 0, 0]
     assert reliable[0, 0, 0].tolist() == [0, 1, 0, 0, 0, 0]
-    # METHODS.md §3.4 option: unanimous voxels are reliable too
+    # our option: unanimous voxels are reliable too
     _, reliable_u = vote_regions(votes, pseudo, *reliable_vote_range(5, 3, "next_level_and_unanimous"))
     assert reliable_u[0, 1, 0].tolist() == [0, 0, 0, 0, 1, 1]
     assert reliable_u[0, 0, 0].tolist() == [1, 1, 0, 0, 0, 0]
@@ -191,7 +191,7 @@ def test_regional_alignment_loss_value_mean_over_images_with_pairs():
     loss = regional_alignment_loss(Prototypes(u, u_valid), Prototypes(r, r_valid), normalize=False)
     assert loss.item() == pytest.approx((1 + 4) + (0 + 1))  # image 1 only: sum over both classes
     loss.backward()
-    assert r.grad is None  # reliable side detached (METHODS.md §8)
+    assert r.grad is None  # reliable side detached (docs/methods/mspa.md, 'Defaults and provenance')
     torch.testing.assert_close(u.grad[0], 2 * u.detach()[0])
     assert u.grad[1].abs().sum() == 0
     u.grad = None

@@ -122,7 +122,7 @@ def test_layer_prototypes_on_hand_built_map():
 def test_layer_prototypes_drop_zero_vectors_and_count_images():
     lab = torch.cat([_square_labels(), torch.zeros_like(_square_labels())])
     feats = torch.ones(2, 3, 9, 9)
-    feats[0, :, 2:7, 2:7] = 0.0  # the square's features are zero: no "prototype" from them (§5.10)
+    feats[0, :, 2:7, 2:7] = 0.0  # the square's features are zero: no "prototype" from them (zero vectors are dropped)
     protos = layer_prototypes(feats, torch.full((2, 2, 9, 9), 0.5), lab, 2, PCCSConfig())
     assert 1 not in protos.labels.tolist()
     assert protos.image.tolist() == [0, 0, 1]  # image 1 is all background: one whole-patch layer

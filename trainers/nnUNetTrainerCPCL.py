@@ -1,7 +1,7 @@
 """nnUNetTrainerCPCL: cyclic prototype consistency learning (Xu et al., JBHI 2022).
 
 Paper defaults: α = 20, β = 10, w_max = 0.1 with a Gaussian ramp over the whole run, EMA teacher 0.99,
-features from the last decoder stage. See nnunet_proto/methods/cpcl.py and METHODS.md §2.
+features from the last decoder stage. See nnunet_proto/methods/cpcl.py and docs/methods/cpcl.md.
 Short variants: nnUNetTrainerCPCL_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from nnunet_proto.methods.cpcl import CPCL, CPCLConfig

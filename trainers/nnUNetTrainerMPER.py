@@ -4,7 +4,7 @@ Stage one (first 25 % of the epochs in 2D, 2/17 in 3D, paper iteration counts): 
 Stage two: k-means prototype bank from labeled embeddings, teacher reset to the student, then
 bidirectional copy-paste with teacher pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont), K = 3,
 τ1 = τ2 = 0.1, η = 0.999, α = 0.9, γ 0.1 (2D) / 0.02 (3D). Inference: nnU-Net's own head.
-All tensor logic is in nnunet_proto/methods/mper.py; see docs/methods/mper.md and METHODS.md §4.
+All tensor logic is in nnunet_proto/methods/mper.py; see docs/methods/mper.md.
 Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from contextlib import nullcontext
@@ -51,7 +51,7 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
 
     @torch.no_grad()
     def labeled_embeddings(self, num_batches: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """(z, full-resolution target) of augmented labeled training batches, student in eval mode (METHODS.md §4.5)."""
+        """(z, full-resolution target) of augmented labeled training batches, student in eval mode (for k-means)."""
         tap = self.student_taps[self.method.feature_layers[0]]
         was_training = self.network.training
         self.network.eval()

@@ -2,7 +2,7 @@
 
 A single network (no teacher), terms lpa, upa, spa, each weighted by λ(t) = 0.1·exp(−5(1 − t)²) over
 the whole run; N = min(4, labeled patches) prototype sets, strict-majority voting, features from the
-last decoder stage. See nnunet_proto/methods/mspa.py, docs/methods/mspa.md and METHODS.md §3.
+last decoder stage. See nnunet_proto/methods/mspa.py, docs/methods/mspa.md.
 Short variants: nnUNetTrainerMSPA_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from nnunet_proto.methods.mspa import MSPA, MSPAConfig

@@ -5,6 +5,13 @@ In the spirit of nnU-Net's ``dataset_conversion/Dataset027_ACDC.py``: one call w
 
     nnunet_proto convert-acdc /data/acdc30_h5 -d 27 --test-count 10 --seed 0
     nnunet_proto convert-la /data/la20_h5 -d 28 --test-list 06SR5RBREL16DQ6M8LWS 0RZDK210BSMWAA6467LU
+    nnunet_proto convert-acdc /data/acdc_unlabeled_h5 -d 27 --unlabeled   # images only -> imagesUnlabeled/
+
+The images-only mode (``--unlabeled``, ``convert_h5_unlabeled``) adds h5 files that hold only an
+``image`` (or whose labels are to be ignored) to ``imagesUnlabeled/`` of a dataset converted before,
+with that dataset's spacing: the path a user's unlabeled scans take (then ``nnunet_proto
+preprocess-unlabeled``). It refuses cases, and for ACDC patients, that are already in imagesTr or
+imagesTs, so no test patient can leak into the unlabeled pool.
 
 Source layouts:
 
@@ -129,6 +136,20 @@ def list_h5_cases(input_dir: Path, fmt: H5Format) -> Dict[str, Path]:
     return {f.stem: f for f in files}
 
 
+def _check_h5_image(path: Path) -> Tuple[int, ...]:
+    """Shape of the ``image`` array in ``path`` (a 3D array), checked without reading the voxels."""
+    try:
+        with h5py.File(path, "r") as h:
+            if "image" not in h:
+                raise ValueError(f"{path} has no dataset 'image'; found {sorted(h.keys())}")
+            shape = h["image"].shape
+    except OSError as e:
+        raise ValueError(f"cannot read {path} as HDF5: {e}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{path}: 'image' must be a non-empty 3D array, got shape {shape}")
+    return tuple(int(s) for s in shape)
+
+
 def _check_h5_header(path: Path) -> Tuple[int, ...]:
     """Shape of the (image, label) pair in ``path``, checked without reading the voxels."""
     try:
@@ -142,6 +163,16 @@ def _check_h5_header(path: Path) -> Tuple[int, ...]:
     if len(shape_img) != 3 or shape_img != shape_lab:
         raise ValueError(f"{path}: 'image' {shape_img} and 'label' {shape_lab} must be 3D arrays of the same shape")
     return tuple(int(s) for s in shape_img)
+
+
+def read_h5_image(path: Path, fmt: H5Format) -> np.ndarray:
+    """The ``image`` of one h5 file as float32 (z, y, x); any ``label`` in the file is not read."""
+    _check_h5_image(path)
+    with h5py.File(path, "r") as h:
+        image = np.asarray(h["image"][...], dtype=np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError(f"{path}: 'image' holds NaN or infinite values")
+    return np.ascontiguousarray(image.transpose(2, 1, 0)) if fmt.h5_axes == "xyz" else image
 
 
 def read_h5_case(path: Path, fmt: H5Format) -> Tuple[np.ndarray, np.ndarray]:
@@ -266,6 +297,67 @@ def convert_h5_dataset(fmt: H5Format, input_dir: Path, raw_root: Path, dataset_i
     }
     (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return out
+
+
+def find_dataset_folder(raw_root: Path, dataset_id: int) -> Path:
+    """The existing ``raw_root/DatasetXXX_*`` folder of ``dataset_id`` (exactly one must exist)."""
+    if not 1 <= int(dataset_id) <= 999:
+        raise ValueError(f"dataset_id must be between 1 and 999, got {dataset_id}")
+    found = sorted(p for p in Path(raw_root).glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir())
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"expected one dataset folder Dataset{int(dataset_id):03d}_* in {raw_root}, found "
+            f"{[p.name for p in found] or 'none'}. Convert the labeled data first (without --unlabeled), then add "
+            f"the unlabeled images to it.")
+    return found[0]
+
+
+def convert_h5_unlabeled(fmt: H5Format, input_dir: Path, raw_root: Path, dataset_id: int,
+                         spacing: Optional[Sequence[float]] = None, overwrite: bool = False) -> Tuple[Path, List[str]]:
+    """Write the images of every h5 file in ``input_dir`` into ``imagesUnlabeled/`` of an existing dataset.
+
+    Returns (dataset folder, case ids written). Labels in the files are ignored. The spacing defaults to
+    the one recorded in the dataset's dataset.json by the labeled conversion, and a different explicit
+    spacing is refused (the unlabeled images must look like the labeled ones to nnU-Net's
+    preprocessing). Refused before anything is written: a case id, or (for ACDC) a patient, that is
+    already in imagesTr or imagesTs (that would leak test patients or duplicate labeled ones), and
+    existing files in imagesUnlabeled unless ``overwrite``. Nothing else of the dataset is touched.
+    """
+    out = find_dataset_folder(Path(raw_root), dataset_id)
+    info = json.loads((out / "dataset.json").read_text()) if (out / "dataset.json").is_file() else {}
+    recorded = (info.get("nnunet_proto") or {}).get("spacing_zyx_mm")
+    if spacing is not None and recorded is not None and \
+            not np.allclose(_validate_spacing(spacing), recorded):
+        raise ValueError(f"spacing {tuple(spacing)} differs from the spacing {tuple(recorded)} recorded in "
+                         f"{out / 'dataset.json'} for the labeled images; omit --spacing to use the recorded one")
+    sp = _validate_spacing(spacing if spacing is not None else (recorded or fmt.default_spacing))
+    ending = info.get("file_ending", FILE_ENDING)
+    cases = list_h5_cases(Path(input_dir), fmt)
+    for path in cases.values():  # fail on a broken file before writing anything
+        _check_h5_image(path)
+    pattern = re.compile(fmt.group_regex) if fmt.group_regex else None
+    existing = {}
+    for sub in ("imagesTr", "imagesTs"):
+        for f in (out / sub).glob(f"*_0000{ending}") if (out / sub).is_dir() else []:
+            case = f.name[: -len(ending) - 5]
+            existing[group_of(case, pattern)] = f"{sub}/{f.name}"
+    clash = {c: existing[group_of(c, pattern)] for c in cases if group_of(c, pattern) in existing}
+    if clash:
+        first = dict(list(clash.items())[:5])
+        raise ValueError(f"{len(clash)} unlabeled case(s) belong to a {fmt.test_unit} that is already in the "
+                         f"dataset (labeled or test): {first}. Remove them from {input_dir}; the unlabeled pool must "
+                         f"not contain test or labeled {fmt.test_unit}s.")
+    target = out / "imagesUnlabeled"
+    present = [c for c in cases if (target / f"{c}_0000{ending}").exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{len(present)} image(s) already exist in {target}, e.g. {present[:3]}; pass "
+                              f"overwrite=True (CLI: --overwrite) to replace them")
+    target.mkdir(parents=True, exist_ok=True)
+    for case, path in cases.items():
+        tmp = target / f".{case}_0000{ending}.tmp{ending}"
+        write_nifti(read_h5_image(path, fmt), sp, tmp)
+        tmp.replace(target / f"{case}_0000{ending}")
+    return out, list(cases)
 
 
 def convert_acdc_h5(input_dir: Path, raw_root: Path, dataset_id: int, name: str = "ACDC",

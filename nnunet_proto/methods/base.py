@@ -30,7 +30,7 @@ class SemiSupervisedConfig:
 
     Attributes:
         use_teacher: whether an EMA teacher is kept, updated and saved.
-        ema_decay: teacher EMA decay α in θ_T ← α θ_T + (1 − α) θ_S (METHODS.md §1.2).
+        ema_decay: teacher EMA decay α in θ_T ← α θ_T + (1 − α) θ_S (docs/methods/README.md, 'EMA teacher').
         ema_warmup: use min(1 − 1/(step+1), α) early in training (SSL4MIS / CPCL code).
         unlabeled_batch_size: unlabeled patches per step; ``None`` = the labeled batch size.
         unlabeled_sources: where unlabeled cases come from: ``"split"`` = the fold's ``unlabeled`` list

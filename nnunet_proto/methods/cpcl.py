@@ -1,8 +1,8 @@
-"""CPCL: cyclic prototype consistency learning (Xu et al., IEEE JBHI 2022), METHODS.md §2.
+"""CPCL: cyclic prototype consistency learning (Xu et al., IEEE JBHI 2022, arXiv 2109.13930); docs/methods/cpcl.md.
 
-Paper gradient path (§2.5): the student's labeled features F_l carry gradient; the teacher's
-unlabeled features F_u, probabilities P_u and pseudo labels Ŷ_u are constants. (The official code
-detaches everything, so its prototype losses are inert; we implement the paper.)
+Paper gradient path (docs/methods/cpcl.md, 'Deviations'): the student's labeled features F_l carry
+gradient; the teacher's unlabeled features F_u, probabilities P_u and pseudo labels Ŷ_u are constants.
+(The official code detaches everything, so its prototype losses are inert; we implement the paper.)
 
 * L2U, forward (Eq. 6): prototypes p_l = MAP(F_l, Y_l) classify F_u:
   P_l2u = softmax(α·cos(F_u, p_l)); L_fpc = mean (P_l2u − P_u)². Gradient: F_l → p_l.
@@ -10,9 +10,9 @@ detaches everything, so its prototype losses are inert; we implement the paper.)
   L_bpc = CE(α·cos(F_l, p_u), Y_l) on the logits (the code's double softmax is not reproduced).
 * Total (Eq. 11): L = L_sup + λ(t)·(L_fpc + β·L_bpc), λ(t) = 0.1·exp(−5(1 − t)²), β = 10, α = 20.
 
-Multi-class (§2.8): one prototype per class including background, batch-averaged over the images in
-which the class is present; an absent class gets logit −inf and its target voxels are ignored; the
-ignore label takes part in no prototype and no loss.
+Multi-class (beyond the binary paper; docs/methods/cpcl.md): one prototype per class including
+background, batch-averaged over the images in which the class is present; an absent class gets logit
+−inf and its target voxels are ignored; the ignore label takes part in no prototype and no loss.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class CPCLConfig(SemiSupervisedConfig):
         prototype_reduction: ``"batch_mean"`` (paper Eq. 3: mean of per-image prototypes),
             ``"pooled"`` (all voxels of the batch) or ``"per_image"`` (code: labeled image k pairs with
             unlabeled image k; needs equal labeled and unlabeled batch sizes).
-        student_unlabeled_features: not in the paper (METHODS.md §2.5): take F_u from the student
+        student_unlabeled_features: not in the paper (our option, docs/methods/cpcl.md): take F_u from the student
             (with gradient) instead of the teacher; P_u and Ŷ_u still come from the teacher.
         feature_layer: inherited; default ``"decoder"`` (last decoder stage, full resolution).
             ``"bottleneck"`` is the paper's encoder bottleneck (prototypes at low resolution, the

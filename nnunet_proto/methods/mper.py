@@ -1,13 +1,13 @@
 """MPER: multi-prototype-based embedding refinement (Bi et al., ICASSP 2025) on bidirectional copy-paste.
 
-Spec: METHODS.md §4 (MPER) and §1.7 (BCP); paper texts 002/004. The paper is implemented; each
-documented departure of the official code (METHODS.md §4.8) is a config switch.
+Reference: docs/methods/mper.md (MPER, arXiv 2503.14343; BCP, arXiv 2305.00673). The paper is implemented;
+each documented departure of the official code (docs/methods/mper.md, 'Deviations') is a config switch.
 
 Two stages inside one nnU-Net run (paper §II):
 
 1. **Pre-training** (the first ``pretrain_fraction`` of the epochs): labeled-only copy-paste. Each
    labeled patch is the context for a box cut from its neighbour in the batch; loss = region CE +
-   Dice of nnU-Net's head against the mixed ground truth (BCP, METHODS.md §1.7), deep supervision kept.
+   Dice of nnU-Net's head against the mixed ground truth (BCP), deep supervision kept.
 2. **Self-training**: at the first self-training epoch the prototype bank is initialised by k-means on
    labeled voxel embeddings of the pre-trained student and the EMA teacher is reset to the student,
    so both start from the end of stage one. Each step (batch of B labeled and B unlabeled patches):
@@ -66,9 +66,9 @@ from nnunet_proto.ops.multi_prototype import (
     update_bank,
 )
 
-#: paper 002 §III.A: pre-training / self-training iterations, LA (3D) 2k + 15k, ACDC (2D) 10k + 30k
+#: MPER paper §III.A: pre-training / self-training iterations, LA (3D) 2k + 15k, ACDC (2D) 10k + 30k
 PAPER_PRETRAIN_FRACTION = {2: 10_000 / 40_000, 3: 2_000 / 17_000}
-#: paper 002 §III.A: γ = 0.02 (LA, 3D V-Net) and 0.1 (ACDC, 2D U-Net)
+#: MPER paper §III.A: γ = 0.02 (LA, 3D V-Net) and 0.1 (ACDC, 2D U-Net)
 PAPER_GAMMA = {2: 0.1, 3: 0.02}
 UPDATE_MODES = ("pooled", "per_region")
 SIMILARITIES = ("cosine", "dot")
@@ -76,41 +76,42 @@ SIMILARITIES = ("cosine", "dot")
 
 @dataclass(frozen=True)
 class MPERConfig(SemiSupervisedConfig):
-    """MPER hyperparameters: paper 002 defaults; the official code's values as switches (METHODS.md §4.8).
+    """MPER hyperparameters: paper defaults; the official code's values as switches (docs/methods/mper.md).
 
     Inherited fields with MPER-specific defaults:
-        ema_decay: 0.99; the paper only says "Mean Teacher", the code (LA and ACDC) uses 0.99 (§4.6).
-        ema_warmup: False; BCP/MPER code blend at a constant 0.99 from the pre-trained copy (§1.2, §1.7);
+        ema_decay: 0.99; the paper only says "Mean Teacher", the code (LA and ACDC) uses 0.99.
+        ema_warmup: False; BCP/MPER code blend at a constant 0.99 from the pre-trained copy;
             a warm-up would make the teacher copy the student again right after the reset.
         w_max: 1.0; "increasing the weight of prototype-associated losses from 0 to 1" (paper Eq. 6).
-            The ACDC code's maximum is 0.5 (§4.8 item 4).
+            The ACDC code's maximum is 0.5 (docs/methods/mper.md, 'Deviations').
         rampup / rampup_length: sigmoid ramp over the whole **self-training stage** (λ(t) is measured from
             the stage switch; ``rampup_length`` is a fraction of stage two). Paper: "over the training
-            period"; the LA code reaches 1 at 75 % of self-training (§6.9), i.e. ``rampup_length=0.75``.
-        feature_layer: must be ``"decoder"`` (the embedding z is the input of the linear classifier, §4.9).
+            period"; the LA code reaches 1 at 75 % of self-training, i.e. ``rampup_length=0.75``.
+        feature_layer: must be ``"decoder"`` (the embedding z is the input of the linear classifier, paper §II).
 
     MPER fields:
         num_prototypes: K prototypes per class; paper 3 (Table V: best of 1-5).
         tau_proto: τ1 of the prototype classifier (Eq. 1); paper 0.1.
         tau_contrast: τ2 of the InfoNCE (Eq. 5); paper 0.1.
         gamma: weight γ of L_cont (Eq. 6). ``None`` resolves by dimensionality to the paper's values,
-            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001 (§4.8 item 2).
-        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99 (§4.8 item 1).
+            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001.
+        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99.
         confidence_threshold: α; pseudo-labeled voxels update prototypes only when the teacher's max
             softmax exceeds it; paper 0.9.
         update_background: update background prototypes too (paper: "each class"); the code never does
-            (§4.8 item 5, METHODS.md §8).
+            (docs/methods/mper.md, 'Deviations').
         require_agreement: also require that the prototype classifier agrees with Ŷ^m before a voxel
-            updates a prototype (code only, §4.8 item 6). Default False: the paper uses all labeled voxels
-            and the confident pseudo-labeled ones. (METHODS.md §8 proposes True; we follow the rule
+            updates a prototype (code only). Default False: the paper uses all labeled voxels
+            and the confident pseudo-labeled ones. (An earlier project spec proposed True; we follow the rule
             "paper by default" and flag it.)
         update_mode: ``"pooled"`` (paper: one momentum step per iteration from the pooled cluster means) or
             ``"per_region"`` (code: separate steps for the unlabeled region, then the labeled region, of
-            each mixed batch: up to 4 steps per iteration, METHODS.md §4.4 step 4).
-        contrast_ignore: ``"none"`` (paper Eq. 5, METHODS.md §8), ``"background"`` (drop voxels nearest to a
-            background prototype) or ``"index0"`` (code: ``ignore_index=0``, §4.8 item 7).
+            each mixed batch: up to 4 steps per iteration).
+        contrast_ignore: ``"none"`` (paper Eq. 5), ``"background"`` (drop voxels nearest to a
+            background prototype) or ``"index0"`` (code: ``ignore_index=0``).
         contrast_similarity: ``"cosine"`` (code; Eq. 5 with the normalised vectors of Eq. 1, the same
-            temperature 0.1 as τ1) or ``"dot"`` (Eq. 5 read literally as z·p on raw vectors; §4.8 item 8).
+            temperature 0.1 as τ1) or ``"dot"`` (Eq. 5 read literally as z·p on raw vectors;
+            docs/methods/mper.md, 'Deviations').
         pretrain_fraction: fraction of the epochs spent in stage one. ``None`` resolves to the paper's
             iteration counts: 10k/(10k + 30k) = 0.25 for 2D (ACDC) and 2k/(2k + 15k) ≈ 0.118 for 3D (LA).
             The stage-one epoch count is ⌈fraction · epochs⌉, at most epochs − 1, so short runs reach stage two.
@@ -119,13 +120,13 @@ class MPERConfig(SemiSupervisedConfig):
             (labeled voxels weigh 1).
         dice_smooth: smoothing of the region Dice; BCP's 3D ``mask_DiceLoss`` 1e-5.
         dice_include_background: the region Dice averages over all classes including background
-            (BCP/SSL4MIS convention, METHODS.md §1.4).
+            (BCP/SSL4MIS convention).
         kmeans_batches: labeled training batches whose embeddings feed the k-means initialisation. The
             code makes one pass over its loader: 18 batches of 4 (LA) to 98 of 12 (ACDC); 20 nnU-Net
             batches cost a fraction of one epoch (forward only).
-        kmeans_samples_per_class: bound on the embeddings clustered per class (METHODS.md §8: ≤ 200k).
+        kmeans_samples_per_class: bound on the embeddings clustered per class (our choice: 200k).
         kmeans_spherical: L2-normalise embeddings before k-means and before the momentum means (not in
-            paper or code; METHODS.md §4.5 suggests it as an option). Default False (raw embeddings, code).
+            paper or code; our option). Default False (raw embeddings, code).
         kmeans_batch_size / kmeans_n_init: MiniBatchKMeans settings (its default batch 1024; n_init 3,
             its default before scikit-learn 1.4, which the official code ran with defaults).
         seed: seeds the reservoir, k-means, the fallback noise and the random stage-one bank.
@@ -351,7 +352,7 @@ class MPER(SemiSupervisedMethod):
     def make_batch(self, data_l: torch.Tensor, targets_l: Sequence[torch.Tensor],
                    data_u: Optional[torch.Tensor] = None, teacher_logits_u: Optional[torch.Tensor] = None,
                    generator: Optional[torch.Generator] = None) -> MixedBatch:
-        """Copy-paste mixing of the network inputs after nnU-Net's augmentation (BCP, METHODS.md §1.7).
+        """Copy-paste mixing of the network inputs after nnU-Net's augmentation (BCP; docs/methods/mper.md).
 
         Args:
             data_l: ``(B, C_in, *S)`` labeled patches; targets_l: their labels per deep-supervision scale,
@@ -438,7 +439,7 @@ class MPER(SemiSupervisedMethod):
         return keep
 
     def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
-        """L^p_cons and L_cont on the full-resolution embedding of the mixed batch (METHODS.md §4.9).
+        """L^p_cons and L_cont on the full-resolution embedding of the mixed batch (paper Eqs. 1, 4, 5).
 
         Returns float32 scalars, finite for any input (empty classes/regions give 0).
         """

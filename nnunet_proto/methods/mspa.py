@@ -1,4 +1,4 @@
-"""MSPA: mutual- and self-prototype alignment (Zhang, Tian, Jiao; arXiv 2206.01739), METHODS.md §3.
+"""MSPA: mutual- and self-prototype alignment (Zhang, Tian, Jiao; arXiv 2206.01739); docs/methods/mspa.md.
 
 One network, no teacher (paper §2). Per training step, with N = min(n_pairs, labeled patches):
 
@@ -13,7 +13,7 @@ One network, no teacher (paper §2). Per training step, with N = min(n_pairs, la
   uncertain and reliable agreement regions of every class; L_SPA = Σ_c ||R_unc,c − sg(R_rel,c)||².
 * Total (Eq. 12): L = L_sup + λ(t)·(L_LPA + L_UPA + L_SPA), λ(t) = w_max·exp(−5(1 − t/t_max)²).
 
-Multi-class voting (METHODS.md §3.7, generalising Eq. 7): V_c(x) = number of the N + 1 voters whose
+Multi-class voting (docs/methods/mspa.md 'Voting rule', generalising Eq. 7): V_c(x) = number of the N + 1 voters whose
 argmax is c; pseudo label = argmax_c V_c where the maximum is unique and reaches the threshold
 (default: strict majority, 3 of 5 as in the paper), otherwise the voxel is unlabeled. See
 ``nnunet_proto.ops.voting`` and docs/methods/mspa.md for the rule with worked examples.
@@ -62,7 +62,7 @@ LABELED_PROTOTYPE_MASKS = ("gt", "pred")
 
 @dataclass(frozen=True)
 class MSPAConfig(SemiSupervisedConfig):
-    """MSPA hyperparameters. Where the paper is silent the value is METHODS.md §8 (decision 3) or ours.
+    """MSPA hyperparameters. Where the paper is silent the value is our choice (docs/methods/mspa.md).
 
     Attributes:
         use_teacher: ``False``: the paper trains a single network; every prediction (the network's
@@ -73,23 +73,23 @@ class MSPAConfig(SemiSupervisedConfig):
             of 2 give N = 2.
         vote_threshold: minimum votes of the winning class (paper Eq. 7: 3 of 5). ``None`` = strict
             majority floor((N+1)/2) + 1 of the N + 1 voters (3 for N = 4, agreement of both voters for N = 1,
-            METHODS.md §3.7-3.8); a value above N + 1 is lowered to N + 1 (unanimity). Ties never win.
+            docs/methods/mspa.md 'Voting rule'); a value above N + 1 is lowered to N + 1 (unanimity). Ties never win.
         spa_reliable: how each pseudo-labelled class's region is split (``ops.voting.reliable_vote_range``):
             ``"next_level"`` (paper Eqs. 10-11 as written: uncertain = threshold votes, reliable = one vote
-            more, unanimous voxels unused), ``"next_level_and_unanimous"`` (METHODS.md §3.4 option) or
-            ``"unanimous"`` (METHODS.md §3.7: reliable = all voters agree).
-        labeled_prototype_mask: mask of the labeled prototypes (Eq. 1): ``"gt"`` (METHODS.md §8 default;
+            more, unanimous voxels unused), ``"next_level_and_unanimous"`` (our option) or
+            ``"unanimous"`` (our multi-class option: reliable = all voters agree).
+        labeled_prototype_mask: mask of the labeled prototypes (Eq. 1): ``"gt"`` (our default;
             the paper's text says "predicted mask", which is ambiguous) or ``"pred"`` (the network's argmax on
             the labeled patch, ignore-label voxels excluded).
         similarity_scale: multiplies the cosine similarities before every softmax/CE. Paper Eqs. 3 and 9
-            use none (1.0; METHODS.md §6.2: "×1, summed over N pairs"); the switch exists because the
-            resulting probabilities are very soft (METHODS.md §3.8).
+            use none (1.0: cosines summed over the N pairs); the switch exists because the
+            resulting probabilities are very soft (logits in [−N, N]).
         lpa_detach_prototype_prediction: detach M̂_u in L_LPA. Paper silent; default False = gradient on
-            both sides (METHODS.md §3.2: single network, symmetric consistency).
+            both sides (our choice: single network, symmetric consistency).
         upa_detach_prototypes: detach the unlabeled prototypes p_u in L_UPA. Paper silent; default False
             (our choice): the gradient into the unlabeled features is what makes UPA train on unlabeled data
             ("prototypes extracted from the unlabeled images should segment the labeled images well").
-        spa_detach_reliable: stop-gradient on the reliable regional prototypes (METHODS.md §8 default; the
+        spa_detach_reliable: stop-gradient on the reliable regional prototypes (our default; the
             paper pulls the uncertain region towards the reliable one). False = symmetric.
         spa_normalize: compare L2-normalised regional prototypes in L_SPA (distance 2 − 2·cos ∈ [0, 4]).
             Our choice: MSPA classifies by cosine similarity (Eqs. 2-3), so a prototype's direction is what
@@ -100,10 +100,10 @@ class MSPAConfig(SemiSupervisedConfig):
             weighting role). False lets the loss also change the network's confidences.
         lpa_weight / upa_weight / spa_weight: factors on λ(t) per term (paper Eq. 12: all 1). Setting one to
             0 reproduces the ablations of Table 1; the term is still computed and logged.
-        w_max: final weight of the Gaussian ramp (paper: not given; METHODS.md §3.5/§8: 0.1, the CPCL/UA-MT
+        w_max: final weight of the Gaussian ramp (paper: not given; our assumption 0.1, the CPCL/UA-MT
             convention). rampup/rampup_length: Gaussian ramp over the whole run (paper: t_max = maximum
             training step).
-        feature_layer: prototype features (paper silent; METHODS.md §3.1/§8: last decoder stage, full
+        feature_layer: prototype features (paper silent; our choice: last decoder stage, full
             resolution). At a coarser layer, cosine scores are computed at feature resolution and the
             C-channel logits are upsampled; masks and SPA weights are area-averaged down.
     """

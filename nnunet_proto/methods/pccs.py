@@ -1,27 +1,27 @@
-"""PCCS: prototype contrastive consistency segmentation (He, Lai, Wang, Kong; arXiv 2502.06650), METHODS.md §5.
+"""PCCS: prototype contrastive consistency segmentation (He, Lai, Wang, Kong; arXiv 2502.06650), docs/methods/pccs.md.
 
-Implements the "paper_intent" mode of METHODS.md §5.9 (the official code's teacher never updates and
-its prototype CE sends no gradient, §5.7). Per training step, on the unlabeled patches only, with a
-projection branch (method-owned module, §5.2/§6.8) mapping encoder stages 1-3, resized to the grid of
+Implements our "paper intent" reading (docs/methods/pccs.md, 'Method'; the official code's teacher never updates and
+its prototype CE sends no gradient). Per training step, on the unlabeled patches only, with a
+projection branch (method-owned module, as in the code) mapping encoder stages 1-3, resized to the grid of
 stage 2 (¼ resolution in 2D), to D = 256 channels; the student uses it, the EMA teacher uses its EMA copy,
 so both live in the **same** embedding space:
 
-* **SDM layer prototypes** (§5.4, per-class SDFs only): pseudo labels Ŷ = argmax of the student softmax
+* **SDM layer prototypes** (per-class SDFs only): pseudo labels Ŷ = argmax of the student softmax
   on the grid; for each image and class, the signed distance map of {Ŷ = c} is quantised into at most
   L distance layers (``nnunet_proto.ops.sdm``); every non-empty layer gives one prototype = mean student
   feature, plus the mean softmax m_i of its pixels.
-* **L_contra** (§5.5): uncertainty-weighted multi-positive contrastive loss on the L2-normalised layer
+* **L_contra**: uncertainty-weighted multi-positive contrastive loss on the L2-normalised layer
   prototypes, τ = 0.05, weights w_i = softmax(H(m_i)), w_i and the positive weights a_ij detached
   (``nnunet_proto.ops.contrastive``).
-* **Teacher prototype memory** (C × K × D, method state; "prototype updating prototype", §5.6): teacher
+* **Teacher prototype memory** (C × K × D, method state; "prototype updating prototype"): teacher
   prototype prediction P_T = softmax(max_k cos(f_T, p_ck) / τ_p); each class's pixels (teacher pseudo
   label) are assigned to its K sub-prototypes by Sinkhorn; after the losses, p ← γ p + (1 − γ)·mean of
   the confident, agreeing teacher features assigned to it (γ = 0.999), then p ← normalise(0.999 p + 0.001 ·
   student layer-prototype chunk of the same class). Statistics go through ``reduce_fn`` (DDP).
-* **L_aux** (ProtoSeg-style pixel-prototype CE, §5.9): student features vs the teacher memory over all
+* **L_aux** (ProtoSeg-style pixel-prototype CE): student features vs the teacher memory over all
   C·K sub-prototypes, targets c·K + j from the teacher pseudo label c and the Sinkhorn assignment j,
   with gradient into the student.
-* **L_con + L_ent** (§5.7/§5.9, "uncertainty consistency"): MSE(softmax(student)↓, P_T) and the mean
+* **L_con + L_ent** ("uncertainty consistency"): MSE(softmax(student)↓, P_T) and the mean
   prediction entropy of the student, weighted λ(t) and 0.1·λ(t).
 
 Total: L = L_sup + λ(t)·(L_con + 0.1·L_ent) + 0.01·L_contra + 0.3·L_aux, λ(t) = 0.1·sigmoid_rampup over
@@ -52,7 +52,7 @@ from nnunet_proto.ops.sdm import depth_to_layers, own_class_depth
 from nnunet_proto.ops.sinkhorn import sinkhorn_assignment
 from nnunet_proto.ops.uncertainty import WEIGHTINGS, entropy
 
-#: the code's entropy threshold scale ln(2.7) (METHODS.md §5.3)
+#: the code's entropy threshold scale ln(2.7) (official code)
 LN_2_7 = math.log(2.7)
 LAYER_LABELS = ("student", "teacher")
 BACKGROUND_LAYERS = ("layers", "uncertain_halves")
@@ -63,47 +63,47 @@ Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class PCCSConfig(SemiSupervisedConfig):
-    """PCCS hyperparameters; "paper_intent" defaults (METHODS.md §5.9), sources in brackets.
+    """PCCS hyperparameters; "paper intent" defaults (docs/methods/pccs.md), sources in brackets.
 
     Attributes:
-        w_max, rampup, rampup_length: inherited; λ(t) = 0.1·sigmoid_rampup over the whole run [§5.9].
-        ema_decay: inherited, 0.99 with warm-up; covers the network and the projection branch [§5.9].
-        projection_layers: encoder stages fused by the projection branch [§5.2, §6.8: e1, e2, e3].
-        grid_layer: the stage whose grid the others are resized to [§5.2: e2, ¼ resolution in 2D].
-        projection_dim / projection_hidden: conv1×1(Σch→hidden) → ReLU → conv1×1(hidden→dim) [§5.2: 256/256].
-        num_subprototypes: K sub-prototypes per class in the teacher memory [§5.8: 2].
-        contrast_temperature: τ of L_contra [§5.5: 0.05].
-        prototype_temperature: τ_p of P_T = softmax(max_k cos / τ_p) [§5.9: 0.1].
+        w_max, rampup, rampup_length: inherited; λ(t) = 0.1·sigmoid_rampup over the whole run [code: 0.1; ramp: ours].
+        ema_decay: inherited, 0.99 with warm-up; covers the network and the projection branch [code config; SSL4MIS].
+        projection_layers: encoder stages fused by the projection branch [code: e1, e2, e3].
+        grid_layer: the stage whose grid the others are resized to [code: e2, ¼ resolution in 2D].
+        projection_dim / projection_hidden: conv1×1(Σch→hidden) → ReLU → conv1×1(hidden→dim) [code: 256/256].
+        num_subprototypes: K sub-prototypes per class in the teacher memory [code: 2].
+        contrast_temperature: τ of L_contra [code: 0.05].
+        prototype_temperature: τ_p of P_T = softmax(max_k cos / τ_p) [our choice: 0.1; the code uses a LayerNorm].
         aux_temperature: temperature of the L_aux logits cos(f_S, p)/τ [not specified (the code uses raw
             dot products); our choice: τ_p = 0.1].
-        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [§5.6/§5.8: 0.999].
-        student_mix: weight of the student layer-prototype chunk mixed into the memory [§5.6: 1 − 0.999].
+        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [code: 0.999].
+        student_mix: weight of the student layer-prototype chunk mixed into the memory [code: 1 − 0.999].
         memory_init: ``"first_seen"``: a class's K prototypes start as its first student layer-prototype
             chunks (our choice: with γ = 0.999 random prototypes would dominate P_T and the aux targets
-            for thousands of iterations); ``"random"``: truncated-normal(0.02), L2-normalised [code, §5.2].
-        sinkhorn_epsilon / sinkhorn_iterations: balanced assignment [§5.6: 0.05 / 4]; hard assignment by
+            for thousands of iterations); ``"random"``: truncated-normal(0.02), L2-normalised [code].
+        sinkhorn_epsilon / sinkhorn_iterations: balanced assignment [code: 0.05 / 4]; hard assignment by
             argmax (the code's Gumbel-softmax sampling is not reproduced).
         update_agreement: the memory learns only from pixels whose teacher pseudo label equals the
-            teacher's prototype prediction [§5.6 agreement mask; ProtoSeg's "correctly classified" gate].
-        contra_coefficient / aux_coefficient / uncertainty_coefficient: 0.01 / 0.3 / 0.1 [§5.8].
+            teacher's prototype prediction [code's agreement mask; ProtoSeg's "correctly classified" gate].
+        contra_coefficient / aux_coefficient / uncertainty_coefficient: 0.01 / 0.3 / 0.1 [code].
         consistency_start / prototype_start: fractions of the run before which L_con/L_ent and
-            L_contra/L_aux have weight 0 [§5.3: iterations 200 and 500 of 15 000]. The memory is updated
+            L_contra/L_aux have weight 0 [code: iterations 200 and 500 of 15 000]. The memory is updated
             from the earlier of the two on (P_T, the L_con target, reads it).
         entropy_eps: eps in −Σ p log(p + eps) [code: 1e-8].
         uncertain_entropy: (start, end) of the entropy threshold τ_H(t), sigmoid-ramped over the run;
             H ≤ τ_H marks a confident teacher pixel for memory updates (our use), H > τ_H an uncertain
-            student pixel [§5.3: (0.25, 0.5)·ln 2.7].
-        distance_bin_width / max_layers: SDF quantisation into layers, in grid voxels [§5.9: integer bins,
+            student pixel [code: (0.25, 0.5)·ln 2.7].
+        distance_bin_width / max_layers: SDF quantisation into layers, in grid voxels [our choice: integer bins,
             at most L = 16; used in 2D too, so the prototype count stays bounded].
-        layer_labels: pseudo labels whose SDF defines the layers: ``"student"`` [§5.3 step 3, code] or
+        layer_labels: pseudo labels whose SDF defines the layers: ``"student"`` [code] or
             ``"teacher"``.
-        background_layers: ``"layers"``: background layered like every class [our choice, §5.9 "pure
+        background_layers: ``"layers"``: background layered like every class [our choice, "pure
             per-class layers"]; ``"uncertain_halves"``: the code's two prototypes from uncertain
-            background pixels split at half the deepest background distance [§5.4].
-        detach_contrastive_weights: detach w_i and a_ij [§5.9; code: False].
-        uncertainty_weighting: ``"entropy"`` (w ∝ e^H, the code and §5.5) or ``"confidence"`` (w ∝ e^−H,
+            background pixels split at half the deepest background distance [code].
+        detach_contrastive_weights: detach w_i and a_ij [our choice; code: False].
+        uncertainty_weighting: ``"entropy"`` (w ∝ e^H, what the code runs) or ``"confidence"`` (w ∝ e^−H,
             the code comment's intent).
-        entropy_reduction: ``"mean"`` pixel entropy of the student [§5.9] or ``"frobenius"`` ½‖H‖_F of
+        entropy_reduction: ``"mean"`` pixel entropy of the student [our choice] or ``"frobenius"`` ½‖H‖_F of
             the grid entropy map over the batch [code].
     """
 
@@ -173,7 +173,7 @@ class PCCSConfig(SemiSupervisedConfig):
 
     @classmethod
     def code_switches(cls, **changes: Any) -> "PCCSConfig":
-        """Paper-intent config with every *cheap* code-faithful switch flipped (METHODS.md §5.9).
+        """Paper-intent config with every *cheap* code-faithful switch flipped (docs/methods/pccs.md, 'Deviations').
 
         Random memory init, the code's background prototypes, undetached contrastive weights, Frobenius
         entropy. Not a reproduction of the code: the teacher still follows the student by EMA, L_aux still
@@ -198,7 +198,7 @@ class PCCSProjection(nn.Module):
 
     Input ``{layer: (B, C_layer, *spatial_layer)}``; output ``(B, dim, *grid)`` (not normalised), grid =
     spatial size of ``grid_layer``. Resizing is bilinear/trilinear with align_corners=True as in the code
-    (METHODS.md §5.2). Kept beside the stock network: its weights never enter ``network_weights``.
+    (official code). Kept beside the stock network: its weights never enter ``network_weights``.
     """
 
     def __init__(self, channels: Sequence[int], layers: Sequence[str], grid_layer: str, dim: int, hidden: int,
@@ -301,14 +301,14 @@ def layer_index(labels: torch.Tensor, num_classes: int, config: PCCSConfig,
 
 def layer_prototypes(features: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
                      config: PCCSConfig, uncertain: Optional[torch.Tensor] = None) -> LayerPrototypes:
-    """One prototype per (image, class, distance layer) present: masked mean of the features (METHODS.md §5.4).
+    """One prototype per (image, class, distance layer) present: masked mean of the features (docs/methods/pccs.md).
 
     Args:
         features: ``(B, D, *g)`` student projection features (attached).
         probs: ``(B, C, *g)`` student softmax on the grid (m_i; attached, detached by the loss if asked).
         labels: ``(B, 1, *g)`` pseudo labels defining the per-class SDFs.
         uncertain: see ``layer_index``.
-    Returns: ``LayerPrototypes``; layers whose mean feature is a zero vector are dropped (§5.10).
+    Returns: ``LayerPrototypes``; layers whose mean feature is a zero vector are dropped (no zero vector in a cosine).
     """
     batch, dim = features.shape[:2]
     num_layers, num_sub = config.max_layers, config.num_subprototypes
@@ -342,7 +342,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: torch.Tensor,
                   assignment: torch.Tensor, gate: torch.Tensor, protos: LayerPrototypes, config: PCCSConfig,
                   reduce_fn: Reducer) -> None:
-    """Prototype updating prototype (METHODS.md §5.6, paper-intent): momentum + student mixing, in place.
+    """Prototype updating prototype (docs/methods/pccs.md, paper intent): momentum + student mixing, in place.
 
     Args:
         teacher_feats: ``(N, D)`` L2-normalised teacher features (pixels of the unlabeled grid).

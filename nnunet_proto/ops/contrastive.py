@@ -1,7 +1,7 @@
-"""Segment (group) averaging and the multi-positive prototype contrastive loss of PCCS (METHODS.md §5.5).
+"""Segment (group) averaging and the multi-positive prototype contrastive loss of PCCS (docs/methods/pccs.md).
 
 All maths in float32 with autocast disabled; similarities ``s_ij = v_i·v_j / τ`` reach 1/τ = 20 for
-τ = 0.05, and e^20 overflows fp16 (§5.10), so the loss is written with logsumexp / softplus and never
+τ = 0.05, and e^20 overflows fp16, so the loss is written with logsumexp / softplus and never
 exponentiates a similarity directly.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def prototype_contrastive_loss(prototypes: torch.Tensor, labels: torch.Tensor,
         uncertainty: ``(P,)`` u_i = entropy of the prototype's mean probabilities, or None.
         temperature: τ (0.05 in PCCS).
         weighting: ``"entropy"`` (w ∝ e^u, the code) or ``"confidence"`` (w ∝ e^−u).
-        detach_weights: detach a_ij and w_i (default, METHODS.md §5.9; the code keeps their gradient).
+        detach_weights: detach a_ij and w_i (default, our choice; the official code keeps their gradient).
     Returns: float32 scalar, finite for any input; exactly 0 (graph kept) if no row has a positive.
     """
     if temperature <= 0:

@@ -1,4 +1,4 @@
-"""Bidirectional copy-paste (BCP, Bai et al. CVPR 2023) on network input patches, METHODS.md §1.7 and §6.5.
+"""Bidirectional copy-paste (BCP, Bai et al. CVPR 2023) on network input patches (docs/methods/mper.md).
 
 One zero box is cut out of a mask M (1 = context, 0 = pasted box) and shared by all images of a
 batch; a mixed image is ``context ⊙ M + patch ⊙ (1 − M)`` and its label is mixed the same way. The
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from nnunet_proto.ops.losses import masked_mean
 from nnunet_proto.ops.prototypes import labels_to_onehot
 
-#: BCP's box edge as a fraction of the patch edge (paper 002: 74×74×53 of 112×112×80, 170² of 256²)
+#: BCP's box edge as a fraction of the patch edge (BCP and MPER papers: 74×74×53 of 112×112×80, 170² of 256²)
 BCP_BOX_FRACTION = 2.0 / 3.0
 
 

@@ -1,8 +1,8 @@
 """k-means initialisation of a multi-prototype bank from a bounded, seeded sample of voxel embeddings.
 
 MPER initialises its K prototypes per class "as the clustering results of the voxel embeddings
-through the MiniBatchKMeans algorithm" (paper 002 §II.A, Sculley 2010). The official code collects
-*every* labeled voxel of one pass over the loader into Python lists (≈ 70M voxels, METHODS.md §4.5);
+through the MiniBatchKMeans algorithm" (MPER paper, arXiv 2503.14343, §II.A; Sculley 2010). The official code collects
+*every* labeled voxel of one pass over the loader into Python lists (≈ 70M voxels; docs/methods/mper.md, 'Deviations');
 here a per-class reservoir keeps a uniform random sample of at most ``capacity`` embeddings per class,
 so memory is bounded by ``C · capacity · (D + 1) · 4`` bytes whatever the number of batches, and
 scikit-learn's ``MiniBatchKMeans`` (an nnU-Net dependency) clusters each class's sample.
@@ -31,7 +31,7 @@ class ClassReservoir:
 
     Args:
         num_classes: C; labels outside [0, C) and ``ignore_index`` are skipped.
-        capacity: maximum embeddings kept per class (METHODS.md §8: ≤ 200k).
+        capacity: maximum embeddings kept per class (docs/methods/mper.md, 'Defaults and provenance': 200k).
         seed: seed of the key generator.
     """
 
@@ -105,9 +105,9 @@ def kmeans_bank(samples: List[torch.Tensor], num_prototypes: int, fallback: torc
         seed: ``random_state`` of k-means and seed of the fallback noise.
         batch_size, n_init: MiniBatchKMeans settings (1024 is its default; n_init 3 was its default
             before scikit-learn 1.4, when the official code was written).
-        spherical: L2-normalise the embeddings before clustering (not in paper or code; METHODS.md §4.5).
+        spherical: L2-normalise the embeddings before clustering (not in paper or code; our option).
         noise: relative size of the perturbation when a class has fewer than K distinct embeddings:
-            its K prototypes are the class mean plus noise · ‖mean‖ · N(0, I/D) (METHODS.md §4.5; the
+            its K prototypes are the class mean plus noise · ‖mean‖ · N(0, I/D) (our fallback; the
             official code crashes there).
     Returns: the bank (float32, CPU) and a report ``{"clustered": [...], "duplicated": [...], "absent": [...]}``
     of class indices.

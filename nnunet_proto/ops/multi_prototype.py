@@ -1,4 +1,4 @@
-"""Multi-prototype classifier, nearest-prototype InfoNCE and momentum prototype update (MPER, METHODS.md §4).
+"""Multi-prototype classifier, nearest-prototype InfoNCE and momentum prototype update (MPER, docs/methods/mper.md).
 
 The prototype bank is a ``(C, K, D)`` tensor: K prototypes ("sub-centres") per class, class-major,
 raw (unnormalised) embedding vectors that are L2-normalised when a cosine is taken. It is not a
@@ -96,7 +96,7 @@ def nearest_prototype_infonce(similarity: torch.Tensor, tau: float, keep: Option
 
 def cluster_statistics(features: torch.Tensor, labels: torch.Tensor, select: torch.Tensor,
                        bank: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sums and counts of the embeddings assigned to each prototype (MPER §II.A, update steps 1–2).
+    """Sums and counts of the embeddings assigned to each prototype (MPER paper §II.A, Eq. 2).
 
     Every selected voxel with label c ∈ [0, C) is assigned to the prototype of class c it is most
     similar to (cosine): k*(x) = argmax_k cos(z(x), p_c^k). No gradient.

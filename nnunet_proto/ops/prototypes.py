@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 #: masses at or below this count as "class absent"
 MASS_EPS = 1e-6
-#: eps of the L2 normalisation in cosine similarities (METHODS.md §6.2)
+#: eps of the L2 normalisation in cosine similarities (docs/methods/README.md, 'Prototype maths')
 NORM_EPS = 1e-6
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
@@ -84,7 +84,7 @@ def labels_to_onehot(labels: torch.Tensor, num_classes: int, ignore_index: Optio
 def class_feature_sums(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and class: weighted feature sums ``(B, C, D)`` and weight masses ``(B, C)``.
 
-    These are the sufficient statistics of masked average pooling (METHODS.md §6.1); they add up across
+    These are the sufficient statistics of masked average pooling (docs/methods/README.md); they add up across
     images and across DDP ranks. ``weights`` may be hard one-hot masks or soft probabilities and must
     have the spatial size of ``features``.
     """
@@ -111,7 +111,7 @@ def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, reduct
         reduction:
             ``"per_image"`` gives ``(B, C, D)`` prototypes, one set per image;
             ``"batch_mean"`` averages the per-image prototypes over the images in which the class is
-            present (CPCL paper, Eq. 3 with absent classes skipped, METHODS.md §2.8);
+            present (CPCL paper, Eq. 3 with absent classes skipped, docs/methods/cpcl.md);
             ``"pooled"`` pools all voxels of the batch (sum of sums / sum of masses).
         reduce_fn: sums a tensor across DDP ranks (see ``nnunet_proto.ops.distributed.all_reduce_sum``);
             applied to the sufficient statistics so that every rank gets the same global prototypes.
@@ -188,7 +188,7 @@ def prototype_logits(features: torch.Tensor, prototypes: Prototypes, scale: floa
 
     If ``output_size`` differs from the feature resolution, the C-channel logits are interpolated
     (bilinear/trilinear) before absent classes are masked with ``-inf``. This keeps the expensive
-    D-channel maps at feature resolution (METHODS.md §2.9).
+    D-channel maps at feature resolution (docs/methods/README.md, 'Feature layers').
     """
     logits = cosine_similarity_map(features, prototypes.vectors) * scale
     if output_size is not None and tuple(output_size) != tuple(logits.shape[2:]):

@@ -1,4 +1,4 @@
-"""Signed distance maps of label masks and their quantisation into distance layers (PCCS, METHODS.md §5.4).
+"""Signed distance maps of label masks and their quantisation into distance layers (PCCS, docs/methods/pccs.md).
 
 The exact Euclidean distance transform runs on the CPU with ``scipy.ndimage.distance_transform_edt``
 (a maintained implementation; scipy is a dependency of nnU-Net). Distances are in voxels of the grid
@@ -15,7 +15,7 @@ Conventions:
   ``−inf``; an empty mask has SDF ``+inf``.
 * Distance *layers* quantise the depth: ``l = min(⌊(depth − 1) / w⌋, L − 1)``; layer 0 is the inner
   boundary ring, ``L − 1`` collects everything deeper (and whole-patch classes), so the number of layers
-  is bounded in 3D where the number of distinct EDT values (√(a² + b² + c²)) explodes (§5.10).
+  is bounded in 3D where the number of distinct EDT values (√(a² + b² + c²)) explodes.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def own_class_depth(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         ``(B, 1, *spatial)`` float32 tensor on the device of ``labels``: ``EDT(Ŷ_b = c)`` at voxels of
         class c (≥ 1, the inner boundary ring is 1), ``+inf`` where class c fills image b.
         Equivalent to ``½ − SDF(Ŷ_b = c)`` inside the class (per-class SDFs only, never class unions,
-        METHODS.md §5.9).
+        docs/methods/pccs.md 'Deviations').
 
     One scipy EDT per image and present class, restricted to the class's bounding box grown by one voxel
     (clipped at the image border). This is exact: clamping any voxel outside that box into it lands on

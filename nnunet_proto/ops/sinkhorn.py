@@ -1,6 +1,6 @@
 """Balanced assignment of pixels to the K sub-prototypes of their class (Sinkhorn-Knopp, ProtoSeg style).
 
-Used by PCCS's "prototype updating prototype" (METHODS.md §5.6): within each class, pixels are
+Used by PCCS's "prototype updating prototype" (docs/methods/pccs.md, 'One training step'): within each class, pixels are
 spread evenly over the class's K prototypes so that no sub-prototype collapses or starves. All
 classes are solved at once (masked), in float32 with autocast disabled and without gradient. The
 marginals are global: every statistic summed over pixels goes through ``reduce_fn``, so DDP ranks

@@ -1,4 +1,4 @@
-"""Prediction entropy and entropy-based prototype weights (PCCS, METHODS.md §5.3, §5.5, §5.10).
+"""Prediction entropy and entropy-based prototype weights (PCCS, docs/methods/pccs.md).
 
 Everything is float32 with autocast disabled and an eps inside the log, so that one-hot (zero-entropy)
 probabilities give finite values and finite gradients (the code's ``m log m`` without eps gives 0·log 0).
@@ -27,14 +27,14 @@ def entropy(probs: torch.Tensor, dim: int = 1, eps: float = ENTROPY_EPS, keepdim
 
 def uncertainty_weights(uncertainty: torch.Tensor, valid: torch.Tensor, weighting: str = "entropy",
                         detach: bool = True) -> torch.Tensor:
-    """Per-prototype weights ``w_i = softmax_i(± u_i)`` over the valid rows (PCCS §5.5), 0 on the others.
+    """Per-prototype weights ``w_i = softmax_i(± u_i)`` over the valid rows (PCCS L_contra), 0 on the others.
 
     Args:
         uncertainty: ``(P,)`` prototype uncertainties u_i (entropy of the prototype's mean probabilities).
         valid: ``(P,)`` bool, rows that take part (e.g. prototypes with at least one positive).
         weighting: ``"entropy"``: w ∝ exp(u), higher-entropy prototypes weigh more (what the PCCS code
-            runs, METHODS.md §5.5); ``"confidence"``: w ∝ exp(−u), what the code's comment describes.
-        detach: detach u (default, METHODS.md §5.9) so the weights are constants of the loss.
+            runs, docs/methods/pccs.md 'Deviations'); ``"confidence"``: w ∝ exp(−u), what the code's comment describes.
+        detach: detach u (default, our choice: docs/methods/pccs.md) so the weights are constants of the loss.
     Returns: ``(P,)`` float32 weights summing to 1 over the valid rows; all zeros if no row is valid.
     """
     if weighting not in WEIGHTINGS:

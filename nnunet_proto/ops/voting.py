@@ -1,7 +1,7 @@
 """Ensembles of prototype classifiers: per-set similarities, voting pseudo labels, regional prototypes.
 
-These are the pure-tensor pieces of MSPA (Zhang, Tian, Jiao, arXiv 2206.01739; METHODS.md §3),
-generalised from the paper's binary rule to any class count (METHODS.md §3.7):
+These are the pure-tensor pieces of MSPA (Zhang, Tian, Jiao, arXiv 2206.01739; docs/methods/mspa.md),
+generalised from the paper's binary rule to any class count (docs/methods/mspa.md, 'Voting rule'):
 
 * several prototype *sets* (one per labeled image) each classify a feature map by cosine similarity
   (paper Eqs. 2, 5);
@@ -47,7 +47,7 @@ def majority_threshold(num_voters: int) -> int:
 
     For the paper's 5 voters (N = 4 labeled prototype sets + the network) this is 3 (Eq. 7) and equals
     ``ceil(num_voters / 2)``; for an even number of voters it is one vote more, so that a tie can never
-    become a pseudo label. With 2 voters (N = 1) it requires agreement (METHODS.md §3.8).
+    become a pseudo label. With 2 voters (N = 1) it requires agreement (docs/methods/mspa.md, 'Voting rule').
     """
     if num_voters < 1:
         raise ValueError(f"num_voters must be >= 1, got {num_voters}")
@@ -115,9 +115,9 @@ def reliable_vote_range(num_voters: int, threshold: int, rule: str = "next_level
       votes; unanimous voxels are left out (the paper's R_3 vs R_4 and R_2 vs R_1 with 5 voters; R_5 and
       R_0 are unused). When t + 1 is already unanimity (v <= 3) the unanimous level is the reliable one,
       otherwise the reliable region would be empty by construction.
-    * ``"next_level_and_unanimous"``: as above, but unanimous voxels are reliable too (METHODS.md §3.4
-      option: reliable = {4, 5} and {0, 1}).
-    * ``"unanimous"``: reliable = all v voters agree, uncertain = t .. v - 1 votes (METHODS.md §3.7).
+    * ``"next_level_and_unanimous"``: as above, but unanimous voxels are reliable too (our
+      option, docs/methods/mspa.md 'Uncertain and reliable regions': reliable = {4, 5} and {0, 1}).
+    * ``"unanimous"``: reliable = all v voters agree, uncertain = t .. v - 1 votes (our multi-class option).
 
     Returns ``(lo, hi)`` with ``lo <= hi <= v``; voxels with ``t <= V < lo`` are uncertain.
     """
@@ -186,7 +186,7 @@ def regional_alignment_loss(uncertain: Prototypes, reliable: Prototypes, detach_
     Args:
         uncertain / reliable: per-image ``Prototypes`` ``(B, C, D)`` (``regional_prototypes``).
         detach_reliable: stop the gradient on the reliable prototypes, so that only the uncertain
-            regions move towards them (METHODS.md §8 default; the paper says it pulls the uncertain
+            regions move towards them (default, docs/methods/mspa.md; the paper says it pulls the uncertain
             region towards the reliable one).
         normalize: compare directions (default) instead of raw vectors (paper's literal Eq. 11).
     Returns: float32 scalar.

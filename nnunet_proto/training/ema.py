@@ -11,7 +11,7 @@ from nnunet_proto.ops.schedules import ema_decay
 
 
 class EMATeacher:
-    """θ_T ← α θ_T + (1 − α) θ_S after every optimiser step (METHODS.md §1.2, §6.7).
+    """θ_T ← α θ_T + (1 − α) θ_S after every optimiser step (docs/methods/README.md, 'EMA teacher').
 
     * created from the *unwrapped* student (no DDP / compile wrapper), after pretrained weights are
       loaded; every DDP rank holds an identical copy because DDP keeps the students identical;

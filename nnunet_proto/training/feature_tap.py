@@ -2,7 +2,7 @@
 
 nnU-Net's PlainConvUNet / ResidualEncoderUNet keep ``encoder.stages`` and ``decoder.stages``
 (decoder ordered from lowest to highest resolution). A hook leaves the state_dict untouched, works
-with or without deep supervision, and keeps the autograd graph (NNUNET_NOTES.md §2.6).
+with or without deep supervision, and keeps the autograd graph (docs/methods/README.md, 'Feature layers').
 """
 from __future__ import annotations
 

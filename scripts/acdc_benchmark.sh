@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The ACDC CPU benchmark of issue "make the semi-supervised trainers beat plain nnU-Net", stage by stage.
+# Every stage resumes where it stopped when run again (finished runs are skipped).
+#
+#   bash scripts/acdc_benchmark.sh setup   LABELED_H5_DIR UNLABELED_H5_DIR   # convert, plan, preprocess
+#   bash scripts/acdc_benchmark.sh screen                                    # all trainers, labeled 4, seed 0
+#   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2
+#
+# LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
+# patients' h5 images (labels, if any, are ignored). Folders: WORK (default ./nnunet_proto_work/acdc)
+# holds nnUNet_raw/preprocessed/results unless those variables are set; reports go to $WORK/reports/<stage>. CPU settings: 2 threads,
+# 2 augmentation workers, no torch.compile; fp32 for every trainer, plain included.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="$("$repo/scripts/setup_env.sh")"
+work="${WORK:-$repo/nnunet_proto_work/acdc}"
+# nnU-Net's folders: yours if exported, else under $WORK
+export nnUNet_raw="${nnUNet_raw:-$work/raw}" nnUNet_preprocessed="${nnUNet_preprocessed:-$work/preprocessed}"
+export nnUNet_results="${nnUNet_results:-$work/results}"
+export nnUNet_compile=f OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}"
+mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+np="$(dirname "$py")"
+cli=("$py" -m nnunet_proto.cli)
+# one budget per stage (steps = epochs x 100 iterations); the CPU plan of plans/acdc_2d_cpu.json
+common=(-d 27 -c 2d -p nnUNetPlans_cpu --iterations 100 --group-regex '(patient\d+)' --disable-tta)
+stage="${1:-}"
+shift || true
+case "$stage" in
+  setup)
+    [ $# -eq 2 ] || { echo "usage: $0 setup LABELED_H5_DIR UNLABELED_H5_DIR" >&2; exit 2; }
+    if [ ! -f "$nnUNet_raw/Dataset027_ACDC/dataset.json" ]; then
+      "${cli[@]}" convert-acdc "$1" -d 27 --test-count 10 --seed 0
+    fi
+    if [ ! -d "$nnUNet_raw/Dataset027_ACDC/imagesUnlabeled" ]; then
+      "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled
+    fi
+    if [ ! -f "$nnUNet_preprocessed/Dataset027_ACDC/nnUNetPlans.json" ]; then
+      "$np/nnUNetv2_plan_and_preprocess" -d 27 -c 2d -np 2
+    fi
+    "${cli[@]}" plans-patch -d 27 "$repo/plans/acdc_2d_cpu.json"
+    "${cli[@]}" preprocess-unlabeled -d 27 -c 2d -p nnUNetPlans_cpu
+    ;;
+  screen)
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 15 --name acdc_screen \
+      -o "$work/reports/acdc_screen" -tr nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA \
+      nnUNetTrainerMPER nnUNetTrainerPCCS nnUNetTrainerBCP "$@"
+    ;;
+  confirm)
+    [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
+    "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --name acdc_confirm \
+      -o "$work/reports/acdc_confirm" -tr "$@"
+    ;;
+  *)
+    sed -n '2,12p' "$0" >&2
+    exit 2
+    ;;
+esac
