@@ -17,7 +17,7 @@ from pathlib import Path
 from time import perf_counter, strftime
 from typing import List
 
-from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs
+from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, run_finished
 
 
 def _repo_trainers() -> str:
@@ -79,7 +79,7 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
                                                if p)
     env.setdefault("nnUNet_compile", "f")
     spec_file = results_root / SPEC_FILE
-    todo = [r for r in runs if not (r.dir(runs_root) / "metrics.json").is_file()]
+    todo = [r for r in runs if not run_finished(r.dir(runs_root))]
     print(f"[benchmark] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to do "
           f"(results in {results_root})", flush=True)
     t_start = perf_counter()
