@@ -615,9 +615,11 @@ def plots(res: Results, out: Path, comp: Optional[Dict[tuple, Optional[dict]]] =
                       ("val loss", log.get("val_losses", []), "-")]
             series += [(k[4:], v, "--") for k, v in log.items() if k.startswith("ssl_loss_")]
             for (name, v, ls), color in zip(series, loss_colors * 3):
-                ax.plot(range(len(v)), v, ls=ls, lw=2 if ls == "-" else 1.3, color=color, label=name)
+                ax.plot(range(len(v)), v, ls=ls, lw=2 if ls == "-" else 1.3, color=color, label=name,
+                        marker="o" if len(v) < 20 else None, ms=3)  # a few epochs stay visible
             ax2 = ax.twinx()
-            ax2.plot(x, log.get("ema_fg_dice", []), color="k", lw=2.2, label="pseudo Dice (EMA, right axis)")
+            ax2.plot(x, log.get("ema_fg_dice", []), color="k", lw=2.2, label="pseudo Dice (EMA, right axis)",
+                     marker="o" if len(x) < 20 else None, ms=3)
             ax2.set_ylim(0, 1)
             ax2.set_ylabel("pseudo Dice")
             ax.set_ylabel("loss")
