@@ -221,3 +221,32 @@ def test_postprocess_without_validation_predictions_says_so(tmp_path):
     status = postprocess(spec, tmp_path / "fold_5", tmp_path, tmp_path / "pred", tmp_path / "run")
     assert status["available"] is False and "--no-validation" in status["reason"]
     assert not (tmp_path / "run" / "metrics_postprocessed.json").exists()
+
+
+def test_plots_one_amount_same_x_points_for_few_cases_one_y_scale(tmp_path, monkeypatch):
+    """Issue: with one labeled amount the trainers were drawn at different x; few cases were drawn as boxes."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    from matplotlib.axes import Axes
+
+    calls = {"errorbar_x": [], "boxplot": 0}
+    real_errorbar, real_boxplot = Axes.errorbar, Axes.boxplot
+
+    def errorbar(self, x, *a, **k):
+        if self.get_xlabel() == "" and k.get("label") in ("plain", "ZeroSSL", "X"):  # dice_vs_labeled only
+            calls["errorbar_x"].append(list(x))
+        return real_errorbar(self, x, *a, **k)
+
+    def boxplot(self, *a, **k):
+        calls["boxplot"] += 1
+        return real_boxplot(self, *a, **k)
+
+    monkeypatch.setattr(Axes, "errorbar", errorbar)
+    monkeypatch.setattr(Axes, "boxplot", boxplot)
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.05}, seeds=(0,), n=6)
+    write_report(spec, tmp_path, tmp_path / "report")
+    assert calls["errorbar_x"] == [[2.0], [2.0], [2.0]]  # plain, control and X at the amount itself
+    assert calls["boxplot"] == 0  # 6 cases: points, not boxes
+    for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "paired_difference.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000

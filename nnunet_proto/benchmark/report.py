@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.spec import PLAIN, BenchmarkSpec, Run, load_runs
+from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, load_runs
 from nnunet_proto.benchmark.stats import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_RNG_SEED,
@@ -111,6 +111,9 @@ class Results:
         # runs.json accumulates every invocation of this benchmark (more seeds or trainers later)
         self.seeds = sorted({r.seed for r in self.runs})
         self.amounts = list(dict.fromkeys(r.amount for r in self.runs))
+        # the A/A control of this invocation, or of an earlier one whose runs are part of the benchmark
+        self.control: Optional[str] = spec.control or (CONTROL if any(r.trainer == CONTROL for r in self.runs)
+                                                       else None)
 
     def trainers(self) -> List[str]:
         order = list(dict.fromkeys([PLAIN, *self.spec.all_trainers, *(r.trainer for r in self.runs)]))
@@ -216,10 +219,6 @@ def _fmt(mean: float, sd: float, metric: str) -> str:
     return f"{mean * scale:.{digits}f}{sd_txt}"
 
 
-def _short(trainer: str) -> str:
-    return trainer.replace("nnUNetTrainer", "") or "plain"
-
-
 def _ci_txt(b: Optional[BootstrapResult], scale: float, digits: int) -> str:
     if b is None:
         return "–"
@@ -321,7 +320,7 @@ def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[
 
 def control_status(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[dict]:
     """One entry per (amount, kind) of the A/A control: Δ, CI and whether the CI contains 0."""
-    control = res.spec.control
+    control = res.control
     out = []
     for (t, a, k), c in comp.items():
         if t == control and c is not None:
@@ -332,7 +331,7 @@ def control_status(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[dict
 
 
 def control_section(res: Results, status: List[dict]) -> List[str]:
-    control = res.spec.control
+    control = res.control
     if not control:
         return ["No A/A control in this benchmark (--no-control, or a benchmark started before the control "
                 "existed).", ""]
@@ -356,7 +355,7 @@ def control_warning(res: Results, status: List[dict]) -> List[str]:
         return []
     where = "; ".join(f"labeled {st['labeled_amount']} {st['kind']}: Δ {100 * st['dice_delta']:+.2f} "
                       f"[{100 * st['dice_ci'][0]:+.2f}, {100 * st['dice_ci'][1]:+.2f}]" for st in bad)
-    return [f"> **WARNING: the A/A control `{res.spec.control}` does not match plain nnU-Net within the bootstrap "
+    return [f"> **WARNING: the A/A control `{res.control}` does not match plain nnU-Net within the bootstrap "
             f"CI ({where}). The glue has a defect: the semi-supervised trainers' numbers below are not "
             f"trustworthy until it is found.**", ""]
 
@@ -451,7 +450,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
         for trainer in res.trainers():
             if trainer == PLAIN or not res.has(trainer, amount):
                 continue
-            row = {"trainer": trainer, "labeled_amount": amount, "is_control": trainer == spec.control,
+            row = {"trainer": trainer, "labeled_amount": amount, "is_control": trainer == res.control,
                    "seeds": sorted(k[2] for k in res.cases if k[:2] == (trainer, amount)),
                    "total_steps_per_run": steps,
                    "s_per_step": _none(res.seconds_per_step(trainer, amount)),
@@ -486,7 +485,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                        "p_value": P_VALUE_TEXT, "reference_test": "two-sided Wilcoxon signed-rank over pooled "
                                                                   "(case, seed) pairs"},
         "comparisons": rows,
-        "control": {"trainer": spec.control, "rows": control,
+        "control": {"trainer": res.control, "rows": control,
                     "ok": all(c["matches_plain"] for c in control) if control else None},
         "class_presence": {"threshold": CLASS_PRESENCE_MIN, "rows": presence,
                            "ok": all(r["ok"] for r in presence) if presence else None},
@@ -502,140 +501,6 @@ def _none(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def _amount_value(amount: str) -> float:
-    return float(amount[:-1]) if amount.endswith("%") else float(amount)
-
-
-def plots(res: Results, out: Path, comp: Optional[Dict[tuple, Optional[dict]]] = None) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
-
-    comp = comparisons(res) if comp is None else comp
-    files = []
-    amounts = list(res.amounts)
-    trainers = res.trainers()
-    colors = {t: f"C{i % 10}" for i, t in enumerate(trainers)}
-    markers = "osD^v<>pXh"
-
-    # Dice vs labeled amount: every trainer at the amount's own x position (no offsets)
-    xs = [_amount_value(a) for a in amounts]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, trainer in enumerate(trainers):
-        pts = [(x, res.summary(trainer, a, "fg", "Dice")) for x, a in zip(xs, amounts) if res.has(trainer, a)]
-        if not pts:
-            continue
-        ax.errorbar([x for x, _ in pts], [100 * st[0] for _, st in pts],
-                    yerr=[100 * (0 if math.isnan(st[1]) else st[1]) for _, st in pts], marker=markers[i % 10],
-                    ms=7, capsize=4, color=colors[trainer], alpha=0.85, label=_short(trainer))
-    ax.set_xlabel("labeled " + ("groups/cases" if not amounts[0].endswith("%") else "%"))
-    ax.set_ylabel("test Dice, mean over classes (%)")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(amounts)
-    if len(xs) == 1:
-        ax.set_xlim(xs[0] - 1, xs[0] + 1)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.savefig(out / "dice_vs_labeled.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    files.append("dice_vs_labeled.png")
-
-    # per-case Dice: one y-scale, only runs that exist, points when there are fewer than 10 values
-    fig, axes = plt.subplots(1, len(amounts), figsize=(1.2 + 1.1 * len(trainers) * len(amounts) + 1, 5),
-                             squeeze=False, sharey=True)
-    rng = np.random.default_rng(0)
-    for ax, amount in zip(axes[0], amounts):
-        present = [t for t in trainers if res.has(t, amount)]
-        for j, trainer in enumerate(present):
-            vals = [c["fg"]["Dice"] * 100 for s in res.seeds if (trainer, amount, s) in res.cases
-                    for c in res.cases[(trainer, amount, s)].values() if not math.isnan(c["fg"]["Dice"])]
-            if len(vals) >= 10:
-                ax.boxplot([vals], positions=[j], widths=0.6, showmeans=True, showfliers=False)
-            ax.scatter(j + rng.uniform(-0.12, 0.12, len(vals)), vals, s=14, color=colors[trainer], alpha=0.7,
-                       zorder=3)
-            if vals and len(vals) < 10:
-                ax.hlines(np.mean(vals), j - 0.25, j + 0.25, color="k", lw=2, zorder=4)
-        ax.set_xticks(range(len(present)))
-        ax.set_xticklabels([_short(t) for t in present], rotation=20)
-        ax.set_xlim(-0.6, len(present) - 0.4)
-        ax.set_title(f"labeled {amount}: per-case test Dice")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel("Dice, mean over classes (%), (case, seed) points")
-    fig.tight_layout()
-    fig.savefig(out / "per_case_dice_boxplot.png", dpi=110)
-    plt.close(fig)
-    files.append("per_case_dice_boxplot.png")
-
-    # paired differences: per (case, seed), trainer - plain, with the bootstrap Δ and 95 % CI
-    kinds = [k for k in KINDS if any(c for (t, a, kk), c in comp.items() if kk == k)]
-    if kinds:
-        others = [t for t in trainers if t != PLAIN]
-        fig, axes = plt.subplots(len(kinds), len(amounts), squeeze=False, sharey=True,
-                                 figsize=(1.5 + 1.2 * max(1, len(others)) * len(amounts), 4.2 * len(kinds)))
-        seed_colors = {s: f"C{i % 10}" for i, s in enumerate(res.seeds)}
-        for row, kind in zip(axes, kinds):
-            for ax, amount in zip(row, amounts):
-                present = [t for t in others if comp.get((t, amount, kind))]
-                ax.axhline(0, color="k", lw=1)
-                for j, trainer in enumerate(present):
-                    for s, d in res.seed_differences(trainer, amount, "Dice", "fg", kind).items():
-                        ax.scatter(j - 0.1 + rng.uniform(-0.1, 0.1, d.size), 100 * d, s=12, alpha=0.6,
-                                   color=seed_colors[s], label=f"seed {s}" if j == 0 else None)
-                    b = comp[(trainer, amount, kind)]["dice"]
-                    ax.errorbar([j + 0.22], [100 * b.delta], yerr=[[100 * (b.delta - b.ci_low)],
-                                                                   [100 * (b.ci_high - b.delta)]],
-                                fmt="D", color="k", capsize=5, lw=2, label="Δ, 95 % CI" if j == 0 else None)
-                ax.set_xticks(range(len(present)))
-                ax.set_xticklabels([_short(t) for t in present], rotation=20)
-                ax.set_xlim(-0.6, max(len(present), 1) - 0.4)
-                ax.set_title(f"labeled {amount}, {KIND_TITLE[kind]}", fontsize=10)
-                ax.grid(axis="y", alpha=0.3)
-            row[0].set_ylabel("Dice trainer − plain (points)")
-        handles, labels = axes[0, -1].get_legend_handles_labels()
-        if handles:
-            axes[0, -1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "paired_difference.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        files.append("paired_difference.png")
-
-    # training curves: losses (left axis, never black) and pseudo Dice (right axis, black); legend outside
-    loss_colors = ["C0", "C1", "C3", "C4", "C5", "C6", "C8", "C9", "C7"]
-    for amount in amounts:
-        seed = res.seeds[0]
-        keys = [(t, amount, seed) for t in trainers if (t, amount, seed) in res.curves]
-        if not keys:
-            continue
-        fig, axes = plt.subplots(len(keys), 1, figsize=(10, 3.2 * len(keys)), squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            log = res.curves[key]
-            x = range(len(log.get("train_losses", [])))
-            series = [("train loss (total)", log.get("train_losses", []), "-"),
-                      ("val loss", log.get("val_losses", []), "-")]
-            series += [(k[4:], v, "--") for k, v in log.items() if k.startswith("ssl_loss_")]
-            for (name, v, ls), color in zip(series, loss_colors * 3):
-                ax.plot(range(len(v)), v, ls=ls, lw=2 if ls == "-" else 1.3, color=color, label=name,
-                        marker="o" if len(v) < 20 else None, ms=3)  # a few epochs stay visible
-            ax2 = ax.twinx()
-            ax2.plot(x, log.get("ema_fg_dice", []), color="k", lw=2.2, label="pseudo Dice (EMA, right axis)",
-                     marker="o" if len(x) < 20 else None, ms=3)
-            ax2.set_ylim(0, 1)
-            ax2.set_ylabel("pseudo Dice")
-            ax.set_ylabel("loss")
-            ax.set_title(f"{key[0]} (labeled {amount}, seed {seed})")
-            ax.set_xlabel("epoch")
-            h1, l1 = ax.get_legend_handles_labels()
-            h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", bbox_to_anchor=(1.08, 1))
-        fig.tight_layout()
-        name = f"training_curves_labeled{amount.replace('%', 'pct')}.png"
-        fig.savefig(out / name, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        files.append(name)
-    return files
-
-
 def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, failed: Optional[List[str]] = None) -> Path:
     """Write README.md, summary.json and the plots of every finished run into report_dir; returns README.md."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -644,6 +509,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     comp = comparisons(res)
     control = control_status(res, comp)
     presence = presence_rows(res)
+    from nnunet_proto.benchmark.plots import plots
+
     images = plots(res, report_dir, comp) if res.cases else []
     folds = sorted({(r.amount, r.seed, r.fold) for r in res.runs})
     chosen = "end of training" if spec.checkpoint == "final" else "nnU-Net's best on the fold's validation cases"
@@ -681,7 +548,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
     summary = summary_json(res, comp, control, presence)
-    (report_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+    (report_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
+                                                        ensure_ascii=False))
     return out
 
 

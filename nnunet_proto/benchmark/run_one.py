@@ -140,7 +140,9 @@ def postprocess(spec: BenchmarkSpec, fold_dir: Path, model_dir: Path, pred_dir: 
     if (val / "postprocessing.pkl").is_file() and (val / "postprocessing.json").is_file():
         fns, kwargs = load_pickle(str(val / "postprocessing.pkl"))  # determined by an earlier, interrupted process
     else:
-        print(f"determining nnU-Net's postprocessing on the validation predictions in {val}", flush=True)
+        print(f"determining nnU-Net's postprocessing on the validation predictions in {val} (its warning that not "
+              f"all reference files were found is expected: gt_segmentations holds every training case, the "
+              f"fold's validation folder only its validation cases)", flush=True)
         fns, kwargs = determine_postprocessing(str(val), str(reference), plans, dataset_json, num_processes=1,
                                                keep_postprocessed_files=False)
     chosen = load_json(str(val / "postprocessing.json"))
