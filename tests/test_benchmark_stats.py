@@ -248,5 +248,6 @@ def test_plots_one_amount_same_x_points_for_few_cases_one_y_scale(tmp_path, monk
     write_report(spec, tmp_path, tmp_path / "report")
     assert calls["errorbar_x"] == [[2.0], [2.0], [2.0]]  # plain, control and X at the amount itself
     assert calls["boxplot"] == 0  # 6 cases: points, not boxes
+    assert "**Few pairs (6):**" in (tmp_path / "report" / "README.md").read_text()
     for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "paired_difference.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000

@@ -279,6 +279,11 @@ def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[
         lines += [f"With {len(res.seeds)} seeds the seed level is resampled from {len(res.seeds)} values; the CI is "
                   f"then somewhat too narrow (the bootstrap variance of a mean of S clusters is (S−1)/S of the "
                   f"usual estimate).", ""]
+    few = sorted({c["n_pairs"] for c in comp.values() if c and c["n_pairs"] < 20})
+    if few:
+        lines += [f"**Few pairs ({', '.join(map(str, few))}):** a bootstrap over so few test cases understates the "
+                  f"spread (with n = 2 equal-signed differences every resample has the same sign); read these "
+                  f"intervals as descriptive only.", ""]
     for kind in KINDS:
         lines += [f"### {KIND_TITLE[kind][0].upper()}{KIND_TITLE[kind][1:]}", "",
                   "| labeled | trainer | seeds | steps/run | n pairs | Dice Δ [95 % CI] | p (bootstrap) | "
