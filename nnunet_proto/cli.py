@@ -178,7 +178,7 @@ def cmd_benchmark(args) -> int:
 
 
 def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # noqa: F821
-    from nnunet_proto.benchmark.spec import BenchmarkSpec
+    from nnunet_proto.benchmark.spec import CONTROL, BenchmarkSpec
     from nnunet_proto.training.compat import nnUNet_raw
 
     name = _dataset_name(args.dataset)
@@ -193,6 +193,7 @@ def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # n
         test_labels=test_labels, epochs=args.epochs, iterations_per_epoch=args.iterations,
         val_iterations_per_epoch=args.val_iterations, group_regex=args.group_regex, base_fold=args.base_fold,
         device=args.device or _default_device(), checkpoint=args.checkpoint, run_validation=not args.no_validation,
+        control=None if args.no_control else CONTROL,
         test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None,
         name=args.name, notes=args.notes or "", extra=extra or {})
 
@@ -316,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device, as nnUNetv2_train -device (default: cuda if available, else cpu)")
     s.add_argument("--checkpoint", choices=["final", "best"], default="final",
                    help="final, or nnU-Net's best on the fold's validation cases (never the test set)")
-    s.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each run")
+    s.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each run "
+                   "(then nnU-Net's postprocessing cannot be determined: post-processed numbers are missing)")
+    s.add_argument("--no-control", action="store_true", help="do not run the A/A control nnUNetTrainerZeroSSL "
+                   "(semi-supervised path with zero weights) next to plain nnU-Net")
     s.add_argument("--disable-tta", "--disable_tta", dest="disable_tta", action="store_true",
                    help="predict the test cases without mirroring (nnUNetv2_predict --disable_tta): 8x fewer "
                         "network passes in 3D; the same for every trainer")

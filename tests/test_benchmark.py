@@ -1,6 +1,11 @@
-"""Benchmark smoke run on the synthetic dataset: plain nnU-Net + CPCL, one amount, one seed, a few iterations."""
+"""Benchmark smoke run on the synthetic dataset: plain nnU-Net + CPCL, one amount, one seed, a few iterations.
+
+The A/A control is left out (--no-control) to keep it cheap; its report row is tested on hand-made results in
+test_benchmark_stats.py.
+"""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +22,7 @@ def benchmark_args(synthetic_dataset, tmp_path, monkeypatch):
     report = tmp_path / "report"
     args = ["benchmark", "-d", str(DATASET_ID), "-c", "2d", "-p", PLANS, "-tr", "nnUNetTrainerCPCL",
             "--labeled", "3", "--seeds", "0", "--epochs", "1", "--iterations", "3", "--val-iterations", "1",
-            "--no-validation", "--disable-tta", "--name", "smoke", "--results-dir", str(results), "-o", str(report)]
+            "--no-control", "--disable-tta", "--name", "smoke", "--results-dir", str(results), "-o", str(report)]
     return args, results, report
 
 
@@ -27,9 +32,12 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     text = (report / "README.md").read_text()
     for name in ("nnUNetTrainer", "nnUNetTrainerCPCL"):
         assert f"| 3 | {name} |" in text
-    for section in ("### Dice", "### HD95", "## Paired tests", "## Cost", "Wilcoxon", "without mirroring"):
+    for section in ("### Dice", "### HD95", "## Against plain nnU-Net", "## Cost", "Wilcoxon", "without mirroring",
+                    "hierarchical bootstrap", "## Test results after nnU-Net's postprocessing", "## No class lost"):
         assert section in text
-    for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "training_curves_labeled3.png"):
+    assert "without post-processed numbers" not in text and "nnUNetTrainerZeroSSL" not in text
+    for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "training_curves_labeled3.png",
+                "paired_difference.png"):
         assert (report / png).stat().st_size > 1000
     runs = json.loads((results / "runs.json").read_text())
     assert {r["trainer"] for r in runs} == {"nnUNetTrainer", "nnUNetTrainerCPCL"}
@@ -48,6 +56,20 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     manifest = json.loads((synthetic_dataset.preprocessed / "nnUNetPlans_2d_unlabeled.json").read_text())
     fold = json.loads((synthetic_dataset.preprocessed / "splits_final.json").read_text())[runs[0]["fold"]]
     assert ids == {"folder": manifest["cases"], "split": sorted(fold["unlabeled"])}
+    # postprocessing: determined by nnU-Net on the run's own validation predictions, applied to the test predictions
+    pp = json.loads((run_dir / "postprocessing.json").read_text())
+    assert pp["available"] is True and isinstance(pp["steps"], list)
+    fold_dir = next((results / "nnUNet_results").rglob("nnUNetTrainerCPCL__*/fold_*"))
+    assert (fold_dir / "validation" / "postprocessing.pkl").is_file()
+    assert len(list((run_dir / "test_predictions_postprocessed").glob("*.nii.gz"))) == 2
+    pp_metrics = json.loads((run_dir / "metrics_postprocessed.json").read_text())
+    assert len(pp_metrics["metric_per_case"]) == 2
+    assert pp_metrics["foreground_mean"]["Dice"] == pytest.approx(pp["test_foreground_dice"], nan_ok=True)
+    summary = json.loads((report / "summary.json").read_text())
+    row = summary["comparisons"][0]
+    assert row["trainer"] == "nnUNetTrainerCPCL" and row["labeled_amount"] == "3" and row["seeds"] == [0]
+    assert row["raw"]["n_pairs"] == 2 and row["postprocessed"]["n_pairs"] == 2
+    assert row["total_steps_per_run"] == 3 and "p_bootstrap" in row["raw"] and "dice_ci95" in row["postprocessed"]
     stamp = (run_dir / "metrics.json").stat().st_mtime
 
     # a second invocation skips finished runs (nothing retrained, metrics untouched)
@@ -56,6 +78,28 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     log = (run_dir / "log.txt").read_text()
     assert log.count("RUN DONE") == 1
     del out
+
+    # a folder left by the code before the postprocessing stage (and a spec file without the control field) is
+    # completed on resume: no retraining, no re-prediction, postprocessing determined and evaluated
+    for f in ("postprocessing.json", "metrics_postprocessed.json"):
+        (run_dir / f).unlink()
+    shutil.rmtree(run_dir / "test_predictions_postprocessed")
+    for f in ("postprocessing.pkl", "postprocessing.json"):
+        (fold_dir / "validation" / f).unlink()
+    spec_file = results / "benchmark_spec.json"
+    old_spec = json.loads(spec_file.read_text())
+    del old_spec["control"]
+    spec_file.write_text(json.dumps(old_spec))
+    pred_stamp = next((run_dir / "test_predictions").glob("*.nii.gz")).stat().st_mtime
+    run_cli(*args)
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("RUN DONE") == 2 and "training already finished" in log.split("RUN DONE")[1]
+    assert (run_dir / "metrics.json").stat().st_mtime == stamp
+    assert next((run_dir / "test_predictions").glob("*.nii.gz")).stat().st_mtime == pred_stamp
+    assert json.loads((run_dir / "postprocessing.json").read_text())["available"] is True
+    assert (fold_dir / "validation" / "postprocessing.pkl").is_file()
+    plain_log = (results / "runs" / "nnUNetTrainer" / "labeled3_seed0" / "log.txt").read_text()
+    assert plain_log.count("RUN DONE") == 1  # the finished plain run was not touched
 
     # changing the budget of an existing benchmark is refused
     changed = list(args)

@@ -88,3 +88,14 @@ def test_ext_trainer_lookup_uses_environment(monkeypatch, nnunet_root):
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     with pytest.raises(RuntimeError, match="nnUNet_extTrainer"):
         compat.recursive_find_trainer_class_by_name("nnUNetTrainerCPCL")
+
+
+def test_postprocessing_functions_signatures():
+    """The benchmark calls nnUNetv2_determine_postprocessing's function and applies its result to test predictions;
+    it relies on these parameters and on the (functions, kwargs) pair it returns (used in benchmark/run_one.py)."""
+    det = list(inspect.signature(compat.determine_postprocessing).parameters)
+    assert det == ["folder_predictions", "folder_ref", "plans_file_or_dict", "dataset_json_file_or_dict",
+                   "num_processes", "keep_postprocessed_files"]
+    app = list(inspect.signature(compat.apply_postprocessing_to_folder).parameters)
+    assert app == ["input_folder", "output_folder", "pp_fns", "pp_fn_kwargs", "plans_file_or_dict",
+                   "dataset_json_file_or_dict", "num_processes"]

@@ -1,13 +1,19 @@
-"""The benchmark report: tables (mean ± sd), paired tests against plain nnU-Net, plots, cost per trainer.
+"""The benchmark report: paired statistics against plain nnU-Net, the A/A control, class presence, tables, plots.
+
+Everything is computed twice: on the raw test predictions and after nnU-Net's own postprocessing
+(determined on each run's validation predictions, see run_one.py). A run without post-processed
+metrics is listed as missing, never filled in.
 
 Statistics:
 * per run, each metric is averaged over the test cases (undefined values excluded, see docs/evaluation.md);
-* the table shows, per trainer and labeled amount, the mean over seeds of those per-run means, ± the
+* the tables show, per trainer and labeled amount, the mean over seeds of those per-run means, ± the
   standard deviation over seeds when there are several seeds, else ± the standard deviation over
   test cases (the report says which);
-* paired test: two-sided Wilcoxon signed-rank test (scipy) of the per-case foreground-mean Dice (and
-  HD95) of a trainer against plain nnU-Net trained on the same fold with the same seed, pooling the
-  (case, seed) pairs of all seeds.
+* against plain nnU-Net (same fold, same seed, same test cases): Δ with a 95 % CI and a two-sided p
+  from a hierarchical bootstrap over seeds, then test cases (stats.py); the Wilcoxon signed-rank p over
+  the pooled (case, seed) pairs for reference; wins/losses; HD95 Δ; per-class Dice Δ; s/step ratio;
+* the A/A control (spec.control) must match plain: its Dice Δ CI must contain 0, else a loud warning;
+* no class lost: every class predicted in >= 95 % of the test frames whose reference contains it.
 """
 from __future__ import annotations
 
@@ -18,7 +24,18 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.spec import PLAIN, BenchmarkSpec, Run, load_runs
+from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, load_runs
+from nnunet_proto.benchmark.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_RNG_SEED,
+    CI_LEVEL,
+    P_VALUE_TEXT,
+    BootstrapResult,
+    hierarchical_bootstrap,
+    wilcoxon_p,
+)
+from nnunet_proto.evaluation.metrics import RULE_BOTH_PRESENT as RULE_PRESENT
+from nnunet_proto.evaluation.metrics import RULE_PREDICTION_EMPTY as RULE_PRED_EMPTY
 
 METRICS = ("Dice", "IoU", "HD95", "ASD")
 HIGHER_IS_BETTER = {"Dice": True, "IoU": True, "HD95": False, "ASD": False}
@@ -36,24 +53,36 @@ def _nanstd(values) -> float:
     return float(a.std(ddof=1)) if a.size > 1 else math.nan
 
 
-def case_table(metrics: dict) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{case: {label or 'fg': {metric: value}}} from an evaluate_folders JSON ('fg' = mean over classes)."""
+def case_table(metrics: dict) -> Dict[str, Dict[str, dict]]:
+    """{case: {label or 'fg': {metric: value, 'rule': empty-mask rule}}} from an evaluate_folders JSON.
+
+    'fg' is the mean over classes of the defined values (no rule).
+    """
     out = {}
     for entry in metrics["metric_per_case"]:
-        per_label = {lab: {m: (v[m] if v[m] is not None else math.nan) for m in METRICS}
+        per_label = {lab: {**{m: (v[m] if v[m] is not None else math.nan) for m in METRICS}, "rule": v.get("rule")}
                      for lab, v in entry["metrics"].items()}
         per_label["fg"] = {m: _nanmean([per_label[lab][m] for lab in entry["metrics"]]) for m in METRICS}
         out[entry["case"]] = per_label
     return out
 
 
+KINDS = ("raw", "postprocessed")
+KIND_TITLE = {"raw": "raw predictions", "postprocessed": "after nnU-Net's postprocessing"}
+CLASS_PRESENCE_MIN = 0.95  # "no class lost": each class predicted in >= 95 % of the frames that contain it
+OLD_RUN_REASON = ("postprocessing stage not run (finished by an older version of the benchmark); re-run the "
+                  "benchmark command to complete it without retraining")
+
+
 class Results:
-    """All finished runs of a benchmark, indexed by (trainer, amount, seed)."""
+    """All finished runs of a benchmark, indexed by (trainer, amount, seed), raw and post-processed."""
 
     def __init__(self, spec: BenchmarkSpec, results_root: Path):
         self.spec = spec
         self.runs: List[Run] = load_runs(results_root / "runs.json")
-        self.cases: Dict[tuple, dict] = {}
+        self.cases_by_kind: Dict[str, Dict[tuple, dict]] = {k: {} for k in KINDS}
+        self.cases = self.cases_by_kind["raw"]
+        self.pp_status: Dict[tuple, dict] = {}
         self.info: Dict[tuple, dict] = {}
         self.curves: Dict[tuple, dict] = {}
         self.label_names: Dict[str, str] = {}
@@ -65,53 +94,121 @@ class Results:
             metrics = json.loads((d / "metrics.json").read_text())
             self.cases[key] = case_table(metrics)
             self.label_names.update({lab: v.get("name", lab) for lab, v in metrics["mean"].items()})
+            status = json.loads((d / "postprocessing.json").read_text()) if (d / "postprocessing.json").is_file() \
+                else {"available": False, "reason": OLD_RUN_REASON}
+            if status.get("available") and (d / "metrics_postprocessed.json").is_file():
+                self.cases_by_kind["postprocessed"][key] = case_table(
+                    json.loads((d / "metrics_postprocessed.json").read_text()))
+            elif status.get("available"):
+                status = {"available": False, "reason": f"metrics_postprocessed.json missing in {d}"}
+            self.pp_status[key] = status
             self.info[key] = json.loads((d / "run_info.json").read_text()) if (d / "run_info.json").is_file() else {}
             if (d / "curves.json").is_file():
                 self.curves[key] = json.loads((d / "curves.json").read_text())
-        self.labels = sorted(self.label_names, key=int) + ["fg"]
+        self.classes = sorted(self.label_names, key=int)
+        self.labels = self.classes + ["fg"]
         self.label_names["fg"] = "mean"
         # runs.json accumulates every invocation of this benchmark (more seeds or trainers later)
         self.seeds = sorted({r.seed for r in self.runs})
         self.amounts = list(dict.fromkeys(r.amount for r in self.runs))
+        # the A/A control of this invocation, or of an earlier one whose runs are part of the benchmark
+        self.control: Optional[str] = spec.control or (CONTROL if any(r.trainer == CONTROL for r in self.runs)
+                                                       else None)
 
     def trainers(self) -> List[str]:
         order = list(dict.fromkeys([PLAIN, *self.spec.all_trainers, *(r.trainer for r in self.runs)]))
         return [t for t in order if any(k[0] == t for k in self.cases)]
 
-    def run_means(self, trainer: str, amount: str, label: str, metric: str) -> List[float]:
-        return [_nanmean([c[label][metric] for c in self.cases[(trainer, amount, s)].values()])
-                for s in self.seeds if (trainer, amount, s) in self.cases]
+    def has(self, trainer: str, amount: str, kind: str = "raw") -> bool:
+        return any(k[:2] == (trainer, amount) for k in self.cases_by_kind[kind])
 
-    def summary(self, trainer: str, amount: str, label: str, metric: str):
-        means = self.run_means(trainer, amount, label, metric)
+    def run_means(self, trainer: str, amount: str, label: str, metric: str, kind: str = "raw") -> List[float]:
+        cases = self.cases_by_kind[kind]
+        return [_nanmean([c[label][metric] for c in cases[(trainer, amount, s)].values()])
+                for s in self.seeds if (trainer, amount, s) in cases]
+
+    def summary(self, trainer: str, amount: str, label: str, metric: str, kind: str = "raw"):
+        """(mean over seeds of per-run means, sd over seeds or, with one seed, over cases, number of seeds)."""
+        cases = self.cases_by_kind[kind]
+        means = self.run_means(trainer, amount, label, metric, kind)
         if not means:
             return math.nan, math.nan, 0
         if len(means) > 1:
             return float(np.mean(means)), float(np.std(means, ddof=1)), len(means)
-        only = self.cases[(trainer, amount, next(s for s in self.seeds if (trainer, amount, s) in self.cases))]
+        only = cases[(trainer, amount, next(s for s in self.seeds if (trainer, amount, s) in cases))]
         return means[0], _nanstd([c[label][metric] for c in only.values()]), 1
 
-    def paired(self, trainer: str, amount: str, metric: str = "Dice", label: str = "fg") -> Optional[dict]:
-        """Wilcoxon signed-rank test of trainer vs plain nnU-Net on the same (case, seed) pairs."""
-        from scipy.stats import wilcoxon
-
-        xs, ys = [], []
+    def seed_differences(self, trainer: str, amount: str, metric: str = "Dice", label: str = "fg",
+                         kind: str = "raw") -> Dict[int, np.ndarray]:
+        """{seed: trainer − plain per test case (sorted case ids, NaN where undefined)} for the seeds where both
+        ran (same fold, same test cases)."""
+        cases = self.cases_by_kind[kind]
+        out = {}
         for s in self.seeds:
-            a, b = self.cases.get((trainer, amount, s)), self.cases.get((PLAIN, amount, s))
+            a, b = cases.get((trainer, amount, s)), cases.get((PLAIN, amount, s))
             if a is None or b is None:
                 continue
-            for case in sorted(set(a) & set(b)):
-                x, y = a[case][label][metric], b[case][label][metric]
-                if not (math.isnan(x) or math.isnan(y)):
-                    xs.append(x)
-                    ys.append(y)
-        if len(xs) < 2:
+            common = sorted(set(a) & set(b))
+            if common:
+                out[s] = np.array([a[c][label][metric] - b[c][label][metric] for c in common], dtype=float)
+        return out
+
+    def paired(self, trainer: str, amount: str, metric: str = "Dice", label: str = "fg",
+               kind: str = "raw") -> Optional[dict]:
+        """Wilcoxon signed-rank test of trainer vs plain nnU-Net on the pooled (case, seed) pairs."""
+        diffs = self.seed_differences(trainer, amount, metric, label, kind)
+        diff = np.concatenate(list(diffs.values())) if diffs else np.zeros(0)
+        diff = diff[~np.isnan(diff)]
+        if diff.size < 2:
             return None
-        diff = np.asarray(xs) - np.asarray(ys)
-        p = 1.0 if np.allclose(diff, 0) else float(wilcoxon(xs, ys, zero_method="wilcox").pvalue)
         better = (diff > 0) if HIGHER_IS_BETTER[metric] else (diff < 0)
-        return {"n": len(xs), "mean_diff": float(diff.mean()), "median_diff": float(np.median(diff)), "p": p,
-                "wins": int(better.sum())}
+        worse = (diff < 0) if HIGHER_IS_BETTER[metric] else (diff > 0)
+        return {"n": int(diff.size), "mean_diff": float(diff.mean()), "median_diff": float(np.median(diff)),
+                "p": wilcoxon_p(diff), "wins": int(better.sum()), "losses": int(worse.sum())}
+
+    def seconds_per_step(self, trainer: str, amount: str) -> float:
+        """Median over the trainer's runs at this amount of the median seconds per training iteration."""
+        v = [i.get("seconds_per_iteration_median") for k, i in self.info.items() if k[:2] == (trainer, amount)]
+        v = [x for x in v if x]
+        return float(np.median(v)) if v else math.nan
+
+    def compare(self, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
+        """Every paired statistic of one row (trainer vs plain at one labeled amount), or None without pairs."""
+        dice = self.seed_differences(trainer, amount, "Dice", "fg", kind)
+        if not dice or all(np.isnan(d).all() for d in dice.values()):
+            return None
+        boot = hierarchical_bootstrap(list(dice.values()))
+        pooled = np.concatenate(list(dice.values()))
+        pooled = pooled[~np.isnan(pooled)]
+        hd = self.seed_differences(trainer, amount, "HD95", "fg", kind)
+        hd_boot = _maybe_bootstrap(hd)
+        per_class = {lab: _maybe_bootstrap(self.seed_differences(trainer, amount, "Dice", lab, kind))
+                     for lab in self.classes}
+        return {"seeds": sorted(dice), "n_pairs": boot.n_pairs, "dice": boot, "p_wilcoxon": wilcoxon_p(pooled),
+                "wins": int((pooled > 0).sum()), "losses": int((pooled < 0).sum()), "hd95": hd_boot,
+                "p_wilcoxon_hd95": wilcoxon_p(np.concatenate(list(hd.values()))), "per_class_dice": per_class}
+
+    def class_presence(self, trainer: str, amount: str, kind: str = "raw") -> Dict[str, tuple]:
+        """{class: (fraction, n)}: share of the (case, seed) frames whose reference contains the class in which
+        the prediction contains it too (nnunet_proto evaluate's rules: both_present vs prediction_empty)."""
+        cases = self.cases_by_kind[kind]
+        out = {}
+        for lab in self.classes:
+            rules = [c[lab].get("rule") for k, run in cases.items() if k[:2] == (trainer, amount)
+                     for c in run.values()]
+            n = sum(r in (RULE_PRESENT, RULE_PRED_EMPTY) for r in rules)
+            out[lab] = (sum(r == RULE_PRESENT for r in rules) / n if n else math.nan, n)
+        return out
+
+    def missing_postprocessing(self) -> List[tuple]:
+        """[(trainer, amount, seed, reason)] of finished runs without post-processed metrics."""
+        return [(*k, self.pp_status[k].get("reason", "unknown")) for k in self.cases
+                if k not in self.cases_by_kind["postprocessed"]]
+
+
+def _maybe_bootstrap(diffs: Dict[int, np.ndarray]) -> Optional[BootstrapResult]:
+    values = [d for d in diffs.values() if not np.isnan(d).all()]
+    return hierarchical_bootstrap(values) if values else None
 
 
 def _fmt(mean: float, sd: float, metric: str) -> str:
@@ -122,45 +219,210 @@ def _fmt(mean: float, sd: float, metric: str) -> str:
     return f"{mean * scale:.{digits}f}{sd_txt}"
 
 
-def tables(res: Results) -> List[str]:
+def _ci_txt(b: Optional[BootstrapResult], scale: float, digits: int) -> str:
+    if b is None:
+        return "–"
+    return f"{b.delta * scale:+.{digits}f} [{b.ci_low * scale:+.{digits}f}, {b.ci_high * scale:+.{digits}f}]"
+
+
+def _p(p: Optional[float]) -> str:
+    return "–" if p is None or math.isnan(p) else f"{p:.2g}"
+
+
+def tables(res: Results, kind: str = "raw", metrics=METRICS) -> List[str]:
     several = len(res.seeds) > 1
     lines = [f"Values: mean ± sd; sd over {'seeds (of per-run means over test cases)' if several else 'test cases'}. "
              f"Dice and IoU in %, HD95 and ASD in mm.", ""]
-    for metric in METRICS:
-        lines += [f"### {metric}", "",
+    for metric in metrics:
+        lines += [f"### {metric}" + ("" if kind == "raw" else f", {KIND_TITLE[kind]}"), "",
                   "| labeled | trainer | " + " | ".join(res.label_names[lab] for lab in res.labels) + " |",
                   "|---|---|" + "---|" * len(res.labels)]
         for amount in res.amounts:
             for trainer in res.trainers():
-                n_seeds = res.summary(trainer, amount, "fg", metric)[2]
+                n_seeds = res.summary(trainer, amount, "fg", metric, kind)[2]
                 if n_seeds == 0:
+                    if kind != "raw" and res.has(trainer, amount):
+                        lines.append(f"| {amount} | {trainer} | " + " | ".join(
+                            ["missing (no post-processed metrics, see below)"] + ["–"] * (len(res.labels) - 1))
+                            + " |")
                     continue
-                cells = [_fmt(*res.summary(trainer, amount, lab, metric)[:2], metric) for lab in res.labels]
+                cells = [_fmt(*res.summary(trainer, amount, lab, metric, kind)[:2], metric) for lab in res.labels]
+                n_raw = res.summary(trainer, amount, "fg", metric)[2]
                 mark = "" if n_seeds == len(res.seeds) else f" ({n_seeds} of {len(res.seeds)} seeds)"
+                if kind != "raw" and n_seeds < n_raw:
+                    mark += " (some runs lack post-processed metrics)"
                 lines.append(f"| {amount} | {trainer}{mark} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
 
-def tests_section(res: Results) -> List[str]:
-    lines = ["Two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon) of the per-case foreground-mean value of "
-             "each trainer against plain nnU-Net trained on the same labeled cases with the same seed; pairs are "
-             "(test case, seed). Δ = trainer − plain (Dice in points, HD95 in mm); wins = cases where the "
-             "trainer is better.", "",
-             "| labeled | trainer | n pairs | Dice Δ mean | Dice Δ median | Dice wins | Dice p | HD95 Δ mean "
-             "| HD95 p |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def comparisons(res: Results) -> Dict[tuple, Optional[dict]]:
+    """{(trainer, amount, kind): Results.compare(...)} for every trainer except plain."""
+    return {(t, a, k): res.compare(t, a, k) for a in res.amounts for t in res.trainers() if t != PLAIN
+            for k in KINDS}
+
+
+def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]:
+    n_b = next((c["dice"].resamples for c in comp.values() if c), BOOTSTRAP_RESAMPLES)
+    lines = [f"Δ = trainer − plain nnU-Net trained on the same labeled cases with the same seed, on the same test "
+             f"cases; Dice in points, HD95 in mm. Δ is the mean over seeds of each seed's mean over test cases. "
+             f"The 95 % CI and p come from a hierarchical bootstrap ({n_b} resamples, fixed RNG seed "
+             f"{BOOTSTRAP_RNG_SEED}): resample the seeds with replacement, then the test cases within each drawn "
+             f"seed, so that run-to-run variance counts; {P_VALUE_TEXT}. The Wilcoxon p (scipy, over the pooled "
+             f"(case, seed) pairs) is for reference only: it treats pairs as independent and ignores run-to-run "
+             f"variance. Wins/losses: pairs where the trainer's Dice is higher/lower. s/step: median seconds per "
+             f"training iteration, relative to plain at the same amount.", ""]
+    if len(res.seeds) == 1:
+        lines += ["**One seed only:** the seed level cannot be resampled, so the CI covers case-to-case variation "
+                  "of these single runs, not run-to-run variance; it is not evidence about the methods.", ""]
+    elif len(res.seeds) < 5:
+        lines += [f"With {len(res.seeds)} seeds the seed level is resampled from {len(res.seeds)} values; the CI is "
+                  f"then somewhat too narrow (the bootstrap variance of a mean of S clusters is (S−1)/S of the "
+                  f"usual estimate).", ""]
+    few = sorted({c["n_pairs"] for c in comp.values() if c and c["n_pairs"] < 20})
+    if few:
+        lines += [f"**Few pairs ({', '.join(map(str, few))}):** a bootstrap over so few test cases understates the "
+                  f"spread (with n = 2 equal-signed differences every resample has the same sign); read these "
+                  f"intervals as descriptive only.", ""]
+    for kind in KINDS:
+        lines += [f"### {KIND_TITLE[kind][0].upper()}{KIND_TITLE[kind][1:]}", "",
+                  "| labeled | trainer | seeds | steps/run | n pairs | Dice Δ [95 % CI] | p (bootstrap) | "
+                  "p (Wilcoxon) | wins/losses | HD95 Δ [95 % CI] | HD95 p (bootstrap) | s/step vs plain |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for amount in res.amounts:
+            for trainer in res.trainers():
+                if trainer == PLAIN or not res.has(trainer, amount):
+                    continue
+                c = comp[(trainer, amount, kind)]
+                ratio = res.seconds_per_step(trainer, amount) / res.seconds_per_step(PLAIN, amount)
+                ratio_txt = "–" if math.isnan(ratio) else f"{ratio:.2f}x"
+                steps = res.spec.epochs * res.spec.iterations_per_epoch
+                if c is None:
+                    why = ("missing: no post-processed metrics for this trainer or plain (see Postprocessing)"
+                           if kind == "postprocessed" else "no paired plain run")
+                    lines.append(f"| {amount} | {trainer} | – | {steps} | 0 | {why} | – | – | – | – | – | "
+                                 f"{ratio_txt} |")
+                    continue
+                hd = c["hd95"]
+                lines.append(
+                    f"| {amount} | {trainer} | {','.join(map(str, c['seeds']))} | {steps} | {c['n_pairs']} | "
+                    f"{_ci_txt(c['dice'], 100, 1)} | {_p(c['dice'].p)} | {_p(c['p_wilcoxon'])} | "
+                    f"{c['wins']}/{c['losses']} | {_ci_txt(hd, 1, 1)} | {_p(hd.p if hd else None)} | {ratio_txt} |")
+        lines.append("")
+    lines += ["### Per-class Dice Δ [95 % CI] (points)", "",
+              "| labeled | trainer | predictions | " + " | ".join(res.label_names[c] for c in res.classes) + " |",
+              "|---|---|---|" + "---|" * len(res.classes)]
     for amount in res.amounts:
         for trainer in res.trainers():
-            if trainer == PLAIN:
-                continue
-            d, h = res.paired(trainer, amount, "Dice"), res.paired(trainer, amount, "HD95")
-            if d is None:
-                continue
-            lines.append(f"| {amount} | {trainer} | {d['n']} | {100 * d['mean_diff']:+.2f} | "
-                         f"{100 * d['median_diff']:+.2f} | {d['wins']}/{d['n']} | {d['p']:.3g} | "
-                         + (f"{h['mean_diff']:+.2f} | {h['p']:.3g} |" if h else "– | – |"))
+            for kind in KINDS:
+                c = comp.get((trainer, amount, kind))
+                if c is None:
+                    continue
+                lines.append(f"| {amount} | {trainer} | {kind} | "
+                             + " | ".join(_ci_txt(c["per_class_dice"][lab], 100, 1) for lab in res.classes) + " |")
     return lines + [""]
+
+
+def control_status(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[dict]:
+    """One entry per (amount, kind) of the A/A control: Δ, CI and whether the CI contains 0."""
+    control = res.control
+    out = []
+    for (t, a, k), c in comp.items():
+        if t == control and c is not None:
+            out.append({"labeled_amount": a, "kind": k, "dice_delta": c["dice"].delta,
+                        "dice_ci": [c["dice"].ci_low, c["dice"].ci_high], "p_bootstrap": c["dice"].p,
+                        "matches_plain": c["dice"].contains(0.0)})
+    return out
+
+
+def control_section(res: Results, status: List[dict]) -> List[str]:
+    control = res.control
+    if not control:
+        return ["No A/A control in this benchmark (--no-control, or a benchmark started before the control "
+                "existed).", ""]
+    lines = [f"`{control}` runs the semi-supervised base trainer's whole path (unlabeled stream, teacher, "
+             f"logging, checkpointing) with every semi-supervised weight at 0. It must match plain nnU-Net "
+             f"within the bootstrap CI; if it does not, the shared glue has a defect, and method comparisons "
+             f"wait until it is found.", ""]
+    if not status:
+        return lines + [f"No finished `{control}` run paired with plain yet.", ""]
+    for st in status:
+        verdict = "matches plain (CI contains 0)" if st["matches_plain"] else "**DIFFERS from plain**"
+        lines.append(f"- labeled {st['labeled_amount']}, {st['kind']}: Dice Δ {100 * st['dice_delta']:+.2f} "
+                     f"[{100 * st['dice_ci'][0]:+.2f}, {100 * st['dice_ci'][1]:+.2f}], p {_p(st['p_bootstrap'])}: "
+                     f"{verdict}")
+    return lines + [""]
+
+
+def control_warning(res: Results, status: List[dict]) -> List[str]:
+    bad = [st for st in status if not st["matches_plain"]]
+    if not bad:
+        return []
+    where = "; ".join(f"labeled {st['labeled_amount']} {st['kind']}: Δ {100 * st['dice_delta']:+.2f} "
+                      f"[{100 * st['dice_ci'][0]:+.2f}, {100 * st['dice_ci'][1]:+.2f}]" for st in bad)
+    return [f"> **WARNING: the A/A control `{res.control}` does not match plain nnU-Net within the bootstrap "
+            f"CI ({where}). The glue has a defect: the semi-supervised trainers' numbers below are not "
+            f"trustworthy until it is found.**", ""]
+
+
+def presence_rows(res: Results) -> List[dict]:
+    rows = []
+    for amount in res.amounts:
+        for trainer in res.trainers():
+            for kind in KINDS:
+                if not res.has(trainer, amount, kind):
+                    continue
+                pres = res.class_presence(trainer, amount, kind)
+                fracs = [f for f, n in pres.values() if n]
+                rows.append({"trainer": trainer, "labeled_amount": amount, "kind": kind,
+                             "fractions": {res.label_names[lab]: f for lab, (f, n) in pres.items()},
+                             "frames": {res.label_names[lab]: n for lab, (f, n) in pres.items()},
+                             "min_fraction": min(fracs) if fracs else math.nan,
+                             "ok": bool(fracs) and min(fracs) >= CLASS_PRESENCE_MIN})
+    return rows
+
+
+def presence_section(res: Results, rows: List[dict]) -> List[str]:
+    names = [res.label_names[c] for c in res.classes]
+    lines = [f"Share of test frames (pooled over seeds) in which the prediction contains the class, among the "
+             f"frames whose reference contains it. Target: ≥ {100 * CLASS_PRESENCE_MIN:.0f} % for every class.", "",
+             "| labeled | trainer | predictions | " + " | ".join(names) + " | no class lost |",
+             "|---|---|---|" + "---|" * len(names) + "---|"]
+    for r in rows:
+        cells = ["–" if math.isnan(r["fractions"][n]) else f"{100 * r['fractions'][n]:.0f} %" for n in names]
+        lines.append(f"| {r['labeled_amount']} | {r['trainer']} | {r['kind']} | " + " | ".join(cells) + " | "
+                     + ("yes" if r["ok"] else "**NO**") + " |")
+    lost = sorted({(r["trainer"], r["labeled_amount"]) for r in rows if not r["ok"] and r["kind"] == "raw"})
+    if lost:
+        lines += ["", "**Classes lost** (raw predictions): " + ", ".join(f"{t} at labeled {a}" for t, a in lost)
+                  + "."]
+    return lines + [""]
+
+
+def postprocessing_section(res: Results) -> List[str]:
+    lines = ["nnU-Net's `determine_postprocessing` (as `nnUNetv2_determine_postprocessing`) on each run's own "
+             "validation predictions: keep only the largest foreground component, then the largest component per "
+             "class, each step kept only if it raises the validation Dice. The chosen steps are applied to that "
+             "run's test predictions, the same procedure for every trainer.", "",
+             "| trainer | labeled | seed | chosen steps | validation Dice before → after |", "|---|---|---|---|---|"]
+    for key in sorted(res.pp_status, key=lambda k: (res.amounts.index(k[1]), res.trainers().index(k[0]), k[2])):
+        st = res.pp_status[key]
+        if not st.get("available"):
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | **missing**: {st.get('reason', '')} | – |")
+            continue
+        steps = "; ".join(_step_txt(x, res.label_names) for x in st.get("steps", [])) or "none (nothing improved)"
+        before, after = st.get("validation_dice_before"), st.get("validation_dice_after")
+        val = f"{100 * before:.1f} → {100 * after:.1f}" if before is not None and after is not None else "–"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {steps} | {val} |")
+    return lines + [""]
+
+
+def _step_txt(step: dict, names: Dict[str, str]) -> str:
+    labels = step.get("kwargs", {}).get("labels_or_regions")
+    labels = labels if isinstance(labels, list) else [labels]
+    what = ", ".join(names.get(str(x), str(x)) for x in labels)
+    return f"largest component of {what}" if step.get("function", "").startswith("remove_all_but_largest") else \
+        f"{step.get('function')}({what})"
 
 
 def cost_section(res: Results) -> List[str]:
@@ -183,106 +445,105 @@ def cost_section(res: Results) -> List[str]:
     return lines + [""]
 
 
-def _amount_value(amount: str) -> float:
-    return float(amount[:-1]) if amount.endswith("%") else float(amount)
-
-
-def plots(res: Results, out: Path) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    amounts = list(res.amounts)
-    xs = [_amount_value(a) for a in amounts]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, trainer in enumerate(res.trainers()):
-        stats = [res.summary(trainer, a, "fg", "Dice") for a in amounts]
-        jitter = (i - len(res.trainers()) / 2) * 0.03 * (max(xs) - min(xs) + 1)
-        ax.errorbar([x + jitter for x in xs], [100 * m for m, _, _ in stats],
-                    yerr=[100 * (0 if math.isnan(sd) else sd) for _, sd, _ in stats], marker="o", capsize=4,
-                    label=trainer)
-    ax.set_xlabel("labeled " + ("groups/cases" if not amounts[0].endswith("%") else "%"))
-    ax.set_ylabel("test Dice, mean over classes (%)")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(amounts)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "dice_vs_labeled.png", dpi=110)
-    plt.close(fig)
-    files.append("dice_vs_labeled.png")
-
-    fig, axes = plt.subplots(1, len(amounts), figsize=(6 * len(amounts), 5), squeeze=False)
-    for ax, amount in zip(axes[0], amounts):
-        data, names = [], []
+def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[dict],
+                 presence: List[dict]) -> dict:
+    """The machine-readable report (summary.json). Dice values are fractions (x100 = points), HD95 in mm."""
+    spec = res.spec
+    steps = spec.epochs * spec.iterations_per_epoch
+    rows = []
+    for amount in res.amounts:
         for trainer in res.trainers():
-            vals = [c["fg"]["Dice"] * 100 for s in res.seeds if (trainer, amount, s) in res.cases
-                    for c in res.cases[(trainer, amount, s)].values() if not math.isnan(c["fg"]["Dice"])]
-            data.append(vals)
-            names.append(trainer.replace("nnUNetTrainer", "") or "plain")
-        ax.boxplot(data, tick_labels=names, showmeans=True)
-        ax.set_title(f"labeled {amount}: per-case test Dice")
-        ax.set_ylabel("Dice, mean over classes (%)")
-        ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    fig.savefig(out / "per_case_dice_boxplot.png", dpi=110)
-    plt.close(fig)
-    files.append("per_case_dice_boxplot.png")
+            if trainer == PLAIN or not res.has(trainer, amount):
+                continue
+            row = {"trainer": trainer, "labeled_amount": amount, "is_control": trainer == res.control,
+                   "seeds": sorted(k[2] for k in res.cases if k[:2] == (trainer, amount)),
+                   "total_steps_per_run": steps,
+                   "s_per_step": _none(res.seconds_per_step(trainer, amount)),
+                   "s_per_step_vs_plain": _none(res.seconds_per_step(trainer, amount)
+                                                / res.seconds_per_step(PLAIN, amount))}
+            for kind in KINDS:
+                c = comp[(trainer, amount, kind)]
+                if c is None:
+                    row[kind] = {"missing": "no post-processed metrics for this trainer or plain" if
+                                 kind == "postprocessed" else "no paired plain run"}
+                    continue
+                d, h = c["dice"], c["hd95"]
+                row[kind] = {
+                    "seeds": c["seeds"], "n_pairs": c["n_pairs"], "dice_delta": d.delta,
+                    "dice_ci95": [d.ci_low, d.ci_high], "p_bootstrap": d.p, "p_wilcoxon": _none(c["p_wilcoxon"]),
+                    "wins": c["wins"], "losses": c["losses"],
+                    "hd95_delta": h.delta if h else None, "hd95_ci95": [h.ci_low, h.ci_high] if h else None,
+                    "hd95_p_bootstrap": h.p if h else None,
+                    "per_class_dice": {res.label_names[lab]: ({"delta": b.delta, "ci95": [b.ci_low, b.ci_high],
+                                                               "p_bootstrap": b.p} if b else None)
+                                       for lab, b in c["per_class_dice"].items()}}
+            rows.append(row)
+    means = {f"{t}|{a}": {k: {m: res.summary(t, a, "fg", m, k) for m in METRICS} for k in KINDS}
+             for t in res.trainers() for a in res.amounts}
+    return {
+        "benchmark": spec.name, "dataset": spec.dataset, "configuration": spec.configuration, "plans": spec.plans,
+        "device": spec.device, "checkpoint": spec.checkpoint, "test_time_mirroring": spec.test_time_mirroring,
+        "epochs": spec.epochs, "iterations_per_epoch": spec.iterations_per_epoch, "total_steps_per_run": steps,
+        "units": {"dice": "fraction (x100 = points)", "hd95": "mm", "delta": "trainer - plain nnU-Net"},
+        "statistics": {"method": "hierarchical bootstrap: resample seeds, then test cases within each drawn seed",
+                       "resamples": BOOTSTRAP_RESAMPLES, "rng_seed": BOOTSTRAP_RNG_SEED, "ci_level": CI_LEVEL,
+                       "p_value": P_VALUE_TEXT, "reference_test": "two-sided Wilcoxon signed-rank over pooled "
+                                                                  "(case, seed) pairs"},
+        "comparisons": rows,
+        "control": {"trainer": res.control, "rows": control,
+                    "ok": all(c["matches_plain"] for c in control) if control else None},
+        "class_presence": {"threshold": CLASS_PRESENCE_MIN, "rows": presence,
+                           "ok": all(r["ok"] for r in presence) if presence else None},
+        "runs": {"finished": len(res.cases), "total": len(res.runs),
+                 "without_postprocessing": [{"trainer": t, "labeled_amount": a, "seed": s, "reason": r}
+                                            for t, a, s, r in res.missing_postprocessing()]},
+        "means": means,
+    }
 
-    for amount in amounts:
-        seed = res.seeds[0]
-        keys = [(t, amount, seed) for t in res.trainers() if (t, amount, seed) in res.curves]
-        if not keys:
-            continue
-        fig, axes = plt.subplots(len(keys), 1, figsize=(9, 3.2 * len(keys)), squeeze=False)
-        for ax, key in zip(axes[:, 0], keys):
-            log = res.curves[key]
-            x = range(len(log.get("train_losses", [])))
-            ax.plot(x, log.get("train_losses", []), label="train loss (total)", lw=2)
-            ax.plot(x, log.get("val_losses", []), label="val loss", lw=2)
-            for k, v in log.items():
-                if k.startswith("ssl_loss_"):
-                    ax.plot(range(len(v)), v, ls="--", label=k[4:])
-            ax2 = ax.twinx()
-            ax2.plot(x, log.get("ema_fg_dice", []), color="g", lw=2, label="pseudo Dice (EMA)")
-            ax2.set_ylim(0, 1)
-            ax.set_title(f"{key[0]} (labeled {amount}, seed {seed})")
-            ax.set_xlabel("epoch")
-            ax.legend(fontsize=7, loc="upper left")
-            ax2.legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
-        name = f"training_curves_labeled{amount.replace('%', 'pct')}.png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        files.append(name)
-    return files
+
+def _none(x):
+    """NaN -> None for JSON."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, failed: Optional[List[str]] = None) -> Path:
+    """Write README.md, summary.json and the plots of every finished run into report_dir; returns README.md."""
     report_dir.mkdir(parents=True, exist_ok=True)
     res = Results(spec, results_root)
     done, total = len(res.cases), len(res.runs)
-    images = plots(res, report_dir) if res.cases else []
+    comp = comparisons(res)
+    control = control_status(res, comp)
+    presence = presence_rows(res)
+    from nnunet_proto.benchmark.plots import plots
+
+    images = plots(res, report_dir, comp) if res.cases else []
     folds = sorted({(r.amount, r.seed, r.fold) for r in res.runs})
     chosen = "end of training" if spec.checkpoint == "final" else "nnU-Net's best on the fold's validation cases"
-    lines = [f"# Benchmark: {spec.name}", "",
-             f"Dataset {spec.dataset}, configuration `{spec.configuration}`, plans `{spec.plans}`, device "
-             f"`{spec.device}`. Budget per run: {spec.epochs} epochs x {spec.iterations_per_epoch} iterations "
-             f"({spec.epochs * spec.iterations_per_epoch} iterations), identical for every trainer. Evaluated "
-             f"checkpoint: `{spec.checkpoint}` ({chosen}), never chosen on the test set. Test set: "
-             f"`{spec.test_labels}`, predicted with nnU-Net's sliding window "
-             f"{'and mirroring' if spec.test_time_mirroring else 'without mirroring (--disable-tta)'}. "
-             f"Runs finished: {done}/{total}.", ""]
+    lines = [f"# Benchmark: {spec.name}", ""] + control_warning(res, control)
+    lines += [f"Dataset {spec.dataset}, configuration `{spec.configuration}`, plans `{spec.plans}`, device "
+              f"`{spec.device}`. Budget per run: {spec.epochs} epochs x {spec.iterations_per_epoch} iterations "
+              f"({spec.epochs * spec.iterations_per_epoch} iterations), identical for every trainer. Evaluated "
+              f"checkpoint: `{spec.checkpoint}` ({chosen}), never chosen on the test set. Test set: "
+              f"`{spec.test_labels}`, predicted with nnU-Net's sliding window "
+              f"{'and mirroring' if spec.test_time_mirroring else 'without mirroring (--disable-tta)'}. "
+              f"Runs finished: {done}/{total}.", ""]
     if spec.notes:
         lines += [spec.notes, ""]
     if failed:
         lines += [f"**Failed runs (not in the tables):** {', '.join(failed)}.", ""]
+    missing = res.missing_postprocessing()
+    if missing:
+        lines += [f"**{len(missing)} run(s) without post-processed numbers** (marked missing, never filled in): "
+                  + ", ".join(f"{t} labeled {a} seed {s}" for t, a, s, _ in missing)
+                  + ". Reasons in the Postprocessing section.", ""]
     lines += ["Label-scarce folds (splits_final.json): " + ", ".join(f"labeled {a}, seed {s} → fold {f}"
                                                                     for a, s, f in folds), ""]
+    lines += ["## Against plain nnU-Net", ""] + comparison_section(res, comp)
+    lines += ["## A/A control", ""] + control_section(res, control)
+    lines += ["## No class lost", ""] + presence_section(res, presence)
     lines += ["## Test results", ""] + tables(res)
-    lines += ["## Paired tests against plain nnU-Net", ""] + tests_section(res)
+    lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))
+    lines += ["## Postprocessing", ""] + postprocessing_section(res)
     lines += ["## Cost", "", "Seconds per epoch from nnU-Net's epoch timestamps (training + its validation "
               "iterations), peak memory of the training process. Runs ran one after another on the same machine; "
               "other work on the machine inflates absolute times, compare ratios with care.", ""]
@@ -291,7 +552,20 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     lines += ["## Reproduce", "", "```", spec.extra.get("command", "(command not recorded)"), "```", ""]
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
-    summary = {f"{t}|{a}": {m: res.summary(t, a, "fg", m) for m in METRICS}
-               for t in res.trainers() for a in res.amounts}
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    summary = summary_json(res, comp, control, presence)
+    (report_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
+                                                        ensure_ascii=False))
     return out
+
+
+def _json_safe(obj):
+    """NaN -> null, tuples -> lists: summary.json is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj

@@ -1,18 +1,29 @@
-"""One benchmark run in its own process: train (or resume), validate, predict the test set, evaluate.
+"""One benchmark run in its own process: train (or resume), validate, predict the test set, evaluate, postprocess.
 
     python -m nnunet_proto.benchmark.run_one --spec SPEC.json --trainer T --fold F --seed S --run-dir DIR
 
 Every stage is skipped when its output exists, so an interrupted run continues where it stopped:
 training resumes from checkpoint_latest.pth (written every epoch), prediction from the cases already
-written, and evaluation is cheap. Writes into DIR: ``metrics.json`` (+ CSV) from
-``nnunet_proto evaluate``, ``run_info.json`` (seconds per epoch, peak memory, checkpoint used) and
-``curves.json`` (every per-epoch value the trainer logged).
+written, evaluation when ``metrics.json`` exists. Writes into DIR: ``metrics.json`` (+ CSV) from
+``nnunet_proto evaluate``, ``run_info.json`` (seconds per epoch, peak memory, checkpoint used),
+``curves.json`` (every per-epoch value the trainer logged) and, last, the postprocessing stage:
+
+* nnU-Net's postprocessing (``nnUNetv2_determine_postprocessing``: keep the largest foreground
+  component, then the largest component per class, each kept only if it raises Dice) is determined on
+  this run's own validation predictions (``<fold>/validation``, references in
+  ``nnUNet_preprocessed/<dataset>/gt_segmentations``), never on the test set;
+* it is applied to ``test_predictions`` into ``test_predictions_postprocessed`` and evaluated into
+  ``metrics_postprocessed.json``;
+* ``postprocessing.json`` records the chosen steps, or why post-processed numbers are missing (a run
+  without validation predictions). Its presence marks the run finished (spec.RUN_DONE_FILES), so a run
+  finished by older code without this stage is completed on resume, without retraining.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from time import perf_counter
@@ -101,6 +112,60 @@ def predict(spec: BenchmarkSpec, trainer_name: str, fold: int, model_dir: Path, 
                                      num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
 
+def postprocess(spec: BenchmarkSpec, fold_dir: Path, model_dir: Path, pred_dir: Path, run_dir: Path) -> dict:
+    """Determine nnU-Net's postprocessing on the run's validation predictions, apply it to its test predictions.
+
+    Every trainer is treated alike (the same nnU-Net function, its own validation cases). Returns the
+    status written to ``run_dir/postprocessing.json``: ``{"available": True, "steps": [{"function",
+    "kwargs"}], "validation_dice_before", "validation_dice_after"}`` or ``{"available": False, "reason"}``.
+    Post-processed metrics go to ``run_dir/metrics_postprocessed.json``.
+    """
+    from nnunet_proto.evaluation.metrics import evaluate_folders, write_results
+    from nnunet_proto.training.compat import (
+        apply_postprocessing_to_folder,
+        determine_postprocessing,
+        load_json,
+        load_pickle,
+        maybe_convert_to_dataset_name,
+        nnUNet_preprocessed,
+        require_env_path,
+    )
+
+    val = fold_dir / "validation"
+    if not (val / "summary.json").is_file():
+        return {"available": False,
+                "reason": f"no validation predictions in {val} (run with --no-validation): nnU-Net's postprocessing "
+                          f"is determined on them, so post-processed numbers are missing for this run"}
+    plans = load_json(str(model_dir / "plans.json"))
+    dataset_json = load_json(str(model_dir / "dataset.json"))
+    reference = Path(require_env_path(nnUNet_preprocessed)) / maybe_convert_to_dataset_name(spec.dataset) / \
+        "gt_segmentations"
+    if (val / "postprocessing.pkl").is_file() and (val / "postprocessing.json").is_file():
+        fns, kwargs = load_pickle(str(val / "postprocessing.pkl"))  # determined by an earlier, interrupted process
+    else:
+        print(f"determining nnU-Net's postprocessing on the validation predictions in {val} (its warning that not "
+              f"all reference files were found is expected: gt_segmentations holds every training case, the "
+              f"fold's validation folder only its validation cases)", flush=True)
+        fns, kwargs = determine_postprocessing(str(val), str(reference), plans, dataset_json, num_processes=1,
+                                               keep_postprocessed_files=False)
+    chosen = load_json(str(val / "postprocessing.json"))
+    out = run_dir / "test_predictions_postprocessed"
+    apply_postprocessing_to_folder(str(pred_dir), str(out), fns, kwargs, plans, dataset_json, num_processes=1)
+    if (pred_dir / "dataset.json").is_file():  # labels and file ending for the evaluation, as in pred_dir
+        shutil.copy(pred_dir / "dataset.json", out / "dataset.json")
+    results = evaluate_folders(spec.test_labels, out, labels=list(spec.labels) if spec.labels else None)
+    write_results(results, run_dir / "metrics_postprocessed.json")
+    return {"available": True,
+            "steps": [{"function": f.__name__, "kwargs": k} for f, k in zip(fns, kwargs)],
+            "validation_dice_before": chosen["input_folder"]["foreground_mean"]["Dice"],
+            "validation_dice_after": chosen["postprocessed"]["foreground_mean"]["Dice"],
+            "test_foreground_dice": results["foreground_mean"]["Dice"]}
+
+
+def _num(x) -> str:
+    return "undefined" if x is None or x != x else f"{x:.4f}"
+
+
 def epoch_seconds(logging: dict) -> list:
     return [e - s for s, e in zip(logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", []))]
 
@@ -141,11 +206,17 @@ def main(argv=None) -> int:
     predict(spec, args.trainer, args.fold, model_dir, pred_dir, device)
     from nnunet_proto.evaluation.metrics import evaluate_folders, write_results
 
-    results = evaluate_folders(spec.test_labels, pred_dir, labels=list(spec.labels) if spec.labels else None)
-    write_results(results, run_dir / "metrics.json")
+    if not (run_dir / "metrics.json").is_file():  # written only after every test case was predicted
+        results = evaluate_folders(spec.test_labels, pred_dir, labels=list(spec.labels) if spec.labels else None)
+        write_results(results, run_dir / "metrics.json")
+    dice = json.loads((run_dir / "metrics.json").read_text())["foreground_mean"]["Dice"]
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
-    print(f"RUN DONE {args.trainer} fold {args.fold} seed {args.seed}: test foreground Dice "
-          f"{results['foreground_mean']['Dice']:.4f}", flush=True)
+    status = postprocess(spec, fold_dir, model_dir, pred_dir, run_dir)
+    pp = (f", after postprocessing {_num(status['test_foreground_dice'])}" if status["available"]
+          else " (no postprocessing: no validation predictions)")
+    (run_dir / "postprocessing.json").write_text(json.dumps(status, indent=2, default=str))  # last: run finished
+    print(f"RUN DONE {args.trainer} fold {args.fold} seed {args.seed}: test foreground Dice {_num(dice)}{pp}",
+          flush=True)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from time import perf_counter, strftime
 from typing import Iterator, List, Sequence
 
-from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs
+from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, run_finished
 from nnunet_proto.paths import trainers_path
 
 
@@ -181,7 +181,7 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
     env["nnUNet_extTrainer"] = _ext_trainer_paths()
     env.setdefault("nnUNet_compile", "f")
     spec_file = results_root / SPEC_FILE
-    todo = [r for r in runs if not (r.dir(runs_root) / "metrics.json").is_file()]
+    todo = [r for r in runs if not run_finished(r.dir(runs_root))]
     for run in runs:  # finished earlier (e.g. a trainer forgotten and added again): part of the report again
         if run not in todo:
             record_started(results_root / "runs.json", run)

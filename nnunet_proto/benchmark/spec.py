@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 PLAIN = "nnUNetTrainer"
+# A/A control: the semi-supervised base trainer's whole path with every semi-supervised weight at 0. It must
+# match plain nnU-Net within the bootstrap CI; if it does not, the shared glue has a defect.
+CONTROL = "nnUNetTrainerZeroSSL"
 SPEC_FILE = "benchmark_spec.json"
+# files a run folder holds once every stage (train, validate, predict, evaluate, postprocess) is done
+RUN_DONE_FILES = ("metrics.json", "postprocessing.json")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class BenchmarkSpec:
     checkpoint: str = "final"
     run_validation: bool = True
     test_time_mirroring: bool = True  # nnU-Net's default; off = nnUNetv2_predict --disable_tta (cheaper on CPU)
+    control: Optional[str] = CONTROL  # A/A control trainer run next to plain; None = none (--no-control)
     labels: Optional[Tuple[int, ...]] = None
     name: str = "benchmark"
     notes: str = ""
@@ -60,8 +66,9 @@ class BenchmarkSpec:
 
     @property
     def all_trainers(self) -> Tuple[str, ...]:
-        """Plain nnU-Net first, always included."""
-        return (PLAIN,) + tuple(t for t in self.trainers if t != PLAIN)
+        """Plain nnU-Net first, always included, then the A/A control (unless disabled), then the trainers."""
+        first = (PLAIN,) + ((self.control,) if self.control and self.control != PLAIN else ())
+        return first + tuple(t for t in self.trainers if t not in first)
 
     def budget_key(self) -> dict:
         """Fields that must not change when a benchmark is resumed."""
@@ -76,6 +83,8 @@ class BenchmarkSpec:
     @classmethod
     def from_json(cls, text: str) -> "BenchmarkSpec":
         d = json.loads(text)
+        # a spec written before the A/A control existed: keep its behaviour (no control run) on resume
+        d.setdefault("control", None)
         for k in ("trainers", "amounts", "seeds", "labels"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
@@ -96,6 +105,11 @@ class Run:
 
     def dir(self, runs_root: Path) -> Path:
         return runs_root / self.tag
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Every stage of a run is done (a run finished by older code without postprocessing is not)."""
+    return all((run_dir / f).is_file() for f in RUN_DONE_FILES)
 
 
 def load_runs(path: Path) -> List[Run]:

@@ -15,6 +15,10 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, load
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+from nnunetv2.postprocessing.remove_connected_components import (
+    apply_postprocessing_to_folder,
+    determine_postprocessing,
+)
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.run.run_training import get_trainer_from_args
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -37,8 +41,9 @@ NNUNET_VERSION_TESTED = "2.8.1"
 
 __all__ = [
     "ConfigurationManager", "DefaultPreprocessor", "LocalLogger", "NNUNET_VERSION_TESTED",
-    "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "checkpoint_payload",
-    "comp_blosc2_params", "generate_crossval_split", "get_allowed_n_proc_DA", "get_pool_and_conv_props",
+    "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "apply_postprocessing_to_folder",
+    "checkpoint_payload", "comp_blosc2_params", "determine_postprocessing", "generate_crossval_split",
+    "get_allowed_n_proc_DA", "get_pool_and_conv_props",
     "get_trainer_from_args", "infer_dataset_class", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",
     "nnUNetTrainer", "nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results", "nnunet_version",

@@ -1,0 +1,253 @@
+"""Benchmark statistics and report on hand-made results: hierarchical bootstrap, A/A control, postprocessing."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, write_report
+from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
+from nnunet_proto.benchmark.stats import BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, wilcoxon_p
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_constant_shift_gives_a_ci_at_the_shift_and_the_smallest_p():
+    r = hierarchical_bootstrap([np.full(20, 0.05), np.full(20, 0.05), np.full(20, 0.05)])
+    assert r.delta == pytest.approx(0.05) and r.ci_low == pytest.approx(0.05) and r.ci_high == pytest.approx(0.05)
+    assert r.p == pytest.approx(2 / (BOOTSTRAP_RESAMPLES + 1))  # no resample on the far side of 0
+    assert (r.n_seeds, r.n_pairs) == (3, 60)
+    neg = hierarchical_bootstrap([np.full(20, -0.05)] * 3)
+    assert neg.p == r.p and neg.ci_high == pytest.approx(-0.05)
+
+
+def test_identical_runs_give_p_one_and_a_ci_containing_zero():
+    r = hierarchical_bootstrap([np.zeros(20)] * 3)
+    assert r.p == 1.0 and r.contains(0.0) and r.delta == 0.0
+
+
+def test_noisy_shift_ci_contains_truth_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    diffs = [rng.normal(0.04, 0.05, 40) for _ in range(4)]
+    a, b = hierarchical_bootstrap(diffs), hierarchical_bootstrap(diffs)
+    assert a == b  # fixed RNG seed: the report is reproducible
+    assert a.ci_low < 0.04 < a.ci_high and a.ci_low > 0 and a.p < 0.01
+
+
+def test_resampling_respects_seeds():
+    """Seed 0 wins every case by 1, seed 1 loses every case by 1: the method effect is pure run-to-run noise.
+    Pooling the cases would give a tight interval around 0; resampling seeds first gives Δ* in {-1, 0, +1}."""
+    r = hierarchical_bootstrap([np.ones(50), -np.ones(50)])
+    assert r.delta == 0.0 and r.ci_low == pytest.approx(-1.0) and r.ci_high == pytest.approx(1.0) and r.p == 1.0
+    # a consistent gain across seeds with different sizes: every seed-level resample stays positive
+    r = hierarchical_bootstrap([np.full(50, 0.02), np.full(50, 0.10)])
+    assert r.delta == pytest.approx(0.06) and r.ci_low == pytest.approx(0.02) and r.ci_high == pytest.approx(0.10)
+
+
+def test_one_seed_is_the_case_bootstrap():
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.0, 1.0, 400)
+    r = hierarchical_bootstrap([d])
+    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)  # normal-theory half width of the mean's 95 % CI
+    assert (r.ci_high - r.ci_low) / 2 == pytest.approx(half, rel=0.1)
+
+
+def test_undefined_values_are_dropped_and_nothing_is_an_error():
+    r = hierarchical_bootstrap([np.array([0.1, np.nan, 0.1]), np.array([np.nan])])
+    assert r.n_seeds == 1 and r.n_pairs == 2 and r.delta == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="no finite paired difference"):
+        hierarchical_bootstrap([np.array([np.nan])])
+    assert wilcoxon_p([0.0, 0.0, 0.0]) == 1.0 and math.isnan(wilcoxon_p([0.1]))
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+CLASSES = {"1": "RV", "2": "MYO"}
+
+
+def _write_run(root, trainer, amount, seed, dice, pp_dice=None, pp_status=None, empty_class2=0, sec=0.1):
+    """One finished run folder: per-case Dice (both classes alike) and, optionally, post-processed metrics."""
+    d = root / "runs" / Run(trainer, amount, seed, 0).tag
+    d.mkdir(parents=True)
+
+    def metrics(values):
+        per_case = []
+        for i, v in enumerate(values):
+            m = {lab: {"Dice": v, "IoU": v / (2 - v), "HD95": 10 * (1 - v), "ASD": 1 - v, "rule": "both_present"}
+                 for lab in CLASSES}
+            if i < empty_class2:  # the prediction misses class 2 on this case
+                m["2"] = {"Dice": 0.0, "IoU": 0.0, "HD95": 100.0, "ASD": 50.0, "rule": "prediction_empty"}
+            per_case.append({"case": f"c{i}", "metrics": m})
+        return {"metric_per_case": per_case, "mean": {k: {"name": n} for k, n in CLASSES.items()}}
+
+    (d / "metrics.json").write_text(json.dumps(metrics(dice)))
+    (d / "run_info.json").write_text(json.dumps({"seconds_per_iteration_median": sec, "seconds_per_epoch_median":
+                                                 sec * 10, "validation_foreground_dice": 0.5}))
+    if pp_status is not None:
+        (d / "postprocessing.json").write_text(json.dumps(pp_status))
+    elif pp_dice is not None:
+        (d / "metrics_postprocessed.json").write_text(json.dumps(metrics(pp_dice)))
+        (d / "postprocessing.json").write_text(json.dumps({
+            "available": True, "steps": [{"function": "remove_all_but_largest_component_from_segmentation",
+                                          "kwargs": {"labels_or_regions": [1, 2]}}],
+            "validation_dice_before": 0.5, "validation_dice_after": 0.55}))
+    return d
+
+
+def _bench(tmp_path, trainers, shifts, seeds=(0, 1, 2), n=12, pp=True, **kw):
+    spec = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=tuple(trainers), amounts=("2",),
+                         seeds=tuple(seeds), test_images=".", test_labels=".", epochs=2, iterations_per_epoch=5, **kw)
+    runs = [{"trainer": t, "amount": "2", "seed": s, "fold": 5 + s} for s in seeds for t in spec.all_trainers]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    rng = np.random.default_rng(0)
+    for s in seeds:
+        plain = np.clip(rng.uniform(0.4, 0.7, n) + 0.03 * s, 0, 1)
+        for t in spec.all_trainers:
+            shift = shifts.get(t, 0.0)
+            dice = np.clip(plain + (shift(s) if callable(shift) else shift), 0, 1)
+            _write_run(tmp_path, t, "2", s, list(dice), pp_dice=list(np.clip(dice + 0.02, 0, 1)) if pp else None,
+                       sec=0.1 if t == PLAIN else 0.25)
+    return spec
+
+
+def test_report_rows_control_and_summary_json(tmp_path):
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.05})
+    assert spec.all_trainers == (PLAIN, CONTROL, "nnUNetTrainerX")
+    readme = write_report(spec, tmp_path, tmp_path / "report")
+    text = readme.read_text()
+    assert "WARNING" not in text and "matches plain (CI contains 0)" in text
+    for section in ("## Against plain nnU-Net", "## A/A control", "## No class lost", "hierarchical bootstrap",
+                    "after nnU-Net's postprocessing", "## Postprocessing", "largest component of RV, MYO"):
+        assert section in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["statistics"]["resamples"] == BOOTSTRAP_RESAMPLES and summary["total_steps_per_run"] == 10
+    rows = {r["trainer"]: r for r in summary["comparisons"]}
+    x = rows["nnUNetTrainerX"]
+    assert x["labeled_amount"] == "2" and x["seeds"] == [0, 1, 2] and x["total_steps_per_run"] == 10
+    assert x["s_per_step_vs_plain"] == pytest.approx(2.5)
+    for kind in ("raw", "postprocessed"):
+        r = x[kind]
+        assert r["n_pairs"] == 36 and r["dice_delta"] == pytest.approx(0.05)
+        assert r["dice_ci95"][0] == pytest.approx(0.05) and r["p_bootstrap"] < 0.001 and r["p_wilcoxon"] < 0.001
+        assert r["wins"] == 36 and r["losses"] == 0 and r["hd95_delta"] == pytest.approx(-0.5)
+        assert r["per_class_dice"]["RV"]["delta"] == pytest.approx(0.05)
+    assert rows[CONTROL]["is_control"] and rows[CONTROL]["raw"]["p_bootstrap"] == 1.0
+    assert summary["control"]["ok"] is True and summary["class_presence"]["ok"] is True
+    assert summary["runs"]["without_postprocessing"] == []
+    assert (tmp_path / "report" / "paired_difference.png").stat().st_size > 1000
+
+
+def test_control_that_differs_from_plain_raises_a_loud_warning(tmp_path):
+    spec = _bench(tmp_path, [], {CONTROL: lambda s: -0.06 + 0.01 * s}, pp=False)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "WARNING: the A/A control `nnUNetTrainerZeroSSL` does not match plain" in text
+    assert "The glue has a defect" in text and "**DIFFERS from plain**" in text
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["control"]["ok"] is False
+
+
+def test_runs_without_postprocessing_are_missing_not_faked(tmp_path):
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.05}, control=None)
+    plain0 = tmp_path / "runs" / Run(PLAIN, "2", 0, 0).tag
+    for f in ("metrics_postprocessed.json", "postprocessing.json"):
+        (plain0 / f).unlink()
+    (plain0 / "postprocessing.json").write_text(json.dumps({"available": False, "reason": "no validation "
+                                                            "predictions (run with --no-validation)"}))
+    x2 = tmp_path / "runs" / Run("nnUNetTrainerX", "2", 2, 0).tag
+    for f in ("metrics_postprocessed.json", "postprocessing.json"):  # as left by the code before this stage
+        (x2 / f).unlink()
+    assert not run_finished(x2) and run_finished(tmp_path / "runs" / Run("nnUNetTrainerX", "2", 1, 0).tag)
+    res = Results(spec, tmp_path)
+    assert res.pp_status[("nnUNetTrainerX", "2", 2)]["reason"] == OLD_RUN_REASON
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "2 run(s) without post-processed numbers" in text and "--no-validation" in text
+    assert "(some runs lack post-processed metrics)" in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    x = summary["comparisons"][0]
+    assert x["raw"]["seeds"] == [0, 1, 2] and x["postprocessed"]["seeds"] == [1]  # only seed 1 has both
+    assert {(m["trainer"], m["seed"]) for m in summary["runs"]["without_postprocessing"]} == \
+        {(PLAIN, 0), ("nnUNetTrainerX", 2)}
+    assert summary["control"]["trainer"] is None and "No A/A control" in text
+
+
+def test_no_postprocessing_at_all_marks_the_rows_missing(tmp_path):
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, seeds=(0,), control=None, pp=False)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "missing: no post-processed metrics" in text and "One seed only" in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert "missing" in summary["comparisons"][0]["postprocessed"]
+
+
+def test_class_presence_flags_a_lost_class(tmp_path):
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, seeds=(0,), control=None, pp=False)
+    d = tmp_path / "runs" / Run("nnUNetTrainerX", "2", 0, 0).tag
+    import shutil
+
+    shutil.rmtree(d)
+    _write_run(tmp_path, "nnUNetTrainerX", "2", 0, [0.5] * 10, empty_class2=2)  # class 2 missed on 2 of 10
+    res = Results(spec, tmp_path)
+    pres = res.class_presence("nnUNetTrainerX", "2")
+    assert pres["1"] == (1.0, 10) and pres["2"] == (0.8, 10)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "| 80 % | **NO** |" in text and "**Classes lost** (raw predictions): nnUNetTrainerX at labeled 2" in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["class_presence"]["ok"] is False
+
+
+# ---------------------------------------------------------------------------------------------- spec
+
+
+def test_spec_control_default_old_files_and_no_control():
+    spec = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=("nnUNetTrainerCPCL",),
+                         amounts=("2",), seeds=(0,), test_images=".", test_labels=".", epochs=1,
+                         iterations_per_epoch=1)
+    assert spec.all_trainers == (PLAIN, CONTROL, "nnUNetTrainerCPCL")
+    assert BenchmarkSpec.from_json(spec.to_json()) == spec
+    old = json.loads(spec.to_json())
+    del old["control"]  # a spec file written before the control existed keeps its trainers on resume
+    loaded = BenchmarkSpec.from_json(json.dumps(old))
+    assert loaded.control is None and loaded.all_trainers == (PLAIN, "nnUNetTrainerCPCL")
+    assert loaded.budget_key() == spec.budget_key()  # resuming it with the new defaults is allowed
+    # the control named as a trainer too is run once
+    both = BenchmarkSpec(**{**json.loads(spec.to_json()), "trainers": (CONTROL,), "amounts": ("2",),
+                            "seeds": (0,)})
+    assert both.all_trainers == (PLAIN, CONTROL)
+
+
+def test_postprocess_without_validation_predictions_says_so(tmp_path):
+    from nnunet_proto.benchmark.run_one import postprocess
+
+    spec = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=(), amounts=("2",), seeds=(0,),
+                         test_images=".", test_labels=".", epochs=1, iterations_per_epoch=1, run_validation=False)
+    status = postprocess(spec, tmp_path / "fold_5", tmp_path, tmp_path / "pred", tmp_path / "run")
+    assert status["available"] is False and "--no-validation" in status["reason"]
+    assert not (tmp_path / "run" / "metrics_postprocessed.json").exists()
+
+
+def test_plots_one_amount_same_x_points_for_few_cases_one_y_scale(tmp_path, monkeypatch):
+    """Issue: with one labeled amount the trainers were drawn at different x; few cases were drawn as boxes."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    from matplotlib.axes import Axes
+
+    calls = {"errorbar_x": [], "boxplot": 0}
+    real_errorbar, real_boxplot = Axes.errorbar, Axes.boxplot
+
+    def errorbar(self, x, *a, **k):
+        if self.get_xlabel() == "" and k.get("label") in ("plain", "ZeroSSL", "X"):  # dice_vs_labeled only
+            calls["errorbar_x"].append(list(x))
+        return real_errorbar(self, x, *a, **k)
+
+    def boxplot(self, *a, **k):
+        calls["boxplot"] += 1
+        return real_boxplot(self, *a, **k)
+
+    monkeypatch.setattr(Axes, "errorbar", errorbar)
+    monkeypatch.setattr(Axes, "boxplot", boxplot)
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.05}, seeds=(0,), n=6)
+    write_report(spec, tmp_path, tmp_path / "report")
+    assert calls["errorbar_x"] == [[2.0], [2.0], [2.0]]  # plain, control and X at the amount itself
+    assert calls["boxplot"] == 0  # 6 cases: points, not boxes
+    assert "**Few pairs (6):**" in (tmp_path / "report" / "README.md").read_text()
+    for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "paired_difference.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
