@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -150,17 +150,40 @@ class SemiSupervisedMethod(ABC):
         config_class: its frozen config dataclass.
         term_names: names of the loss terms it returns (logged as ``loss_<name>``).
         needs_features: whether the trainer must tap the feature layer (student and teacher).
+        diagnostic_names: names of the per-step diagnostics it reports (logged as ``diag_<name>``), see
+            :attr:`diagnostics`. Declared up front because nnU-Net's logger needs every key registered
+            before training and one value per epoch.
+
+    Diagnostics: during :meth:`losses` a method may put values it wants to see in the log and in
+    progress.png into ``self.diagnostics`` (name → float or 0-dim tensor; tensors avoid a host sync per
+    step). The trainer reads and clears the dict after every step, averages each key over the epoch
+    (steps that did not report a key are skipped; an epoch with none logs NaN) and refuses names that
+    were not declared in :meth:`diagnostic_keys`.
     """
 
     config_class: ClassVar[type] = SemiSupervisedConfig
     term_names: ClassVar[Tuple[str, ...]] = ()
     needs_features: ClassVar[bool] = False
+    diagnostic_names: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, config: SemiSupervisedConfig):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                             f"got {type(config).__name__}")
         self.config = config
+        self.diagnostics: Dict[str, Union[float, torch.Tensor]] = {}
+
+    def diagnostic_keys(self, num_classes: int) -> Tuple[str, ...]:
+        """All diagnostic names this method may report for ``num_classes`` classes.
+
+        Default: ``diagnostic_names``. Override to add per-class names (e.g. ``f"share_c{c}"``).
+        """
+        return tuple(self.diagnostic_names)
+
+    def report(self, **values: Union[float, torch.Tensor]) -> None:
+        """Record diagnostics of the current step (detached); names must be in :meth:`diagnostic_keys`."""
+        for name, value in values.items():
+            self.diagnostics[name] = value.detach() if isinstance(value, torch.Tensor) else float(value)
 
     @property
     def uses_teacher(self) -> bool:
