@@ -143,3 +143,37 @@ def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Te
     out["confidence"] = pl.confidence.mean()
     out["kept"] = pl.kept_fraction
     return out
+
+
+def collapse_diagnostic_names(num_classes: int) -> Tuple[str, ...]:
+    """Keys of :func:`collapse_diagnostics`: ``pl_<stat>`` for every pseudo-label statistic, then
+    ``labeled_share_c<k>``."""
+    return (*(f"pl_{k}" for k in pseudo_label_stat_names(num_classes)),
+            *(f"labeled_share_c{c}" for c in range(num_classes)))
+
+
+def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor, num_classes: int,
+                         threshold: Union[float, torch.Tensor] = 0.0,
+                         ignore_index: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Teacher pseudo-label statistics on unlabeled patches next to the labeled class shares of the step.
+
+    One function for every trainer with a teacher (the shared step and methods with their own step, e.g.
+    copy-paste), so the numbers mean the same everywhere. A class whose ``pl_share_c<k>`` falls far below
+    its ``labeled_share_c<k>`` is vanishing from the teacher's predictions.
+
+    Args:
+        teacher_logits_u: (B_u, C, *S) teacher logits on the un-mixed unlabeled patches.
+        target_l: (B_l, 1, *S) labels of the labeled patches (ignore label not counted).
+        threshold: the confidence gate τ (float or (C,)), as the method uses it.
+    Returns: 0-dim float32 tensors, keys :func:`collapse_diagnostic_names`.
+    """
+    if teacher_logits_u.shape[1] != num_classes:
+        raise ValueError(f"teacher logits have {teacher_logits_u.shape[1]} channels, expected {num_classes} classes")
+    stats = pseudo_label_stats(gate_logits(teacher_logits_u, threshold), num_classes)
+    out = {f"pl_{k}": v for k, v in stats.items()}
+    valid = None
+    if ignore_index is not None:
+        valid = target_l != ignore_index
+    shares = class_shares(target_l, num_classes, valid)
+    out.update({f"labeled_share_c{c}": shares[c] for c in range(num_classes)})
+    return out
