@@ -353,7 +353,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self._iter_in_epoch += 1
         out = {"loss": total.detach().cpu().numpy()}
         out.update({PREFIX + k: float(v) for k, v in logs.items()})
-        out.update({PREFIX + k: float(v) for k, v in self._step_collapse.items()})
+        if self._step_collapse:  # one host transfer for all values (GPU: one sync, not one per class)
+            values = torch.stack([v.float() for v in self._step_collapse.values()]).tolist()
+            out.update({PREFIX + k: v for k, v in zip(self._step_collapse, values)})
         self._step_collapse = {}
         diagnostics, self.method.diagnostics = self.method.diagnostics, {}
         unknown = set(diagnostics) - set(self.diagnostic_keys)
