@@ -132,17 +132,19 @@ def test_mean_teacher_loss_and_noise():
 
 
 def test_mean_teacher_noise_is_scaled_to_normalised_intensities():
-    """SSL4MIS's N(0, 0.1) on [0, 1] images of std 0.12 is ~0.8 image stds; on z-scored images (std 1) the
-    default noise must be that strong relative to the image, the literal one 8x weaker."""
+    """SSL4MIS's N(0, 0.1) on [0, 1] ACDC images of std 0.154 is ~0.65 image stds; on z-scored images (std 1)
+    the default noise must be that strong relative to the image, the literal one 6.5x weaker."""
+    from nnunet_proto.methods.mean_teacher import SSL4MIS_ACDC_IMAGE_STD
+
     torch.manual_seed(0)
     z = torch.randn(2, 1, 64, 64)  # nnU-Net z-scored patch
-    ssl4mis_img = z * 0.12 + 0.5  # the same patch in SSL4MIS's [0, 1] scaling
+    ssl4mis_img = z * SSL4MIS_ACDC_IMAGE_STD + 0.5  # the same patch in SSL4MIS's [0, 1] scaling
     rel_default = (MeanTeacher(MeanTeacherConfig()).teacher_input(z) - z).std() / z.std()
     rel_ssl4mis = (MeanTeacher(MeanTeacherConfig.ssl4mis()).teacher_input(ssl4mis_img) - ssl4mis_img).std() \
         / ssl4mis_img.std()
     rel_literal_on_z = (MeanTeacher(MeanTeacherConfig.ssl4mis()).teacher_input(z) - z).std() / z.std()
     assert float(rel_default) == pytest.approx(float(rel_ssl4mis), rel=0.1)
-    assert float(rel_literal_on_z) < float(rel_default) / 6
+    assert float(rel_literal_on_z) < float(rel_default) / 5
     cfg = MeanTeacherConfig.ssl4mis()
     assert cfg.time_constants == "paper" and cfg.noise_std == 0.1
     assert MeanTeacherConfig().reference_steps == 30000
