@@ -168,8 +168,10 @@ class SemiSupervisedLogger(LocalLogger):
         ax.set_xlabel("epoch")
         ax.set_ylabel("voxel share of foreground class")
         ax2.set_ylabel("confidence / kept fraction")
-        ax.legend(loc=(0, 1), ncol=3)
-        ax2.legend(loc=(0.75, 1))
+        handles, names = ax.get_legend_handles_labels()
+        handles2, names2 = ax2.get_legend_handles_labels()
+        if handles or handles2:  # one legend for both axes (two would overlap above the panel)
+            ax.legend(handles + handles2, names + names2, loc=(0, 1), ncol=3)
 
         # 7: the method's own diagnostics
         if self.diagnostic_names:
