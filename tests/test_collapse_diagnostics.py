@@ -88,6 +88,7 @@ def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results,
 
     assert "class 1: teacher pseudo labels (unlabeled)" in labels and "kept by the gate" in labels
     assert "class 1: labeled patches" in labels and "student_confidence" in labels
+    assert "background: teacher pseudo labels (right axis)" in labels
     config = json.load(open(f"{trainer.output_folder}/nnunet_proto_config.json"))
     assert config["time_constants"]["run_steps"] == 8
 

@@ -146,7 +146,8 @@ class SemiSupervisedLogger(LocalLogger):
         ax.legend(loc=(0, 1))
 
         # 6: collapse diagnostics: per foreground class, pseudo-label share (solid) vs labeled share (dashed),
-        # share among the gate's kept voxels (dotted); teacher confidence and kept fraction on the right
+        # share among the gate's kept voxels (dotted); background shares, teacher confidence and kept fraction
+        # on the right axis
         ax = axes[5]
         ax2 = ax.twinx()
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -158,7 +159,13 @@ class SemiSupervisedLogger(LocalLogger):
                     label=f"class {c}: kept pseudo labels")
             ax.plot(x, log[f"{PREFIX}labeled_share_c{c}"][:epoch + 1], color=col, ls="--", linewidth=3,
                     label=f"class {c}: labeled patches")
-        if self.num_classes:
+        if self.num_classes:  # background on the right axis: its share (~0.9) would flatten the others
+            ax2.plot(x, log[f"{PREFIX}pl_share_c0"][:epoch + 1], color="tab:brown", linewidth=3,
+                     label="background: teacher pseudo labels (right axis)")
+            ax2.plot(x, log[f"{PREFIX}pl_share_kept_c0"][:epoch + 1], color="tab:brown", ls="dotted", linewidth=3,
+                     label="background: kept pseudo labels (right axis)")
+            ax2.plot(x, log[f"{PREFIX}labeled_share_c0"][:epoch + 1], color="tab:brown", ls="--", linewidth=3,
+                     label="background: labeled patches (right axis)")
             ax2.plot(x, log[PREFIX + "pl_confidence"][:epoch + 1], color="k", linewidth=3,
                      label="mean teacher confidence")
             ax2.plot(x, log[PREFIX + "pl_kept"][:epoch + 1], color="grey", ls="--", linewidth=3,
@@ -167,7 +174,7 @@ class SemiSupervisedLogger(LocalLogger):
         ax2.set_ylim(0, 1.05)
         ax.set_xlabel("epoch")
         ax.set_ylabel("voxel share of foreground class")
-        ax2.set_ylabel("confidence / kept fraction")
+        ax2.set_ylabel("background share / confidence / kept fraction")
         handles, names = ax.get_legend_handles_labels()
         handles2, names2 = ax2.get_legend_handles_labels()
         if handles or handles2:  # one legend for both axes (two would overlap above the panel)
