@@ -85,6 +85,7 @@ def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results,
     assert len(warnings) == 2  # epochs 3 and 4 (0-based 2, 3): three consecutive epochs needed
     assert "[1, 2, 3]" in warnings[0]
     assert "method diagnostics: student_confidence" in text
+    assert "time constants for this run of 8 steps: mode run_relative" in text and "ema_decay 0.9," in text
 
     assert "class 1: teacher pseudo labels (unlabeled)" in labels and "kept by the gate" in labels
     assert "class 1: labeled patches" in labels and "student_confidence" in labels
