@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from nnunet_proto.ops.pseudo_labels import (
+    class_relative_thresholds,
     class_shares,
+    confidence_gate,
     gate_logits,
     gate_pseudo_labels,
     pseudo_label_stat_names,
@@ -115,3 +117,23 @@ def test_pseudo_label_stats_analytic():
 def test_class_shares_skip_ignore_label():
     labels = torch.tensor([[[0, 1], [1, 9]]])  # 9 = ignore label, not a class
     torch.testing.assert_close(class_shares(labels, 3), torch.tensor([1 / 3, 2 / 3, 0.0]))
+
+
+def test_class_relative_thresholds_keep_a_hard_class():
+    # class 0: 6 voxels at 0.95; class 1 (hard): 4 voxels at 0.6; class 2 never predicted
+    conf = torch.tensor([0.95] * 6 + [0.6] * 4)
+    labels = torch.tensor([0] * 6 + [1] * 4)
+    probs = torch.zeros(1, 3, 10)
+    probs[0, labels, torch.arange(10)] = conf
+    probs[0, 2] = 1 - conf  # the rest of the mass on class 2 (never the argmax)
+    thr = class_relative_thresholds(probs, 0.9)
+    torch.testing.assert_close(thr, torch.tensor([0.9, 0.9 * 0.6 / 0.95, 0.9]))
+    assert float(class_relative_thresholds(probs, 0.9, floor=0.7)[1]) == pytest.approx(0.7)
+    fixed = pseudo_label_stats(confidence_gate(probs, 0.9, "fixed"), 3)
+    relative = pseudo_label_stats(confidence_gate(probs, 0.9, "class_relative"), 3)
+    assert float(fixed["share_kept_c1"]) == 0.0  # the hard class vanishes under a fixed gate ...
+    assert float(relative["share_kept_c1"]) == pytest.approx(0.4)  # ... and is kept relative to its status
+    with pytest.raises(ValueError, match="threshold mode"):
+        confidence_gate(probs, 0.9, "adaptive")
+    with pytest.raises(ValueError, match="floor"):
+        class_relative_thresholds(probs, 0.4, floor=0.5)

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Unio
 import torch
 from torch import nn
 
+from nnunet_proto.ops.pseudo_labels import THRESHOLD_MODES, PseudoLabels, confidence_gate
 from nnunet_proto.ops.schedules import (
     MIN_RUN_RELATIVE_DECAY,
     ema_horizon,
@@ -64,6 +65,10 @@ class SemiSupervisedConfig:
             (``ops.pseudo_labels.gate_pseudo_labels``): used by methods that train on such labels, and by
             the collapse diagnostics every trainer with a teacher logs (kept fraction, kept class shares).
             0 keeps every voxel (ungated, as the papers do).
+        threshold_mode: ``"fixed"``: τ for every class; ``"class_relative"``: τ_c = max(0.5, τ·σ_c/max σ) with
+            σ_c the batch's mean confidence of voxels predicted as c
+            (``ops.pseudo_labels.class_relative_thresholds``): a class the teacher is unsure of keeps its
+            most confident voxels instead of vanishing from the pseudo labels.
         seed: if set, Python, NumPy and torch are seeded (seed + DDP rank) when the trainer initialises,
             before the network is built and the data loaders start. With nnUNet_n_proc_DA=0 a CPU run is
             then repeatable step for step (docs/reproducibility.md); background augmentation workers
@@ -84,6 +89,7 @@ class SemiSupervisedConfig:
     time_constants: str = "run_relative"
     min_decay: float = MIN_RUN_RELATIVE_DECAY
     pseudo_label_threshold: float = 0.9
+    threshold_mode: str = "fixed"
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -117,6 +123,8 @@ class SemiSupervisedConfig:
             raise ValueError(f"min_decay must be in [0, 1), got {self.min_decay}")
         if not 0.0 <= self.pseudo_label_threshold <= 1.0:
             raise ValueError(f"pseudo_label_threshold is a probability in [0, 1], got {self.pseudo_label_threshold}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
 
     def ramp(self, progress: float) -> float:
         """λ(t) = w_max · ramp(progress / rampup_length), progress in [0, 1]."""
@@ -206,6 +214,13 @@ class SemiSupervisedMethod(ABC):
         self.config = config
         self.diagnostics: Dict[str, Union[float, torch.Tensor]] = {}
         self.run_steps: Optional[int] = None  # set by the trainer: num_epochs × num_iterations_per_epoch
+
+    def gate_teacher(self, teacher_logits: torch.Tensor) -> PseudoLabels:
+        """The config's confidence gate on teacher logits (B, C, *S): ``pseudo_label_threshold`` per
+        ``threshold_mode``. Every method and the trainer's collapse diagnostics use this one gate."""
+        with torch.no_grad():
+            probs = torch.softmax(teacher_logits.detach().float(), dim=1)
+        return confidence_gate(probs, self.config.pseudo_label_threshold, self.config.threshold_mode)
 
     # ------------------------------------------------------------------ time constants relative to the run
     def set_run_steps(self, run_steps: int) -> None:

@@ -48,7 +48,6 @@ from nnunet_proto.ops.copy_paste import (
     copy_paste_batch,
     mixed_deep_supervision_loss,
 )
-from nnunet_proto.ops.pseudo_labels import gate_logits
 
 #: BCP §4.1 / official code (authors' confirmation in the repository's issue #10): pre-training and
 #: self-training iterations, ACDC (2D) 10k + 30k, LA (3D) 2k + 15k
@@ -195,7 +194,7 @@ class BCP(SemiSupervisedMethod):
             return copy_paste_batch(data_l, targets_l, box_fraction=cfg.box_fraction, generator=generator)
         if data_u is None or teacher_logits_u is None:
             raise ValueError("BCP stage two needs the unlabeled patches and the teacher's logits on them")
-        pl = gate_logits(teacher_logits_u, cfg.pseudo_label_threshold)
+        pl = self.gate_teacher(teacher_logits_u)
         # region weights 1 here: the pseudo-labeled regions are weighted by w_u through weights()
         return copy_paste_batch(data_l, targets_l, data_u, pl.labels, pl.confidence, pl.keep,
                                 box_fraction=cfg.box_fraction, unlabeled_weight=1.0, generator=generator)

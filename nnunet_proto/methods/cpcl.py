@@ -42,7 +42,7 @@ from nnunet_proto.ops.prototypes import (
     prototype_targets,
     resize_masks,
 )
-from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
+from nnunet_proto.ops.pseudo_labels import confidence_gate
 
 PROTOTYPE_REDUCTIONS = ("batch_mean", "pooled", "per_image")
 #: CPCL paper (BraTS, KiTS): 20 000 iterations with EMA 0.99
@@ -127,7 +127,7 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     fpc = masked_mean((p_l2u - probs_u) ** 2, has_proto_l.view(-1, *([1] * (probs_u.dim() - 1))))
 
     # U2L: prototypes of the unlabeled features under the teacher's confident pseudo labels classify F_l
-    pl = gate_pseudo_labels(probs_u, config.pseudo_label_threshold)
+    pl = confidence_gate(probs_u, config.pseudo_label_threshold, config.threshold_mode)
     onehot_u = labels_to_onehot(pl.labels, num_classes) * pl.keep
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
                                       config.prototype_reduction, reduce_fn)

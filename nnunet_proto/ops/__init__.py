@@ -15,9 +15,11 @@ from nnunet_proto.ops.prototypes import (
 )
 from nnunet_proto.ops.pseudo_labels import (
     PseudoLabels,
+    class_relative_thresholds,
     class_shares,
     collapse_diagnostic_names,
     collapse_diagnostics,
+    confidence_gate,
     gate_logits,
     gate_pseudo_labels,
     pseudo_label_stat_names,
@@ -34,7 +36,8 @@ from nnunet_proto.ops.schedules import (
 )
 
 __all__ = [
-    "PseudoLabels", "class_shares", "collapse_diagnostic_names", "collapse_diagnostics", "ema_horizon",
+    "PseudoLabels", "class_relative_thresholds", "class_shares", "confidence_gate", "collapse_diagnostic_names",
+    "collapse_diagnostics", "ema_horizon",
     "fraction_to_steps", "gate_logits", "gate_pseudo_labels",
     "pseudo_label_stat_names", "pseudo_label_stats", "run_fraction", "run_relative_decay",
     "Prototypes", "all_reduce_mean_", "all_reduce_sum", "any_valid", "class_feature_sums",

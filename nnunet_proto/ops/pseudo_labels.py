@@ -154,7 +154,8 @@ def collapse_diagnostic_names(num_classes: int) -> Tuple[str, ...]:
 
 def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor, num_classes: int,
                          threshold: Union[float, torch.Tensor] = 0.0,
-                         ignore_index: Optional[int] = None) -> Dict[str, torch.Tensor]:
+                         ignore_index: Optional[int] = None,
+                         pseudo: Optional[PseudoLabels] = None) -> Dict[str, torch.Tensor]:
     """Teacher pseudo-label statistics on unlabeled patches next to the labeled class shares of the step.
 
     One function for every trainer with a teacher (the shared step and methods with their own step, e.g.
@@ -165,11 +166,14 @@ def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor,
         teacher_logits_u: (B_u, C, *S) teacher logits on the un-mixed unlabeled patches.
         target_l: (B_l, 1, *S) labels of the labeled patches (ignore label not counted).
         threshold: the confidence gate τ (float or (C,)), as the method uses it.
+        pseudo: the method's own gated pseudo labels of ``teacher_logits_u``; when given, ``threshold`` is unused.
     Returns: 0-dim float32 tensors, keys :func:`collapse_diagnostic_names`.
     """
     if teacher_logits_u.shape[1] != num_classes:
         raise ValueError(f"teacher logits have {teacher_logits_u.shape[1]} channels, expected {num_classes} classes")
-    stats = pseudo_label_stats(gate_logits(teacher_logits_u, threshold), num_classes)
+    if pseudo is None:
+        pseudo = gate_logits(teacher_logits_u, threshold)
+    stats = pseudo_label_stats(pseudo, num_classes)
     out = {f"pl_{k}": v for k, v in stats.items()}
     valid = None
     if ignore_index is not None:
@@ -177,3 +181,48 @@ def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor,
     shares = class_shares(target_l, num_classes, valid)
     out.update({f"labeled_share_c{c}": shares[c] for c in range(num_classes)})
     return out
+
+
+def class_relative_thresholds(probs: torch.Tensor, threshold: float, floor: float = 0.5) -> torch.Tensor:
+    """Per-class thresholds scaled by each class's learning status in this batch (FlexMatch-style), (C,) float32.
+
+    FlexMatch (Zhang et al., "FlexMatch: Boosting Semi-Supervised Learning with Curriculum Pseudo Labeling",
+    NeurIPS 2021, arXiv 2110.08263) lowers the threshold of classes the model has not learned yet,
+    τ_c = β_c · τ with β_c = σ_c / max_k σ_k. FlexMatch's σ_c counts confident predictions per class, which
+    in segmentation measures class *size* (background has most voxels), so here σ_c is the mean confidence
+    of the voxels predicted as c, a per-voxel quantity independent of the class's size:
+
+        τ_c = max(floor, τ · σ_c / max_k σ_k),    σ_c = mean_{v: ĉ(v) = c} p_c(v)
+
+    A hard class (low σ_c) keeps its most confident voxels instead of vanishing from the pseudo labels;
+    classes not predicted in the batch get τ. Computed per batch (thousands of voxels per class), so there
+    is no state and no time constant. ``floor`` bounds the threshold from below (0.5: the class must hold
+    the majority of the probability).
+    """
+    if not 0.0 <= floor <= threshold <= 1.0:
+        raise ValueError(f"need 0 <= floor <= threshold <= 1, got floor={floor}, threshold={threshold}")
+    with torch.no_grad():
+        p = probs.detach().float()
+        num_classes = p.shape[1]
+        confidence, labels = p.max(dim=1)
+        sums = torch.zeros(num_classes, device=p.device).index_add_(0, labels.reshape(-1), confidence.reshape(-1))
+        counts = torch.bincount(labels.reshape(-1), minlength=num_classes)[:num_classes].float()
+        present = counts > 0
+        status = torch.where(present, sums / counts.clamp_min(1.0), torch.zeros_like(sums))
+        top = status.max().clamp_min(1e-12)
+        scaled = torch.where(present, threshold * status / top, torch.full_like(status, threshold))
+        return scaled.clamp(min=floor, max=threshold)
+
+
+#: modes of :func:`confidence_gate`
+THRESHOLD_MODES = ("fixed", "class_relative")
+
+
+def confidence_gate(probs: torch.Tensor, threshold: float, mode: str = "fixed", floor: float = 0.5) -> PseudoLabels:
+    """:func:`gate_pseudo_labels` with τ for every class (``"fixed"``) or :func:`class_relative_thresholds`
+    (``"class_relative"``, floor ``min(floor, τ)``). ``probs`` (B, C, *S)."""
+    if mode == "fixed":
+        return gate_pseudo_labels(probs, threshold)
+    if mode == "class_relative":
+        return gate_pseudo_labels(probs, class_relative_thresholds(probs, threshold, min(floor, threshold)))
+    raise ValueError(f"threshold mode must be one of {THRESHOLD_MODES}, got {mode!r}")

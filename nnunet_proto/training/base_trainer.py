@@ -370,13 +370,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         """Collapse diagnostics of this step from the teacher's logits on the *un-mixed* unlabeled patches.
 
         Called by the shared ``compute_loss`` and by every trainer with its own step (copy-paste), so that all
-        trainers log the same numbers; the gate is the config's ``pseudo_label_threshold``.
+        trainers log the same numbers; the gate is the method's ``gate_teacher`` (config ``pseudo_label_threshold``
+        and ``threshold_mode``).
         """
         if teacher_logits_u is None:
             return
         self._step_collapse = collapse_diagnostics(
             teacher_logits_u, target_l, self.label_manager.num_segmentation_heads,
-            self.config.pseudo_label_threshold, self.label_manager.ignore_label)
+            ignore_index=self.label_manager.ignore_label, pseudo=self.method.gate_teacher(teacher_logits_u))
 
     def _sync_and_clip(self) -> None:
         if self.method_modules is not None:  # DDP averages only self.network's gradients
@@ -498,7 +499,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 + " ".join(f"c{c} {means[f'pl_share_c{c}']:.4f}" for c in fg)
                 + " | labeled patches " + " ".join(f"c{c} {means[f'labeled_share_c{c}']:.4f}" for c in fg)
                 + f" | mean confidence {means['pl_confidence']:.3f}, kept by the gate "
-                  f"(tau {self.config.pseudo_label_threshold:g}) {means['pl_kept']:.3f}")
+                  f"(tau {self.config.pseudo_label_threshold:g}, {self.config.threshold_mode}) {means['pl_kept']:.3f}")
         diag = {k[len("diag_"):]: v for k, v in means.items() if k.startswith("diag_")}
         if diag:
             self.print_to_log_file("method diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in diag.items()))
