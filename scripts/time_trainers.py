@@ -73,6 +73,8 @@ def build(name: str, args, configuration: str):
     trainer.on_train_start()
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
+    if hasattr(trainer, "enter_last_stage"):
+        trainer.enter_last_stage()  # staged methods (BCP) are timed in their main, last stage
     if getattr(trainer.method if hasattr(trainer, "method") else None, "stage", None) == 1 and \
             hasattr(trainer, "start_self_training"):
         trainer.start_self_training()  # two-stage methods (MPER) are timed in their main, second stage

@@ -20,7 +20,8 @@ TRAINERS = semi_supervised_trainer_names()
 
 
 def test_core_trainers_exist():
-    assert {"nnUNetTrainerCPCL", "nnUNetTrainerMeanTeacher"} <= set(TRAINERS)
+    expected = {"nnUNetTrainerCPCL", "nnUNetTrainerMeanTeacher", "nnUNetTrainerBCP", "nnUNetTrainerZeroSSL"}
+    assert expected <= set(TRAINERS)
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -52,6 +53,7 @@ def _started(name, ds, configuration):
 @pytest.mark.parametrize("name", TRAINERS)
 def test_train_step_gradients_and_ema(name, configuration, synthetic_dataset, fresh_results):
     trainer = _started(name, synthetic_dataset, configuration)
+    trainer.enter_last_stage()  # staged methods: check every term in the stage where it is used
     try:
         batch = next(trainer.dataloader_train)
         data_u = next(trainer.dataloader_unlabeled)["data"]
@@ -86,7 +88,7 @@ def test_train_step_gradients_and_ema(name, configuration, synthetic_dataset, fr
             if teacher is None:
                 continue
             assert all(p.grad is None for p in teacher.module.parameters())
-            alpha = ema_decay(global_step, trainer.config.ema_decay, trainer.config.ema_warmup)
+            alpha = ema_decay(global_step, teacher.decay, trainer.config.ema_warmup)
             student = unwrap_network(trainer.network).state_dict()
             for k, t_after in teacher.module.state_dict().items():
                 if t_after.dtype.is_floating_point:

@@ -67,22 +67,13 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             tap.clear()
             self.network.train(was_training)
 
-    def deep_supervision_weights(self, num_outputs: int) -> Tuple[float, ...]:
-        """nnU-Net's own deep-supervision weights (``DeepSupervisionWrapper.weight_factors``), or (1,) without DS."""
-        weights = getattr(self.loss, "weight_factors", None)
-        if weights is None:
-            weights = (1.0,)
-        if len(weights) != num_outputs:
-            raise RuntimeError(f"the network returned {num_outputs} outputs but nnU-Net's loss has {len(weights)} "
-                               f"deep-supervision weights")
-        return tuple(float(w) for w in weights)
-
     def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
         """Copy-paste step: mix inputs, one student forward, L^l_cons (loss_sup) + weighted MPER terms."""
         method = self.method
         ignore = self.label_manager.ignore_label
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
         t_logits = self.teacher_forward(data_u)[0] if method.stage == 2 else None  # un-mixed unlabeled patches
+        self.record_pseudo_label_diagnostics(t_logits, targets[0])  # collapse diagnostics (no-op in stage one)
         batch = method.make_batch(data_l, targets, data_u, t_logits)
         out = self.network(batch.images)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]

@@ -42,19 +42,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
-from nnunet_proto.ops.copy_paste import (
+from nnunet_proto.ops.copy_paste import (  # MixGroup/MixedBatch live in ops (shared with BCP), re-exported here
     BCP_BOX_FRACTION,
-    partner,
-    paste,
-    random_box_mask,
-    region_ce_dice,
-    resize_box_mask,
-    resize_labels,
+    MixedBatch,
+    MixGroup,
+    copy_paste_batch,
+    mixed_deep_supervision_loss,
+    mixed_region_loss,
 )
 from nnunet_proto.ops.kmeans import ClassReservoir, broadcast_from_rank0_, kmeans_bank
 from nnunet_proto.ops.multi_prototype import (
@@ -200,41 +199,6 @@ class MPERConfig(SemiSupervisedConfig):
                              f"{self.kmeans_n_init}")
 
 
-@dataclass(frozen=True)
-class MixGroup:
-    """Images ``start:stop`` of a mixed batch and the weights of their two regions.
-
-    ``context_weight`` applies where the box mask M is 1, ``patch_weight`` inside the box; 1 for
-    ground-truth regions, ``unlabeled_weight`` for pseudo-labeled ones.
-    """
-
-    start: int
-    stop: int
-    context_weight: float
-    patch_weight: float
-
-
-@dataclass
-class MixedBatch:
-    """The student's copy-paste batch and everything needed to supervise it.
-
-    Attributes:
-        images: ``(N, C_in, *S)`` mixed input patches (N = B in stage one, 2B in stage two).
-        targets: per deep-supervision scale, ``(N, 1, *S_s)`` mixed labels Ŷ^m (constant).
-        box_masks: per scale, ``(1, 1, *S_s)`` float, 1 = context region, 0 = pasted box.
-        groups: the mixed sub-batches and their region weights (the losses are summed over groups).
-        from_pseudo: ``(N, 1, *S)`` bool, voxels whose label is the teacher's pseudo label.
-        confidence: ``(N, 1, *S)`` float, the teacher's max softmax on pseudo-labeled voxels, 1 elsewhere.
-    """
-
-    images: torch.Tensor
-    targets: List[torch.Tensor]
-    box_masks: List[torch.Tensor]
-    groups: Tuple[MixGroup, ...]
-    from_pseudo: torch.Tensor
-    confidence: torch.Tensor
-
-
 @dataclass
 class MPERStepInputs(StepInputs):
     """``StepInputs`` for MPER: ``feats_l``/``logits_l``/``target_l`` describe the *mixed* batch.
@@ -362,42 +326,15 @@ class MPER(SemiSupervisedMethod):
             generator: CPU generator for the box position (replayable); global RNG when None.
         """
         self._require_setup()
-        targets_l = list(targets_l)
-        if tuple(targets_l[0].shape[2:]) != tuple(data_l.shape[2:]):
-            raise ValueError(f"the first target {tuple(targets_l[0].shape)} must be full resolution like the data "
-                             f"{tuple(data_l.shape)} (nnU-Net's deep-supervision list starts at full resolution)")
-        b = data_l.shape[0]
-        mask = random_box_mask(data_l.shape[2:], self.config.box_fraction, generator, data_l.device)
-        masks = [resize_box_mask(mask, t.shape[2:]) for t in targets_l]
-        full = (b, 1, *data_l.shape[2:])
         if self.stage == 1:
-            images = paste(data_l, partner(data_l), mask)
-            targets = [paste(t, partner(t), m) for t, m in zip(targets_l, masks)]
-            return MixedBatch(images, targets, masks, (MixGroup(0, b, 1.0, 1.0),),
-                              torch.zeros(full, dtype=torch.bool, device=data_l.device),
-                              torch.ones(full, device=data_l.device))
-
+            return copy_paste_batch(data_l, targets_l, box_fraction=self.config.box_fraction, generator=generator)
         if data_u is None or teacher_logits_u is None:
             raise ValueError("stage two needs the unlabeled patches and the teacher's logits on them")
-        if data_u.shape != data_l.shape:
-            raise ValueError(f"copy-paste pairs labeled and unlabeled patches one to one: got labeled "
-                             f"{tuple(data_l.shape)} and unlabeled {tuple(data_u.shape)}; set "
-                             f"unlabeled_batch_size=None (= the labeled batch size)")
         with torch.no_grad(), torch.autocast(device_type=data_l.device.type, enabled=False):
             probs = torch.softmax(teacher_logits_u.detach().float(), dim=1)
             conf, pseudo = probs.max(dim=1, keepdim=True)  # (B, 1, *S)
-        pseudo_scales = [resize_labels(pseudo, t.shape[2:]).to(t.dtype) for t in targets_l]
-        x_in = paste(data_l, data_u, mask)  # labeled context, unlabeled box
-        x_out = paste(data_u, partner(data_l), mask)  # unlabeled context, labeled box
-        targets = [torch.cat([paste(t, p, m), paste(p, partner(t), m)])
-                   for t, p, m in zip(targets_l, pseudo_scales, masks)]
-        inside = (mask < 0.5).expand(full)
-        from_pseudo = torch.cat([inside, ~inside])
-        ones = torch.ones_like(conf)
-        confidence = torch.cat([paste(ones, conf, mask), paste(conf, ones, mask)])
-        u = self.config.unlabeled_weight
-        groups = (MixGroup(0, b, 1.0, u), MixGroup(b, 2 * b, u, 1.0))
-        return MixedBatch(torch.cat([x_in, x_out]), targets, masks, groups, from_pseudo, confidence)
+        return copy_paste_batch(data_l, targets_l, data_u, pseudo, conf, box_fraction=self.config.box_fraction,
+                                unlabeled_weight=self.config.unlabeled_weight, generator=generator)
 
     # ------------------------------------------------------------------ losses
     def mixed_region_loss(self, logits: torch.Tensor, target: torch.Tensor, box_mask: torch.Tensor,
@@ -406,13 +343,8 @@ class MPER(SemiSupervisedMethod):
 
         ``logits`` ``(N, C, *S)`` (gradient), ``target`` ``(N, 1, *S)`` and ``box_mask`` ``(1, 1, *S)`` constants.
         """
-        cfg = self.config
-        total = logits.new_zeros((), dtype=torch.float32)
-        for g in groups:
-            regions = ((box_mask, g.context_weight), (1.0 - box_mask, g.patch_weight))
-            total = total + region_ce_dice(logits[g.start:g.stop], target[g.start:g.stop], regions, ignore_index,
-                                           cfg.dice_smooth, cfg.dice_include_background)
-        return total
+        return mixed_region_loss(logits, target, box_mask, groups, ignore_index, self.config.dice_smooth,
+                                 self.config.dice_include_background)
 
     def linear_consistency(self, outputs: Sequence[torch.Tensor], batch: MixedBatch,
                            scale_weights: Sequence[float], ignore_index: Optional[int]) -> torch.Tensor:
@@ -422,14 +354,8 @@ class MPER(SemiSupervisedMethod):
         deep-supervision weights (scales with weight 0 are skipped, as nnU-Net's wrapper does; the
         weights do not depend on the data). In stage one this is BCP's labeled copy-paste loss.
         """
-        if len(outputs) != len(batch.targets) or len(scale_weights) != len(outputs):
-            raise ValueError(f"{len(outputs)} network outputs, {len(batch.targets)} targets and "
-                             f"{len(scale_weights)} deep-supervision weights must match")
-        total = outputs[0].new_zeros((), dtype=torch.float32)
-        for logits, target, mask, w in zip(outputs, batch.targets, batch.box_masks, scale_weights):
-            if w != 0:
-                total = total + w * self.mixed_region_loss(logits, target, mask, batch.groups, ignore_index)
-        return total
+        return mixed_deep_supervision_loss(outputs, batch, scale_weights, ignore_index, None, self.config.dice_smooth,
+                                           self.config.dice_include_background)
 
     def _valid_voxels(self, target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
         t = target.long()
