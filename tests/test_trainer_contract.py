@@ -99,7 +99,7 @@ def test_train_step_gradients_and_ema(name, configuration, synthetic_dataset, fr
             if teacher is None:
                 continue
             assert all(p.grad is None for p in teacher.module.parameters())
-            alpha = ema_decay(global_step, trainer.config.ema_decay, trainer.config.ema_warmup)
+            alpha = ema_decay(global_step, teacher.decay, trainer.config.ema_warmup)
             student = unwrap_network(trainer.network).state_dict()
             for k, t_after in teacher.module.state_dict().items():
                 if t_after.dtype.is_floating_point:

@@ -11,17 +11,25 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from nnunet_proto.ops.schedules import linear_rampup, sigmoid_rampup
+from nnunet_proto.ops.schedules import (
+    MIN_RUN_RELATIVE_DECAY,
+    ema_horizon,
+    linear_rampup,
+    run_relative_decay,
+    sigmoid_rampup,
+)
 
 #: named prototype feature layers (nnU-Net U-Net stages; see training/feature_tap.py, which also
 #: accepts "encoder:<i>" and "decoder:<i>" for methods that need several stages)
 FEATURE_LAYERS = ("decoder", "decoder-2", "bottleneck")
 RAMPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
+#: ``time_constants`` modes: rescale EMA/momentum decays to the run length, or use the paper's values as written
+TIME_CONSTANT_MODES = ("run_relative", "paper")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,19 @@ class SemiSupervisedConfig:
         w_max: maximum consistency weight of the ramp λ(t) = w_max · ramp(t).
         rampup: ramp shape, ``"sigmoid"`` (Gaussian exp(−5(1−t)²)) or ``"linear"``.
         rampup_length: fraction of all training iterations after which λ reaches w_max.
+        reference_steps: length in iterations of the run the paper tuned its time constants for (EMA decay,
+            prototype / memory momenta); ``None`` = unknown, the decays are then used as written. Each
+            method sets its paper's value (e.g. 30 000 for SSL4MIS's ACDC Mean Teacher).
+        time_constants: ``"run_relative"`` (default): every decay α is replaced by
+            α' = 1 − (1 − α)·reference_steps/run_steps (``ops.schedules.run_relative_decay``), so its horizon
+            1/(1 − α) is the same fraction of this run (num_epochs × num_iterations_per_epoch) as of the
+            paper's; at the paper's run length α' = α. ``"paper"``: the literal values.
+        min_decay: floor of a run-relative decay (default 0.9, a 10-step horizon; see
+            ``ops.schedules.MIN_RUN_RELATIVE_DECAY``).
+        pseudo_label_threshold: confidence gate τ for argmax pseudo labels of the teacher
+            (``ops.pseudo_labels.gate_pseudo_labels``): used by methods that train on such labels, and by
+            the collapse diagnostics every trainer with a teacher logs (kept fraction, kept class shares).
+            0 keeps every voxel (ungated, as the papers do).
         seed: if set, Python, NumPy and torch are seeded (seed + DDP rank) when the trainer initialises,
             before the network is built and the data loaders start. With nnUNet_n_proc_DA=0 a CPU run is
             then repeatable step for step (docs/reproducibility.md); background augmentation workers
@@ -59,6 +80,10 @@ class SemiSupervisedConfig:
     w_max: float = 0.1
     rampup: str = "sigmoid"
     rampup_length: float = 1.0
+    reference_steps: Optional[int] = None
+    time_constants: str = "run_relative"
+    min_decay: float = MIN_RUN_RELATIVE_DECAY
+    pseudo_label_threshold: float = 0.9
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -84,6 +109,14 @@ class SemiSupervisedConfig:
             raise ValueError(f"rampup must be one of {tuple(RAMPS)}, got {self.rampup!r}")
         if not 0.0 <= self.rampup_length <= 1.0:
             raise ValueError(f"rampup_length is a fraction of training in [0, 1], got {self.rampup_length}")
+        if self.reference_steps is not None and self.reference_steps < 1:
+            raise ValueError(f"reference_steps must be >= 1 or None (no paper run length), got {self.reference_steps}")
+        if self.time_constants not in TIME_CONSTANT_MODES:
+            raise ValueError(f"time_constants must be one of {TIME_CONSTANT_MODES}, got {self.time_constants!r}")
+        if not 0.0 <= self.min_decay < 1.0:
+            raise ValueError(f"min_decay must be in [0, 1), got {self.min_decay}")
+        if not 0.0 <= self.pseudo_label_threshold <= 1.0:
+            raise ValueError(f"pseudo_label_threshold is a probability in [0, 1], got {self.pseudo_label_threshold}")
 
     def ramp(self, progress: float) -> float:
         """λ(t) = w_max · ramp(progress / rampup_length), progress in [0, 1]."""
@@ -150,17 +183,77 @@ class SemiSupervisedMethod(ABC):
         config_class: its frozen config dataclass.
         term_names: names of the loss terms it returns (logged as ``loss_<name>``).
         needs_features: whether the trainer must tap the feature layer (student and teacher).
+        diagnostic_names: names of the per-step diagnostics it reports (logged as ``diag_<name>``), see
+            :attr:`diagnostics`. Declared up front because nnU-Net's logger needs every key registered
+            before training and one value per epoch.
+
+    Diagnostics: during :meth:`losses` a method may put values it wants to see in the log and in
+    progress.png into ``self.diagnostics`` (name → float or 0-dim tensor; tensors avoid a host sync per
+    step). The trainer reads and clears the dict after every step, averages each key over the epoch
+    (steps that did not report a key are skipped; an epoch with none logs NaN) and refuses names that
+    were not declared in :meth:`diagnostic_keys`.
     """
 
     config_class: ClassVar[type] = SemiSupervisedConfig
     term_names: ClassVar[Tuple[str, ...]] = ()
     needs_features: ClassVar[bool] = False
+    diagnostic_names: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, config: SemiSupervisedConfig):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                             f"got {type(config).__name__}")
         self.config = config
+        self.diagnostics: Dict[str, Union[float, torch.Tensor]] = {}
+        self.run_steps: Optional[int] = None  # set by the trainer: num_epochs × num_iterations_per_epoch
+
+    # ------------------------------------------------------------------ time constants relative to the run
+    def set_run_steps(self, run_steps: int) -> None:
+        """Tell the method how many optimiser steps this run has (the trainer does it before training)."""
+        if int(run_steps) < 1:
+            raise ValueError(f"run_steps must be >= 1, got {run_steps}")
+        self.run_steps = int(run_steps)
+
+    def resolve_decay(self, decay: float, reference_steps: Optional[int] = None,
+                      run_steps: Optional[int] = None) -> float:
+        """A paper decay for this run: ``run_relative_decay`` in mode ``"run_relative"``, else ``decay``.
+
+        ``reference_steps`` defaults to ``config.reference_steps`` and ``run_steps`` to this run's length
+        (pass the stage length for a constant that lives in one stage). Returns ``decay`` unchanged when
+        either length is unknown or ``time_constants == "paper"``.
+        """
+        ref = self.config.reference_steps if reference_steps is None else reference_steps
+        run = self.run_steps if run_steps is None else run_steps
+        if self.config.time_constants == "paper" or ref is None or run is None:
+            return float(decay)
+        return run_relative_decay(decay, ref, run, min_decay=self.config.min_decay)
+
+    def time_constants(self) -> Dict[str, Any]:
+        """Resolved time constants of this run, for the log, nnunet_proto_config.json and checkpoints.
+
+        ``ema_decay`` is what the trainer's EMA teacher uses. Methods with more constants (momenta,
+        stage switches) extend the dict (call ``super().time_constants()``).
+        """
+        decay = self.resolve_decay(self.config.ema_decay)
+        out: Dict[str, Any] = {"mode": self.config.time_constants, "run_steps": self.run_steps,
+                               "reference_steps": self.config.reference_steps,
+                               "ema_decay_paper": self.config.ema_decay, "ema_decay": decay,
+                               "ema_horizon_steps": ema_horizon(decay)}
+        if self.run_steps:
+            out["ema_horizon_fraction"] = ema_horizon(decay) / self.run_steps
+        return out
+
+    def diagnostic_keys(self, num_classes: int) -> Tuple[str, ...]:
+        """All diagnostic names this method may report for ``num_classes`` classes.
+
+        Default: ``diagnostic_names``. Override to add per-class names (e.g. ``f"share_c{c}"``).
+        """
+        return tuple(self.diagnostic_names)
+
+    def report(self, **values: Union[float, torch.Tensor]) -> None:
+        """Record diagnostics of the current step (detached); names must be in :meth:`diagnostic_keys`."""
+        for name, value in values.items():
+            self.diagnostics[name] = value.detach() if isinstance(value, torch.Tensor) else float(value)
 
     @property
     def uses_teacher(self) -> bool:

@@ -13,9 +13,30 @@ from nnunet_proto.ops.prototypes import (
     resize_logits,
     resize_masks,
 )
-from nnunet_proto.ops.schedules import ema_decay, linear_rampup, sigmoid_rampup
+from nnunet_proto.ops.pseudo_labels import (
+    PseudoLabels,
+    class_shares,
+    collapse_diagnostic_names,
+    collapse_diagnostics,
+    gate_logits,
+    gate_pseudo_labels,
+    pseudo_label_stat_names,
+    pseudo_label_stats,
+)
+from nnunet_proto.ops.schedules import (
+    ema_decay,
+    ema_horizon,
+    fraction_to_steps,
+    linear_rampup,
+    run_fraction,
+    run_relative_decay,
+    sigmoid_rampup,
+)
 
 __all__ = [
+    "PseudoLabels", "class_shares", "collapse_diagnostic_names", "collapse_diagnostics", "ema_horizon",
+    "fraction_to_steps", "gate_logits", "gate_pseudo_labels",
+    "pseudo_label_stat_names", "pseudo_label_stats", "run_fraction", "run_relative_decay",
     "Prototypes", "all_reduce_mean_", "all_reduce_sum", "any_valid", "class_feature_sums",
     "cosine_similarity_map", "cross_entropy_ignore", "ema_decay", "is_distributed", "labels_to_onehot",
     "linear_rampup", "mask_invalid_logits", "masked_average_pooling", "masked_mean", "prototype_logits",

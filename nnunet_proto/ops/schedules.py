@@ -41,3 +41,81 @@ def ema_decay(step: int, decay: float, warmup: bool = True) -> float:
     if not warmup:
         return decay
     return min(1.0 - 1.0 / (step + 1.0), decay)
+
+
+#: Default floor of :func:`run_relative_decay`: horizon 1/(1 − 0.9) = 10 steps. Below ~10 steps an EMA
+#: teacher is the student of a few steps ago (no temporal ensemble left, consistency ≈ 0), and a momentum
+#: prototype bank is overwritten by every batch (pure batch noise). 10 steps keeps at least a short
+#: ensemble on very short CPU runs (1000 steps → 1 % of the run), while real runs never reach the floor.
+MIN_RUN_RELATIVE_DECAY = 0.9
+#: Default ceiling: horizon 10⁵ steps. Longer horizons would freeze the teacher for any run nnU-Net does
+#: (250k steps) once a paper decay is stretched to it; the ceiling only binds for reference lengths far
+#: below the run length.
+MAX_RUN_RELATIVE_DECAY = 0.99999
+
+
+def ema_horizon(decay: float) -> float:
+    """Horizon 1/(1 − decay) in steps of an EMA with the given decay (the mean age of its content)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    return 1.0 / (1.0 - decay)
+
+
+def run_relative_decay(decay: float, reference_steps: int, run_steps: int,
+                       min_decay: float = MIN_RUN_RELATIVE_DECAY,
+                       max_decay: float = MAX_RUN_RELATIVE_DECAY) -> float:
+    """EMA / momentum decay whose horizon is the same fraction of this run as ``decay``'s was of the paper's.
+
+    The horizon of an EMA with decay α is H = 1/(1 − α) steps. A paper that used α over
+    ``reference_steps`` iterations kept H/reference_steps of its run in the average; to keep that
+    fraction over ``run_steps``:
+
+        α' = 1 − (1 − α) · reference_steps / run_steps       (H' = H · run_steps / reference_steps)
+
+    clipped to [min(min_decay, α), max(max_decay, α)], so the result equals ``decay`` exactly when
+    ``run_steps == reference_steps`` even if the paper value lies outside the default bounds. Examples:
+    SSL4MIS Mean Teacher α = 0.99 over 30 000 steps → 0.9 (the floor) at 1000 steps, 0.9988 at 250 000.
+
+    Args:
+        decay: the paper's decay α in [0, 1).
+        reference_steps: iterations of the paper's run (> 0).
+        run_steps: iterations of this run (num_epochs × num_iterations_per_epoch, > 0).
+        min_decay: floor (default 0.9 = a 10-step horizon, see ``MIN_RUN_RELATIVE_DECAY``).
+        max_decay: ceiling < 1 (default 0.99999).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if reference_steps <= 0 or run_steps <= 0:
+        raise ValueError(f"reference_steps and run_steps must be > 0, got {reference_steps} and {run_steps}")
+    if not 0.0 <= min_decay <= max_decay < 1.0:
+        raise ValueError(f"need 0 <= min_decay <= max_decay < 1, got min_decay={min_decay}, max_decay={max_decay}")
+    if run_steps == reference_steps:
+        return float(decay)
+    scaled = 1.0 - (1.0 - decay) * reference_steps / run_steps
+    return float(min(max(scaled, min(min_decay, decay)), max(max_decay, decay)))
+
+
+def run_fraction(steps: float, reference_steps: int) -> float:
+    """A paper's step count (stage switch, ramp length) as a fraction of the paper's run, clipped to [0, 1].
+
+    E.g. a ramp over 40 "epochs" of 150 iterations in a 30 000-iteration run → 0.2, which the trainers
+    then apply to their own run (``progress`` in [0, 1]) so the ramp covers the same share of any run.
+    """
+    if reference_steps <= 0:
+        raise ValueError(f"reference_steps must be > 0, got {reference_steps}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    return float(min(steps / reference_steps, 1.0))
+
+
+def fraction_to_steps(fraction: float, run_steps: int, min_steps: int = 0) -> int:
+    """The step at which a fraction of a ``run_steps``-step run is reached: round(fraction · run_steps).
+
+    ``min_steps`` is a floor (e.g. at least one epoch before a stage switch); the result never exceeds
+    ``run_steps``.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if run_steps <= 0:
+        raise ValueError(f"run_steps must be > 0, got {run_steps}")
+    return int(min(max(round(fraction * run_steps), min_steps), run_steps))

@@ -8,6 +8,10 @@ validation, checkpoints, prediction) and adds:
   mode, saved in checkpoints and exported as ``checkpoint_final_teacher.pth``;
 * feature taps (forward hooks) on the student and teacher for prototype methods;
 * the method's loss terms with their ramp-ups, each logged per epoch and drawn in progress.png;
+* time constants (EMA decay, method momenta) resolved for this run's length (``time_constants``);
+* collapse diagnostics: the teacher's pseudo-label class shares on unlabeled patches next to the labeled
+  class shares, its mean confidence and the gate's kept fraction, logged and plotted every epoch, with a
+  warning when a foreground class vanishes from the pseudo labels; plus the method's own diagnostics;
 * resolved config + method state in every checkpoint, checked and restored on ``--c``.
 
 Leaf trainers (``trainers/``) set ``method_class`` and ``config`` and nothing else, or override
@@ -27,6 +31,7 @@ from torch import distributed as dist
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.distributed import all_reduce_gradients_, all_reduce_sum
+from nnunet_proto.ops.pseudo_labels import collapse_diagnostics
 from nnunet_proto.training.compat import (
     NonDetMultiThreadedAugmenter,
     SingleThreadedAugmenter,
@@ -37,7 +42,15 @@ from nnunet_proto.training.compat import (
 )
 from nnunet_proto.training.ema import EMATeacher
 from nnunet_proto.training.feature_tap import FeatureTap, layer_channels
-from nnunet_proto.training.progress import PREFIX, SemiSupervisedLogger
+from nnunet_proto.training.progress import (
+    COLLAPSE_EPOCHS,
+    COLLAPSE_RATIO,
+    DIAG_PREFIX,
+    PREFIX,
+    SemiSupervisedLogger,
+    collapse_keys,
+    collapsing_classes,
+)
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
     UnlabeledDataset,
@@ -126,7 +139,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.unlabeled_info: Dict[str, Any] = {}
         self._iter_in_epoch = 0
         self._epoch_wait = {"labeled": 0.0, "unlabeled": 0.0}
-        self.logger.local_logger = SemiSupervisedLogger(self.method.term_names)
+        self._step_collapse: Dict[str, torch.Tensor] = {}
+        num_classes = self.label_manager.num_segmentation_heads
+        self.diagnostic_keys = tuple(self.method.diagnostic_keys(num_classes))
+        self.logger.local_logger = SemiSupervisedLogger(
+            self.method.term_names, num_classes=num_classes if self.method.uses_teacher else 0,
+            diagnostic_names=self.diagnostic_keys)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -142,17 +160,29 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def progress(self) -> float:
         return min(1.0, self.global_step / max(1, self.num_epochs * self.num_iterations_per_epoch))
 
+    @property
+    def run_steps(self) -> int:
+        """Optimiser steps of the whole run, num_epochs × num_iterations_per_epoch."""
+        return max(1, self.num_epochs * self.num_iterations_per_epoch)
+
+    def resolve_time_constants(self) -> Dict[str, Any]:
+        """Tell the method this run's length and return its resolved time constants (EMA decay, ...)."""
+        self.method.set_run_steps(self.run_steps)
+        return self.method.time_constants()
+
     def resolved_config(self) -> Dict[str, Any]:
         """Method config plus the trainer settings that change what the method computes."""
         return {"trainer": type(self).__name__, "method": type(self.method).__name__,
                 "config": self.config.to_dict(), "num_epochs": self.num_epochs,
-                "num_iterations_per_epoch": self.num_iterations_per_epoch}
+                "num_iterations_per_epoch": self.num_iterations_per_epoch,
+                "time_constants": self.resolve_time_constants()}
 
     # ------------------------------------------------------------------ setup
     def initialize(self):
         if self.config.seed is not None and not self.was_initialized:
             seed_everything(self.config.seed + self.local_rank)
         super().initialize()
+        self.resolve_time_constants()
         student = unwrap_network(self.network)
         self.student_taps = {layer: FeatureTap(student, layer) for layer in self.method.feature_layers}
         arch = self.configuration_manager.network_arch_init_kwargs
@@ -174,11 +204,15 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     def _ensure_teacher(self) -> None:
         if not self.method.uses_teacher:
             return
+        decay = self.resolve_time_constants()["ema_decay"]
         if self.teacher is None:
-            self.teacher = EMATeacher(unwrap_network(self.network), self.config.ema_decay, self.config.ema_warmup)
+            self.teacher = EMATeacher(unwrap_network(self.network), decay, self.config.ema_warmup)
             self.teacher_taps = {}
         if self.method_modules is not None and self.teacher_modules is None:
-            self.teacher_modules = EMATeacher(self.method_modules, self.config.ema_decay, self.config.ema_warmup)
+            self.teacher_modules = EMATeacher(self.method_modules, decay, self.config.ema_warmup)
+        for teacher in (self.teacher, self.teacher_modules):  # the run length may have changed since creation
+            if teacher is not None:
+                teacher.decay = decay
         # the teacher only needs the highest-resolution output
         self.teacher.module.decoder.deep_supervision = False
         for layer in self.method.feature_layers:
@@ -263,12 +297,16 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.dataloader_train = TimedLoader(self.dataloader_train)
         self._ensure_teacher()
         info = self.unlabeled_info
+        tc = self.resolve_time_constants()
         self.print_to_log_file(
             f"nnunet_proto {type(self).__name__}: method {type(self.method).__name__}, "
             f"{info['num_cases']} unlabeled cases {info['sources']}, labeled batch {self.batch_size}, "
             f"unlabeled batch {info['batch_size']} ({info['workers']} workers), teacher "
-            f"{'EMA %.4f' % self.config.ema_decay if self.teacher is not None else 'none'}, "
+            f"{'EMA %.4f' % self.teacher.decay if self.teacher is not None else 'none'}, "
             f"features {', '.join(self.method.feature_layers) or 'none'}")
+        self.print_to_log_file("time constants for this run of " + str(self.run_steps) + " steps: "
+                               + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in tc.items()))
         if self.local_rank == 0:
             with open(os.path.join(self.output_folder, "nnunet_proto_config.json"), "w") as f:
                 json.dump({**self.resolved_config(), "unlabeled": info}, f, indent=2, default=str)
@@ -315,7 +353,28 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self._iter_in_epoch += 1
         out = {"loss": total.detach().cpu().numpy()}
         out.update({PREFIX + k: float(v) for k, v in logs.items()})
+        out.update({PREFIX + k: float(v) for k, v in self._step_collapse.items()})
+        self._step_collapse = {}
+        diagnostics, self.method.diagnostics = self.method.diagnostics, {}
+        unknown = set(diagnostics) - set(self.diagnostic_keys)
+        if unknown:
+            raise RuntimeError(f"{type(self.method).__name__} reported diagnostics {sorted(unknown)} it did not "
+                               f"declare; add them to diagnostic_names / diagnostic_keys() "
+                               f"(declared: {list(self.diagnostic_keys)})")
+        out.update({DIAG_PREFIX + k: float(v) for k, v in diagnostics.items()})
         return out
+
+    def record_pseudo_label_diagnostics(self, teacher_logits_u: Optional[torch.Tensor], target_l: torch.Tensor) -> None:
+        """Collapse diagnostics of this step from the teacher's logits on the *un-mixed* unlabeled patches.
+
+        Called by the shared ``compute_loss`` and by every trainer with its own step (copy-paste), so that all
+        trainers log the same numbers; the gate is the config's ``pseudo_label_threshold``.
+        """
+        if teacher_logits_u is None:
+            return
+        self._step_collapse = collapse_diagnostics(
+            teacher_logits_u, target_l, self.label_manager.num_segmentation_heads,
+            self.config.pseudo_label_threshold, self.label_manager.ignore_label)
 
     def _sync_and_clip(self) -> None:
         if self.method_modules is not None:  # DDP averages only self.network's gradients
@@ -350,6 +409,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         t_logits, t_features = None, {}
         if self.teacher is not None:
             t_logits, t_features = self.teacher_forward(method.teacher_input(data_u))
+            self.record_pseudo_label_diagnostics(t_logits, target_full)
         primary = method.feature_layers[0] if method.feature_layers else None
         feats = features.get(primary)
         inputs = StepInputs(
@@ -385,6 +445,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         values = {f"loss_{n}": [] for n in ["sup", *self.method.term_names]}
         values.update({f"weight_{n}": [] for n in self.method.term_names})
+        values.update({k[len(PREFIX):]: [] for k in self.logger.local_logger.extra_keys()
+                       if k.startswith(DIAG_PREFIX) or k in collapse_keys(self.logger.local_logger.num_classes)})
         for key in values:
             values[key] = [o[PREFIX + key] for o in train_outputs if PREFIX + key in o]
         means = {k: float(np.mean(v)) if v else float("nan") for k, v in values.items()}
@@ -398,9 +460,32 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                  "unlabeled": getattr(self.dataloader_unlabeled, "waited", float("nan"))}
         self.logger.log(PREFIX + "wait_labeled_s", waits["labeled"], self.current_epoch)
         self.logger.log(PREFIX + "wait_unlabeled_s", waits["unlabeled"], self.current_epoch)
-        self.print_to_log_file("semi-supervised terms: " + ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+        terms = {k: v for k, v in means.items() if k.startswith(("loss_", "weight_"))}
+        self.print_to_log_file("semi-supervised terms: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
                                + f"; waited for data {waits['labeled']:.2f} s labeled, "
                                  f"{waits['unlabeled']:.2f} s unlabeled")
+        self.log_collapse_diagnostics(means)
+
+    def log_collapse_diagnostics(self, means: Dict[str, float]) -> None:
+        """One log line with the epoch's pseudo-label diagnostics, and the collapse warning."""
+        num_classes = self.logger.local_logger.num_classes
+        if num_classes and np.isfinite(means.get("pl_confidence", float("nan"))):
+            fg = range(1, num_classes)
+            self.print_to_log_file(
+                "teacher pseudo labels (unlabeled patches): class share "
+                + " ".join(f"c{c} {means[f'pl_share_c{c}']:.4f}" for c in fg)
+                + " | labeled patches " + " ".join(f"c{c} {means[f'labeled_share_c{c}']:.4f}" for c in fg)
+                + f" | mean confidence {means['pl_confidence']:.3f}, kept by the gate "
+                  f"(tau {self.config.pseudo_label_threshold:g}) {means['pl_kept']:.3f}")
+        diag = {k[len("diag_"):]: v for k, v in means.items() if k.startswith("diag_")}
+        if diag:
+            self.print_to_log_file("method diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in diag.items()))
+        collapsed = collapsing_classes(self.logger.local_logger.my_fantastic_logging, num_classes)
+        if collapsed:
+            self.print_to_log_file(
+                f"WARNING: pseudo-label collapse: class(es) {collapsed} made up less than {COLLAPSE_RATIO:g} x their "
+                f"share of the labeled patches in the teacher's pseudo labels for the last {COLLAPSE_EPOCHS} epochs. "
+                f"The teacher is losing these classes; see the collapse panel of progress.png.")
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> Dict[str, Any]:

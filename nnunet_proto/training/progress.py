@@ -1,15 +1,18 @@
 """Per-epoch logging of every semi-supervised loss term, drawn into nnU-Net's progress.png.
 
 nnU-Net's LocalLogger accepts only its eight predefined keys and plots three panels. This subclass
-registers extra keys (one value per epoch, like nnU-Net's own) and draws two more panels: the
-unweighted loss terms with the supervised loss, and the term weights λ(t) together with the time
-the network spent waiting for labeled and unlabeled batches. Everything is stored in the
-checkpoint's ``logging`` entry, so curves continue across ``--c`` resumes.
+registers extra keys (one value per epoch, like nnU-Net's own) and draws more panels: the
+unweighted loss terms with the supervised loss, the term weights λ(t), the time the network spent
+waiting for labeled and unlabeled batches (in the epoch-time panel), the collapse diagnostics (per
+foreground class, the share of the teacher's pseudo labels on unlabeled patches next to its share in
+the labeled patches, with the teacher's mean confidence and the gate's kept fraction) and the
+method's own diagnostics. Everything is stored in the checkpoint's ``logging`` entry, so curves
+continue across ``--c`` resumes.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Sequence
 
 import matplotlib
 
@@ -19,12 +22,46 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nnunet_proto.training.compat import LocalLogger  # noqa: E402
 
 PREFIX = "ssl_"
+#: method diagnostics are logged as ``ssl_diag_<name>``
+DIAG_PREFIX = PREFIX + "diag_"
+#: collapse warning: a foreground class whose pseudo-label share is below COLLAPSE_RATIO × its labeled share ...
+COLLAPSE_RATIO = 0.1
+#: ... in each of the last COLLAPSE_EPOCHS epochs. Three epochs (750 steps with nnU-Net's 250 per epoch, 150 on
+#: the 50-iteration CPU benchmark) ignore a single bad epoch but warn long before a run ends; each value is already
+#: an average over all steps of its epoch. The labeled share is inflated by nnU-Net's foreground oversampling
+#: (a third of the labeled patches are centred on foreground), which the factor 10 leaves room for.
+COLLAPSE_EPOCHS = 3
+
+
+def collapse_keys(num_classes: int) -> List[str]:
+    """Logger keys of the collapse diagnostics (``ops.pseudo_labels.collapse_diagnostic_names`` with PREFIX)."""
+    from nnunet_proto.ops.pseudo_labels import collapse_diagnostic_names
+
+    return [PREFIX + k for k in collapse_diagnostic_names(num_classes)] if num_classes > 0 else []
+
+
+def collapsing_classes(log: Dict[str, Sequence[float]], num_classes: int, epochs: int = COLLAPSE_EPOCHS,
+                       ratio: float = COLLAPSE_RATIO) -> List[int]:
+    """Foreground classes c whose logged pseudo-label share was < ratio × labeled share in each of the last
+    ``epochs`` epochs (NaN epochs, e.g. without a teacher forward, break the run)."""
+    out = []
+    for c in range(1, num_classes):
+        pl = list(log.get(f"{PREFIX}pl_share_c{c}", []))[-epochs:]
+        lab = list(log.get(f"{PREFIX}labeled_share_c{c}", []))[-epochs:]
+        if len(pl) < epochs or len(lab) < epochs:
+            continue
+        if all(math.isfinite(p) and math.isfinite(q) and q > 0 and p < ratio * q for p, q in zip(pl, lab)):
+            out.append(c)
+    return out
 
 
 class SemiSupervisedLogger(LocalLogger):
-    def __init__(self, term_names: Iterable[str], verbose: bool = False):
+    def __init__(self, term_names: Iterable[str], verbose: bool = False, num_classes: int = 0,
+                 diagnostic_names: Iterable[str] = ()):
         super().__init__(verbose)
         self.term_names = tuple(term_names)
+        self.num_classes = int(num_classes)
+        self.diagnostic_names = tuple(diagnostic_names)
         for key in self.extra_keys():
             self.my_fantastic_logging[key] = []
 
@@ -33,6 +70,8 @@ class SemiSupervisedLogger(LocalLogger):
         keys += [f"{PREFIX}loss_{t}" for t in self.term_names]
         keys += [f"{PREFIX}weight_{t}" for t in self.term_names]
         keys += [PREFIX + "wait_labeled_s", PREFIX + "wait_unlabeled_s"]
+        keys += collapse_keys(self.num_classes)
+        keys += [DIAG_PREFIX + d for d in self.diagnostic_names]
         return keys
 
     def load_checkpoint(self, checkpoint: dict) -> None:
@@ -49,7 +88,8 @@ class SemiSupervisedLogger(LocalLogger):
         if epoch < 0:
             return
         x = list(range(epoch + 1))
-        fig, axes = plt.subplots(5, 1, figsize=(30, 80))
+        panels = 6 + bool(self.diagnostic_names)
+        fig, axes = plt.subplots(panels, 1, figsize=(30, 16 * panels))
         plt.rcParams.update({"font.size": 24})
 
         # 1-3: nnU-Net's own panels (loss / pseudo Dice, epoch time, learning rate)
@@ -104,6 +144,41 @@ class SemiSupervisedLogger(LocalLogger):
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss weight")
         ax.legend(loc=(0, 1))
+
+        # 6: collapse diagnostics: per foreground class, pseudo-label share (solid) vs labeled share (dashed),
+        # share among the gate's kept voxels (dotted); teacher confidence and kept fraction on the right
+        ax = axes[5]
+        ax2 = ax.twinx()
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for c in range(1, self.num_classes):
+            col = colors[(c - 1) % len(colors)]
+            ax.plot(x, log[f"{PREFIX}pl_share_c{c}"][:epoch + 1], color=col, linewidth=4,
+                    label=f"class {c}: teacher pseudo labels (unlabeled)")
+            ax.plot(x, log[f"{PREFIX}pl_share_kept_c{c}"][:epoch + 1], color=col, ls="dotted", linewidth=3,
+                    label=f"class {c}: kept pseudo labels")
+            ax.plot(x, log[f"{PREFIX}labeled_share_c{c}"][:epoch + 1], color=col, ls="--", linewidth=3,
+                    label=f"class {c}: labeled patches")
+        if self.num_classes:
+            ax2.plot(x, log[PREFIX + "pl_confidence"][:epoch + 1], color="k", linewidth=3,
+                     label="mean teacher confidence")
+            ax2.plot(x, log[PREFIX + "pl_kept"][:epoch + 1], color="grey", ls="--", linewidth=3,
+                     label="kept by the gate")
+        ax.set_ylim(bottom=0)
+        ax2.set_ylim(0, 1.05)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("voxel share of foreground class")
+        ax2.set_ylabel("confidence / kept fraction")
+        ax.legend(loc=(0, 1), ncol=3)
+        ax2.legend(loc=(0.75, 1))
+
+        # 7: the method's own diagnostics
+        if self.diagnostic_names:
+            ax = axes[6]
+            for name in self.diagnostic_names:
+                ax.plot(x, log[DIAG_PREFIX + name][:epoch + 1], label=name, linewidth=4)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("method diagnostics")
+            ax.legend(loc=(0, 1), ncol=3)
 
         plt.tight_layout()
         fig.savefig(f"{output_folder}/progress.png")
