@@ -379,11 +379,11 @@ def test_confidence_gate_on_voting_pseudo_labels():
     cfg = MSPAConfig(pseudo_label_threshold=0.75)
     mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, cfg, diagnostics=diag)
     # every voxel has a unanimous vote; confidences 0.95, 0.8, 0.7, 0.6 -> the gate keeps 2 of 4
-    assert diag["vote_labelled"] == pytest.approx(1.0) and diag["gate_kept"] == pytest.approx(0.5)
+    assert float(diag["vote_labelled"]) == pytest.approx(1.0) and float(diag["gate_kept"]) == pytest.approx(0.5)
     # the kept voxels (classes 1 and 0) still give both prototypes: UPA unchanged; gate all out -> UPA 0
     none = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(pseudo_label_threshold=0.99),
                        diagnostics=diag)
-    assert none["upa"].item() == 0.0 and diag["gate_kept"] == 0.0
+    assert none["upa"].item() == 0.0 and float(diag["gate_kept"]) == 0.0
     # class 1 only at the kept voxel with 0.95: raising the threshold to 0.9 drops class 0's prototype,
     # so the labeled class-0 voxels are ignored in UPA and only class 1 is scored
     only1 = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(pseudo_label_threshold=0.9))
@@ -502,7 +502,9 @@ def test_method_interface_weights_and_config():
 
 @pytest.mark.parametrize("bad", [dict(use_teacher=True), dict(n_pairs=0), dict(vote_threshold=0),
                                  dict(spa_reliable="majority"), dict(labeled_prototype_mask="soft"),
-                                 dict(temperature=0.0), dict(lpa_set_reduction='max'), dict(pseudo_label_threshold=1.5), dict(spa_weight=-1.0), dict(w_max=-0.1)])
+                                 dict(temperature=0.0),
+                                 dict(lpa_set_reduction='max'), dict(pseudo_label_threshold=1.5),
+                                 dict(spa_weight=-1.0), dict(w_max=-0.1)])
 def test_config_validation_names_the_field(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):

@@ -424,11 +424,11 @@ def test_aux_targets_are_gated_by_teacher_confidence():
     gated, inputs, _ = _step(2, grid, PCCSConfig(pseudo_label_threshold=0.9))
     inputs.teacher_logits_u = teacher
     terms = gated.losses(inputs)
-    assert gated.diagnostics["aux_kept"] == pytest.approx(0.5)
+    assert float(gated.diagnostics["aux_kept"]) == pytest.approx(0.5)
     open_, inputs_o, _ = _step(2, grid, PCCSConfig(pseudo_label_threshold=0.0))
     inputs_o.teacher_logits_u = teacher
     open_.losses(inputs_o)
-    assert open_.diagnostics["aux_kept"] == 1.0
+    assert float(open_.diagnostics["aux_kept"]) == 1.0
     # nothing confident: L_aux is exactly 0 and finite, still in the graph
     shut, inputs_s, _ = _step(2, grid, PCCSConfig(pseudo_label_threshold=0.9))
     inputs_s.teacher_logits_u = torch.zeros(2, 2, *full)
@@ -454,22 +454,27 @@ def test_aux_encoder_gradient_switch():
 
 
 def test_memory_rates_are_run_relative_and_reduce_to_the_code_at_its_run_length():
-    cfg = PCCSConfig()
-    assert cfg.memory_rates(15000) == pytest.approx((0.999, 0.001))
-    assert cfg.memory_rates(None) == (0.999, 0.001)
-    g_short, mix_short = cfg.memory_rates(1000)
-    g_long, _ = cfg.memory_rates(250_000)
+    def rates(run_steps, cfg=PCCSConfig()):
+        method = PCCS(cfg)
+        if run_steps is not None:
+            method.set_run_steps(run_steps)
+        return method.memory_rates()
+
+    assert rates(15000) == pytest.approx((0.999, 0.001))
+    assert rates(None) == pytest.approx((0.999, 0.001), abs=1e-12)  # run length unknown: the values as given
+    g_short, mix_short = rates(1000)
+    g_long, _ = rates(250_000)
     # the horizon 1/(1 − γ) is the same fraction of the run (1000/15000)
     assert 1 / (1 - g_short) == pytest.approx(1000 * 1000 / 15000, rel=1e-6)
     assert 1 / (1 - g_long) == pytest.approx(1000 * 250_000 / 15000, rel=1e-6)
     assert mix_short == pytest.approx(1 - g_short)
-    assert cfg.memory_rates(10)[0] == pytest.approx(0.9)  # floor: at least a 10-update horizon
-    assert PCCSConfig.code_switches().memory_rates(1000) == (0.999, 0.001)  # per step, as in the code
-    method = PCCS(cfg)
+    assert rates(10)[0] == pytest.approx(0.9)  # floor: at least a 10-update horizon
+    assert rates(1000, PCCSConfig.code_switches()) == pytest.approx((0.999, 0.001), abs=1e-12)  # per step (code)
+    method = PCCS(PCCSConfig())
     method.set_run_steps(1000)
-    assert method.resolved()["memory_momentum"] == pytest.approx(g_short)
-    with pytest.raises(ValueError, match="run_steps"):
-        method.set_run_steps(0)
+    tc = method.time_constants()
+    assert tc["memory_momentum"] == pytest.approx(g_short) and tc["memory_momentum_paper"] == 0.999
+    assert tc["memory_horizon_steps"] == pytest.approx(1000 / 15)
     # the update uses the resolved rate
     method, inputs, _ = _step(2, (8, 8))
     method.set_run_steps(1000)
@@ -489,7 +494,7 @@ def test_memory_rates_are_run_relative_and_reduce_to_the_code_at_its_run_length(
     ({"aux_coefficient": -1.0}, "aux_coefficient"),
     ({"pseudo_label_threshold": 1.5}, "pseudo_label_threshold"),
     ({"aux_rampup_length": -0.1}, "aux_rampup_length"),
-    ({"memory_reference_steps": 0}, "memory_reference_steps"),
+    ({"reference_steps": 0}, "reference_steps"),
 ])
 def test_config_validation_names_the_field(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -8,8 +8,6 @@ and consistency to the teacher's prototype prediction plus entropy minimisation 
 0.1·λ(t)). See nnunet_proto/methods/pccs.py, docs/methods/pccs.md and METHODS.md §5.
 Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
 """
-from typing import Dict
-
 from nnunet_proto.methods.pccs import PCCS, PCCSConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
 from nnunet_proto.training.variants import schedule_variants
@@ -24,18 +22,6 @@ class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
             arch = self.configuration_manager.network_arch_init_kwargs
             self.method.check_encoder_stages(len(arch["features_per_stage"]), self.configuration_name)
         super().initialize()
-        self.method.set_run_steps(self.num_epochs * self.num_iterations_per_epoch)  # run-relative memory rates
-
-    def on_train_start(self):
-        # the schedule is final now (tests and the benchmark may change it after initialize)
-        self.method.set_run_steps(self.num_epochs * self.num_iterations_per_epoch)
-        super().on_train_start()
-
-    def resolved_config(self) -> Dict:
-        cfg = super().resolved_config()
-        if self.method.run_steps is not None:  # known after initialize()
-            cfg["resolved"] = self.method.resolved()
-        return cfg
 
 
 globals().update(schedule_variants(nnUNetTrainerPCCS))

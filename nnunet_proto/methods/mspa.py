@@ -38,7 +38,6 @@ import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
-from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
 from nnunet_proto.ops.prototypes import (
     channel_argmax,
     labels_to_onehot,
@@ -49,6 +48,7 @@ from nnunet_proto.ops.prototypes import (
     resize_logits,
     resize_masks,
 )
+from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
 from nnunet_proto.ops.voting import (
     NO_LABEL,
     RELIABLE_RULES,
@@ -166,9 +166,6 @@ class MSPAConfig(SemiSupervisedConfig):
             raise ValueError(f"temperature must be > 0 (paper: 1.0, default 0.1), got {self.temperature}")
         if self.lpa_set_reduction not in SET_REDUCTIONS:
             raise ValueError(f"lpa_set_reduction must be one of {SET_REDUCTIONS}, got {self.lpa_set_reduction!r}")
-        if not 0.0 <= self.pseudo_label_threshold <= 1.0:
-            raise ValueError(f"pseudo_label_threshold must be in [0, 1] (0 = no gate, the paper), "
-                             f"got {self.pseudo_label_threshold}")
         for name in ("lpa_weight", "upa_weight", "spa_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -188,7 +185,7 @@ class MSPAConfig(SemiSupervisedConfig):
 def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Tensor, logits_u: torch.Tensor,
                 num_classes: int, ignore_index: Optional[int], config: MSPAConfig,
                 reduce_fn=None, logits_l: Optional[torch.Tensor] = None,
-                diagnostics: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
+                diagnostics: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The three MSPA terms, unweighted.
 
     Args:
@@ -271,7 +268,7 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
                                   detach_reliable=config.spa_detach_reliable, normalize=config.spa_normalize)
     out = {"lpa": lpa, "upa": upa, "spa": spa}
     if diagnostics is not None:
-        diagnostics.update({k: float(v) for k, v in stats.items()})
+        diagnostics.update(stats)  # detached 0-dim tensors: no host sync per step
     return out
 
 
@@ -307,15 +304,10 @@ class MSPA(SemiSupervisedMethod):
     #: those the confidence gate keeps as UPA pseudo labels
     diagnostic_names = ("vote_labelled", "gate_kept")
 
-    def __init__(self, config: MSPAConfig):
-        super().__init__(config)
-        self.diagnostics: Dict[str, float] = {}
-
     def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
         if inputs.feats_l is None or inputs.feats_u is None or inputs.logits_u is None:
             raise ValueError("MSPA needs the student's features on labeled and unlabeled patches and its logits on "
                              "the unlabeled patches (student_sees_unlabeled must stay True)")
-        self.diagnostics = {}
         return mspa_losses(inputs.feats_l, inputs.target_l, inputs.feats_u, inputs.logits_u, inputs.num_classes,
                            inputs.ignore_index, self.config, inputs.reduce_fn, logits_l=inputs.logits_l,
                            diagnostics=self.diagnostics)

@@ -48,16 +48,13 @@ from nnunet_proto.ops.contrastive import NORM_EPS, prototype_contrastive_loss, s
 from nnunet_proto.ops.losses import cross_entropy_ignore
 from nnunet_proto.ops.prototypes import mask_invalid_logits, resize_masks
 from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
-from nnunet_proto.ops.schedules import run_relative_decay, sigmoid_rampup
+from nnunet_proto.ops.schedules import ema_horizon, sigmoid_rampup
 from nnunet_proto.ops.sdm import depth_to_layers, own_class_depth
 from nnunet_proto.ops.sinkhorn import sinkhorn_assignment
 from nnunet_proto.ops.uncertainty import WEIGHTINGS, entropy
 
 #: the code's entropy threshold scale ln(2.7) (METHODS.md §5.3)
 LN_2_7 = math.log(2.7)
-#: shortest memory horizon a run-relative rate may reach (10 updates), so a smoke run's memory is not a
-#: copy of the last batch
-MIN_MEMORY_DECAY = 0.9
 LAYER_LABELS = ("student", "teacher")
 BACKGROUND_LAYERS = ("layers", "uncertain_halves")
 ENTROPY_REDUCTIONS = ("mean", "frobenius")
@@ -65,7 +62,7 @@ MEMORY_INITS = ("first_seen", "random")
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 #: the code's constants where the nnU-Net defaults differ (``PCCSConfig.code_switches``): per-step memory
 #: rates, L_aux at full weight from prototype_start on and on every unlabeled pixel
-CODE_SCHEDULE = {"memory_reference_steps": None, "aux_rampup_length": 0.0, "pseudo_label_threshold": 0.0}
+CODE_SCHEDULE = {"time_constants": "paper", "aux_rampup_length": 0.0, "pseudo_label_threshold": 0.0}
 
 
 @dataclass(frozen=True)
@@ -83,16 +80,16 @@ class PCCSConfig(SemiSupervisedConfig):
         prototype_temperature: τ_p of P_T = softmax(max_k cos / τ_p) [§5.9: 0.1].
         aux_temperature: temperature of the L_aux logits cos(f_S, p)/τ [not specified (the code uses raw
             dot products); our choice: τ_p = 0.1].
-        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [§5.6/§5.8: 0.999], at the code's run length
-            ``memory_reference_steps``.
+        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [§5.6/§5.8: 0.999], at the code's run length.
         student_mix: weight of the student layer-prototype chunk mixed into the memory [§5.6: 1 − 0.999],
             at the code's run length.
-        memory_reference_steps: run length (iterations) the two memory rates above were set for [§5.8: the
-            code's 15 000]. Both are applied run-relative (``ops.schedules.run_relative_decay``): the memory
-            keeps the same horizon as a *fraction of the run* (1000 of 15 000 iterations = 6.7 %), so a
-            1000-step run uses γ ≈ 0.985 and nnU-Net's 250 000 steps γ ≈ 0.99994. ``None`` uses the two
-            values per step as given (the code's behaviour at any run length). Ours: with a per-step 0.999
-            a 1000-step run would still hold ~37 % of the memory's first state at the end.
+        reference_steps: inherited; the code's 15 000 iterations [§5.8]. With ``time_constants=
+            "run_relative"`` (inherited default) the EMA decay, γ and 1 − student_mix are applied
+            run-relative (``SemiSupervisedMethod.resolve_decay``): the memory keeps the same horizon as a
+            *fraction of the run* (1000 of 15 000 iterations = 6.7 %), so a 1000-step run uses γ ≈ 0.985
+            and nnU-Net's 250 000 steps γ ≈ 0.99994. ``"paper"`` uses them per step as given (the code's
+            behaviour at any run length): a 1000-step run would still hold ~37 % of the memory's first
+            state at the end.
         memory_init: ``"first_seen"``: a class's K prototypes start as its first student layer-prototype
             chunks (our choice: with γ = 0.999 random prototypes would dominate P_T and the aux targets
             for thousands of iterations); ``"random"``: truncated-normal(0.02), L2-normalised [code, §5.2].
@@ -143,7 +140,7 @@ class PCCSConfig(SemiSupervisedConfig):
     aux_temperature: float = 0.1
     memory_momentum: float = 0.999
     student_mix: float = 0.001
-    memory_reference_steps: Optional[int] = 15000
+    reference_steps: Optional[int] = 15000
     memory_init: str = "first_seen"
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 4
@@ -189,12 +186,8 @@ class PCCSConfig(SemiSupervisedConfig):
         for name in ("contra_coefficient", "aux_coefficient", "uncertainty_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("aux_rampup_length", "pseudo_label_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.memory_reference_steps is not None and self.memory_reference_steps < 1:
-            raise ValueError(f"memory_reference_steps must be >= 1 or None (per-step rates as given), "
-                             f"got {self.memory_reference_steps}")
+        if not 0.0 <= self.aux_rampup_length <= 1.0:
+            raise ValueError(f"aux_rampup_length must be in [0, 1], got {self.aux_rampup_length}")
         if self.memory_momentum >= 1.0:
             raise ValueError(f"memory_momentum must be < 1, got {self.memory_momentum}")
         if len(self.uncertain_entropy) != 2 or min(self.uncertain_entropy) < 0:
@@ -221,20 +214,6 @@ class PCCSConfig(SemiSupervisedConfig):
         code = dict(memory_init="random", background_layers="uncertain_halves",
                     detach_contrastive_weights=False, entropy_reduction="frobenius", **CODE_SCHEDULE)
         return cls(**{**code, **changes})
-
-    def memory_rates(self, run_steps: Optional[int]) -> Tuple[float, float]:
-        """(γ, μ) of the memory update for a run of ``run_steps`` iterations (see ``memory_reference_steps``).
-
-        γ' = run_relative_decay(γ, reference, run) and μ' = 1 − run_relative_decay(1 − μ, reference, run):
-        the same horizon 1/(1 − γ) as a fraction of the run; at the reference length they are γ and μ.
-        """
-        if self.memory_reference_steps is None or run_steps is None:
-            return self.memory_momentum, self.student_mix
-        momentum = run_relative_decay(self.memory_momentum, self.memory_reference_steps, run_steps,
-                                      min_decay=MIN_MEMORY_DECAY) if self.memory_momentum > 0 else 0.0
-        keep = run_relative_decay(1.0 - self.student_mix, self.memory_reference_steps, run_steps,
-                                  min_decay=MIN_MEMORY_DECAY) if self.student_mix < 1 else 0.0
-        return momentum, 1.0 - keep
 
     def aux_ramp(self, progress: float) -> float:
         """Factor of aux_coefficient at ``progress``: 0 before prototype_start, then the Gaussian ramp."""
@@ -408,7 +387,7 @@ def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: 
         pseudo: ``(N,)`` teacher pseudo label; assignment: ``(N,)`` Sinkhorn sub-prototype index;
         gate: ``(N,)`` bool, pixels allowed to update (confident and agreeing).
         protos: the student layer prototypes (detached here).
-        rates: (γ, μ) resolved for the run (``PCCSConfig.memory_rates``); None = the config's values.
+        rates: (γ, μ) resolved for the run (``PCCS.memory_rates``); None = the config's values.
     1. p_ck ← γ p_ck + (1 − γ)·normalise(Σ gated teacher features assigned to (c, k)), seen classes only;
     2. student chunk s_ck = normalise(mean of the L2-normalised layer prototypes of class c in depth chunk
        k; the class mean where chunk k is empty): seen classes p_ck ← (1 − μ) p_ck + μ s_ck, unseen
@@ -444,7 +423,7 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
                 teacher_logits: torch.Tensor, memory: PrototypeMemory, config: PCCSConfig, progress: float,
                 reduce_fn: Optional[Reducer] = None, update: bool = True,
                 student_proj_aux: Optional[torch.Tensor] = None, rates: Optional[Tuple[float, float]] = None,
-                diagnostics: Optional[Dict[str, float]] = None) -> Dict[str, torch.Tensor]:
+                diagnostics: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """The four PCCS terms on unlabeled patches, unweighted; then (if ``update``) the memory update.
 
     Args:
@@ -456,7 +435,7 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
         progress: training progress in [0, 1] (entropy threshold τ_H(t)).
         student_proj_aux: projection features used by L_aux (default ``student_proj``); the method passes
             the projection of detached encoder features when ``aux_encoder_gradient`` is False.
-        rates: memory (γ, μ) resolved for the run length (``PCCSConfig.memory_rates``).
+        rates: memory (γ, μ) resolved for the run length (``PCCS.memory_rates``).
         diagnostics: if given, receives ``aux_kept`` (share of unlabeled grid pixels whose teacher
             confidence passes ``pseudo_label_threshold``) and ``memory_momentum`` (γ used).
     Returns: ``{"con", "ent", "contra", "aux"}`` float32 scalars, finite for any input.
@@ -510,7 +489,7 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
         f_aux = f_s if student_proj_aux is None else F.normalize(_flat(student_proj_aux.float()), dim=1, eps=NORM_EPS)
         aux = cross_entropy_ignore(f_aux @ bank.t() / config.aux_temperature, target)
         if diagnostics is not None:
-            diagnostics["aux_kept"] = float(confident_aux.float().mean())
+            diagnostics["aux_kept"] = confident_aux.float().mean()
 
         if update:
             gate = confident_t.reshape(-1)
@@ -535,20 +514,24 @@ class PCCS(SemiSupervisedMethod):
     def __init__(self, config: PCCSConfig):
         super().__init__(config)
         self.memory: Optional[PrototypeMemory] = None
-        self.run_steps: Optional[int] = None
-        self.diagnostics: Dict[str, float] = {}
 
-    def set_run_steps(self, run_steps: int) -> None:
-        """Total optimiser steps of the run (epochs × iterations); the memory rates are relative to it."""
-        if run_steps < 1:
-            raise ValueError(f"run_steps must be >= 1, got {run_steps}")
-        self.run_steps = int(run_steps)
+    def memory_rates(self) -> Tuple[float, float]:
+        """(γ, μ) of the memory update for this run (``config.time_constants``, ``reference_steps``).
 
-    def resolved(self) -> Dict[str, Any]:
-        """Run-dependent constants for logs and nnunet_proto_config.json."""
-        momentum, mix = self.config.memory_rates(self.run_steps)
-        return {"run_steps": self.run_steps, "memory_momentum": momentum, "student_mix": mix,
-                "memory_horizon_steps": 1.0 / (1.0 - momentum) if momentum < 1 else float("inf")}
+        γ' = resolve_decay(γ) and μ' = 1 − resolve_decay(1 − μ): the same horizon 1/(1 − γ) as a fraction
+        of the run as in the code's 15 000 iterations; at that length (or in ``"paper"`` mode) γ and μ.
+        """
+        cfg = self.config
+        momentum = self.resolve_decay(cfg.memory_momentum) if cfg.memory_momentum > 0 else 0.0
+        keep = self.resolve_decay(1.0 - cfg.student_mix) if cfg.student_mix < 1 else 0.0
+        return momentum, 1.0 - keep
+
+    def time_constants(self) -> Dict[str, Any]:
+        """The trainer's EMA decay plus the memory's γ, μ and horizon for this run."""
+        momentum, mix = self.memory_rates()
+        return {**super().time_constants(), "memory_momentum_paper": self.config.memory_momentum,
+                "memory_momentum": momentum, "student_mix": mix,
+                "memory_horizon_steps": ema_horizon(momentum) if momentum < 1 else float("inf")}
 
     @property
     def feature_layers(self) -> Tuple[str, ...]:
@@ -595,11 +578,10 @@ class PCCS(SemiSupervisedMethod):
             proj_aux = inputs.modules({layer: inputs.features[layer][n_l:].detach() for layer in layers})
         with torch.no_grad():
             teacher_proj = inputs.teacher_modules({layer: inputs.teacher_features[layer] for layer in layers})
-        self.diagnostics = {}
         return pccs_losses(student_proj, teacher_proj, inputs.logits_u, inputs.teacher_logits_u, self.memory,
                            self.config, inputs.progress, inputs.reduce_fn,
                            update=inputs.progress >= self.config.memory_start, student_proj_aux=proj_aux,
-                           rates=self.config.memory_rates(self.run_steps), diagnostics=self.diagnostics)
+                           rates=self.memory_rates(), diagnostics=self.diagnostics)
 
     def weights(self, progress: float) -> Dict[str, float]:
         cfg = self.config
