@@ -88,3 +88,18 @@ def test_ext_trainer_lookup_uses_environment(monkeypatch, nnunet_root):
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     with pytest.raises(RuntimeError, match="nnUNet_extTrainer"):
         compat.recursive_find_trainer_class_by_name("nnUNetTrainerCPCL")
+
+
+def test_last_pseudo_dice_reads_the_validation_log_nnunet_writes():
+    import inspect
+    import math
+    from types import SimpleNamespace
+
+    # nnU-Net logs the per-class pseudo-Dice of its validation step under this key (MPER's stage switch reads it)
+    assert compat.PSEUDO_DICE_KEY in inspect.getsource(compat.nnUNetTrainer.on_validation_epoch_end)
+    trainer = SimpleNamespace(logger=compat.LocalLogger())
+    assert compat.last_pseudo_dice(trainer) is None
+    trainer.logger.log(compat.PSEUDO_DICE_KEY, [0.1, 0.2], 0)
+    trainer.logger.log(compat.PSEUDO_DICE_KEY, [0.5, float("nan")], 1)
+    last = compat.last_pseudo_dice(trainer)
+    assert last[0] == 0.5 and math.isnan(last[1])

@@ -98,7 +98,7 @@ def partner(x: torch.Tensor) -> torch.Tensor:
 
 def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Tuple[torch.Tensor, float]],
                    ignore_index: Optional[int] = None, smooth: float = 1e-5,
-                   include_background: bool = True) -> torch.Tensor:
+                   include_background: bool = True, present_only: bool = False) -> torch.Tensor:
     """BCP's mixed-label loss (MPER Eq. 4 per region): Σ_r w_r [CE_r + Dice_r], float32 scalar.
 
     For every region r with weight w_r:
@@ -107,8 +107,15 @@ def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence
     * Dice_r = 1 − mean_{b,c} (2 Σ_x p_c y_c m_r + s) / (Σ_x (p_c + y_c) m_r + s), the soft Dice of
       BCP's 3D ``mask_DiceLoss`` restricted to the region, per image and class (background included
       unless ``include_background`` is False); an empty region gives s/s = 1, i.e. 0 loss.
+      With ``present_only`` the mean runs only over the (image, class) pairs whose class occurs in the
+      region's labels (0 if none does). In BCP's form (all classes) a class absent from a region has a
+      Dice of s/(Σp + s) ≈ 0: a near-constant loss of 1 that dilutes the mean, so a present class's
+      Dice gradient shrinks by the share of absent (image, class) pairs, and that turns into a steep push
+      to zero once the absent class's summed probability nears s (e.g. the right ventricle in every
+      region whose pseudo label lacks it).
 
-    Ignore-label voxels and labels outside [0, C) are removed from every region.
+    Ignore-label voxels and labels outside [0, C) (e.g. −1 for a pseudo label dropped by a confidence
+    gate) are removed from every region.
 
     Args:
         logits: ``(B, C, *S)``, carries gradient; the softmax is computed once for all regions.
@@ -129,7 +136,9 @@ def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence
             m = region.float().expand_as(valid) * valid
             ce = masked_mean(nll, m)
             dice = (2.0 * (overlap * m).sum(dims) + smooth) / ((total * m).sum(dims) + smooth)  # (B, C)
+            present = (onehot * m).sum(dims) > 0  # (B, C) class occurs in the region's labels
             if not include_background:
-                dice = dice[:, 1:]
-            loss = loss + weight * (ce + 1.0 - dice.mean())
+                dice, present = dice[:, 1:], present[:, 1:]
+            dice_loss = masked_mean(1.0 - dice, present) if present_only else 1.0 - dice.mean()
+            loss = loss + weight * (ce + dice_loss)
         return loss
