@@ -19,7 +19,7 @@ def test_cpcl_analytic_values_with_one_hot_features():
     y_u = torch.tensor([[1, 0, 0, 1]]).view(1, 1, 2, 2)
     feats_l, feats_u = onehot_feats(y_l, c), onehot_feats(y_u, c)
     probs_u = torch.where(onehot_feats(y_u, c) > 0, torch.tensor(0.8), torch.tensor(0.2))
-    out = cpcl_losses(feats_l, y_l, feats_u, probs_u, c, None, CPCLConfig())
+    out = cpcl_losses(feats_l, y_l, feats_u, probs_u, c, None, CPCLConfig.paper())
     # labeled prototypes are e_0, e_1, so the L2U softmax is (e^20, 1)/(e^20 + 1) towards the teacher class
     p_hi = math.exp(20) / (math.exp(20) + 1)
     expected_fpc = ((p_hi - 0.8) ** 2 + (1 - p_hi - 0.2) ** 2) / 2
@@ -75,7 +75,7 @@ def test_cpcl_unlabeled_class_missing_from_pseudo_labels_is_ignored_in_bpc():
     feats_u = torch.zeros(1, 3, 2, 2)
     feats_u[:, 0, 0] = 1
     feats_u[:, 1, 1] = 1
-    out = cpcl_losses(feats_l, y_l, feats_u, probs_u.contiguous(), c, None, CPCLConfig())
+    out = cpcl_losses(feats_l, y_l, feats_u, probs_u.contiguous(), c, None, CPCLConfig.paper())
     assert out["bpc"].item() == pytest.approx(math.log1p(math.exp(-20)), abs=1e-6)
 
 
@@ -98,7 +98,7 @@ def test_cpcl_bottleneck_features_at_low_resolution():
 
 
 def test_cpcl_weights_follow_paper():
-    m = CPCL(CPCLConfig())
+    m = CPCL(CPCLConfig.paper())
     w_end = m.weights(1.0)
     assert w_end == {"fpc": pytest.approx(0.1), "bpc": pytest.approx(1.0)}
     w_start = m.weights(0.0)
@@ -125,7 +125,82 @@ def test_mean_teacher_loss_and_noise():
                                 teacher_logits_u=-logits.detach()))
     other["consistency"].backward()
     assert other["consistency"].item() > 0 and logits.grad.abs().sum() > 0
-    x = torch.zeros(1000)
-    noisy = m.teacher_input(x)
-    assert noisy.abs().max() <= 0.2 + 1e-6 and noisy.std() == pytest.approx(0.1, rel=0.25)
+    x = torch.zeros(4000)
+    literal = MeanTeacher(MeanTeacherConfig.ssl4mis()).teacher_input(x)
+    assert literal.abs().max() <= 0.2 + 1e-6 and literal.std() == pytest.approx(0.1, rel=0.25)
     assert MeanTeacher(MeanTeacherConfig(noise_std=0.0)).teacher_input(x) is x
+
+
+def test_mean_teacher_noise_is_scaled_to_normalised_intensities():
+    """SSL4MIS's N(0, 0.1) on [0, 1] images of std 0.12 is ~0.8 image stds; on z-scored images (std 1) the
+    default noise must be that strong relative to the image, the literal one 8x weaker."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 1, 64, 64)  # nnU-Net z-scored patch
+    ssl4mis_img = z * 0.12 + 0.5  # the same patch in SSL4MIS's [0, 1] scaling
+    rel_default = (MeanTeacher(MeanTeacherConfig()).teacher_input(z) - z).std() / z.std()
+    rel_ssl4mis = (MeanTeacher(MeanTeacherConfig.ssl4mis()).teacher_input(ssl4mis_img) - ssl4mis_img).std() \
+        / ssl4mis_img.std()
+    rel_literal_on_z = (MeanTeacher(MeanTeacherConfig.ssl4mis()).teacher_input(z) - z).std() / z.std()
+    assert float(rel_default) == pytest.approx(float(rel_ssl4mis), rel=0.1)
+    assert float(rel_literal_on_z) < float(rel_default) / 6
+    cfg = MeanTeacherConfig.ssl4mis()
+    assert cfg.time_constants == "paper" and cfg.noise_std == 0.1
+    assert MeanTeacherConfig().reference_steps == 30000
+
+
+def test_mean_teacher_independent_jitter_changes_contrast_per_image():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 8, 8)
+    m = MeanTeacher(MeanTeacherConfig(noise_std=0.0, teacher_jitter=0.3))
+    y = m.teacher_input(x)
+    # per image and channel an affine map a*x + b with |a - 1| <= 0.3, |b| <= 0.3, not the identity
+    for b in range(3):
+        for c in range(2):
+            a = torch.linalg.lstsq(torch.stack([x[b, c].flatten(), torch.ones(64)], 1), y[b, c].flatten()[:, None])
+            slope, shift = a.solution[:, 0].tolist()
+            assert abs(slope - 1) <= 0.3 + 1e-4 and abs(shift) <= 0.3 + 1e-4
+    assert not torch.allclose(x, y)
+    with pytest.raises(ValueError, match="teacher_jitter"):
+        MeanTeacherConfig(teacher_jitter=1.0)
+
+
+def test_cpcl_gate_drops_unconfident_voxels_from_unlabeled_prototypes():
+    c = 2
+    y_l = torch.tensor([[0, 0, 1, 1]]).view(1, 1, 2, 2)
+    feats_l = onehot_feats(y_l, c).requires_grad_(True)
+    # unlabeled: 2 confident voxels (one per class) with clean features, 2 unconfident ones with features
+    # pointing the wrong way; the gate must drop those, so p_u stays (e_0, e_1) and U2L is ~0
+    feats_u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]).t().reshape(1, 2, 2, 2)
+    probs_u = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.4, 0.6]]).t().reshape(1, 2, 2, 2)
+    gated = cpcl_losses(feats_l, y_l, feats_u, probs_u, c, None, CPCLConfig(pseudo_label_threshold=0.9))
+    ungated = cpcl_losses(feats_l, y_l, feats_u, probs_u, c, None, CPCLConfig.paper())
+    assert gated["bpc"].item() == pytest.approx(math.log1p(math.exp(-20)), abs=1e-6)
+    assert ungated["bpc"].item() == pytest.approx(math.log(2), rel=1e-4)  # p_u0 = p_u1: averaged over wrong labels
+    assert gated["u2l_kept"].item() == pytest.approx(0.5) and ungated["u2l_kept"].item() == 1.0
+    # nothing confident: no unlabeled prototype, U2L is exactly 0 and finite
+    none = cpcl_losses(feats_l, y_l, feats_u, probs_u, c, None, CPCLConfig(pseudo_label_threshold=0.99))
+    assert none["bpc"].item() == 0.0 and none["u2l_kept"].item() == 0.0
+
+
+def test_cpcl_nnunet_defaults_and_paper_switch():
+    m = CPCL(CPCLConfig())
+    assert m.student_sees_unlabeled and m.config.pseudo_label_threshold == 0.9
+    assert m.config.reference_steps == 20000 and m.config.time_constants == "run_relative"
+    m.set_run_steps(20000)
+    assert m.time_constants()["ema_decay"] == 0.99  # the paper's value at the paper's run length
+    m.set_run_steps(1000)
+    assert m.time_constants()["ema_decay"] == 0.9  # 1 - 0.01*20 < floor
+    p = CPCL(CPCLConfig.paper())
+    p.set_run_steps(1000)
+    assert not p.student_sees_unlabeled and p.config.pseudo_label_threshold == 0.0
+    assert p.time_constants()["ema_decay"] == 0.99
+
+
+def test_mean_teacher_time_constants_reduce_to_the_paper_at_its_run_length():
+    m = MeanTeacher(MeanTeacherConfig())
+    m.set_run_steps(30000)
+    assert m.time_constants()["ema_decay"] == 0.99
+    m.set_run_steps(300000)
+    tc = m.time_constants()
+    assert tc["ema_horizon_steps"] == pytest.approx(1000.0)
+    assert tc["ema_horizon_fraction"] == pytest.approx(1 / 300)

@@ -20,7 +20,8 @@ TRAINERS = semi_supervised_trainer_names()
 
 
 def test_core_trainers_exist():
-    assert {"nnUNetTrainerCPCL", "nnUNetTrainerMeanTeacher"} <= set(TRAINERS)
+    expected = {"nnUNetTrainerCPCL", "nnUNetTrainerMeanTeacher", "nnUNetTrainerBCP", "nnUNetTrainerZeroSSL"}
+    assert expected <= set(TRAINERS)
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -64,6 +65,7 @@ def _started(name, ds, configuration):
 @pytest.mark.parametrize("name", TRAINERS)
 def test_train_step_gradients_and_ema(name, configuration, synthetic_dataset, fresh_results):
     trainer = _started(name, synthetic_dataset, configuration)
+    trainer.enter_last_stage()  # staged methods: check every term in the stage where it is used
     _open_gates(trainer)
     try:
         batch = next(trainer.dataloader_train)

@@ -72,6 +72,11 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             f"{self.config.kmeans_batches} labeled batches {report}; {teacher}; prototype momentum "
             f"{self.method.prototype_momentum:.6g} over {self.method.stage_two_steps()} stage-two steps")
 
+    def enter_last_stage(self) -> None:
+        """Switch to stage two now, whatever the readiness (for tests and tools; logged as ``forced``)."""
+        if self.method.stage == 1:
+            self.start_self_training()
+
     @torch.no_grad()
     def labeled_embeddings(self, num_batches: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """(z, full-resolution target) of augmented labeled training batches, student in eval mode (METHODS.md §4.5)."""
@@ -90,23 +95,13 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             tap.clear()
             self.network.train(was_training)
 
-    def deep_supervision_weights(self, num_outputs: int) -> Tuple[float, ...]:
-        """nnU-Net's own deep-supervision weights (``DeepSupervisionWrapper.weight_factors``), or (1,) without DS."""
-        weights = getattr(self.loss, "weight_factors", None)
-        if weights is None:
-            weights = (1.0,)
-        if len(weights) != num_outputs:
-            raise RuntimeError(f"the network returned {num_outputs} outputs but nnU-Net's loss has {len(weights)} "
-                               f"deep-supervision weights")
-        return tuple(float(w) for w in weights)
-
     def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
         """Copy-paste step: mix inputs, one student forward, L^l_cons (loss_sup) + weighted MPER terms."""
         method = self.method
         ignore = self.label_manager.ignore_label
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
         t_logits = self.teacher_forward(data_u)[0] if method.stage == 2 else None  # un-mixed unlabeled patches
-        self.record_pseudo_label_diagnostics(t_logits, targets[0])  # collapse diagnostics (stage two)
+        self.record_pseudo_label_diagnostics(t_logits, targets[0])  # collapse diagnostics (no-op in stage one)
         batch = method.make_batch(data_l, targets, data_u, t_logits)
         out = self.network(batch.images)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]

@@ -13,26 +13,40 @@ detaches everything, so its prototype losses are inert; we implement the paper.)
 Multi-class (§2.8): one prototype per class including background, batch-averaged over the images in
 which the class is present; an absent class gets logit −inf and its target voxels are ignored; the
 ignore label takes part in no prototype and no loss.
+
+Changes for nnU-Net's regime (docs/methods/cpcl.md, "Changes for nnU-Net's regime"); ``CPCLConfig.paper()``
+restores the paper's form:
+
+* **Gated U2L pseudo labels.** Only unlabeled voxels whose teacher confidence reaches
+  ``pseudo_label_threshold`` (0.9) of their argmax class build the unlabeled prototypes p_u
+  (``ops.pseudo_labels``); the paper uses every voxel's argmax, so early in a short run the prototypes
+  are averages over mostly wrong labels. The share kept is reported as the diagnostic ``u2l_kept``.
+* **The student sees the unlabeled patches** (``student_unlabeled_features=True``): F_u comes from the
+  student, with gradient, P_u and Ŷ_u still from the teacher. In the paper unlabeled data reaches the
+  student only through C×D prototype vectors, a very narrow signal.
+* **EMA horizon relative to the run** (base ``time_constants``): the paper's 0.99 over 20 000 iterations.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.losses import cross_entropy_ignore, masked_mean
 from nnunet_proto.ops.prototypes import (
-    channel_argmax,
     labels_to_onehot,
     masked_average_pooling,
     prototype_logits,
     prototype_targets,
     resize_masks,
 )
+from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
 
 PROTOTYPE_REDUCTIONS = ("batch_mean", "pooled", "per_image")
+#: CPCL paper (BraTS, KiTS): 20 000 iterations with EMA 0.99
+CPCL_PAPER_ITERATIONS = 20_000
 
 
 @dataclass(frozen=True)
@@ -45,8 +59,11 @@ class CPCLConfig(SemiSupervisedConfig):
         prototype_reduction: ``"batch_mean"`` (paper Eq. 3: mean of per-image prototypes),
             ``"pooled"`` (all voxels of the batch) or ``"per_image"`` (code: labeled image k pairs with
             unlabeled image k; needs equal labeled and unlabeled batch sizes).
-        student_unlabeled_features: not in the paper (METHODS.md §2.5): take F_u from the student
-            (with gradient) instead of the teacher; P_u and Ŷ_u still come from the teacher.
+        student_unlabeled_features: take F_u from the student (with gradient) instead of the teacher;
+            P_u and Ŷ_u still come from the teacher. Default True (not in the paper: its student never
+            sees an unlabeled patch); ``paper()`` sets False.
+        pseudo_label_threshold: inherited; confidence gate of the U2L pseudo labels (0.9; paper 0 = ungated).
+        reference_steps: 20 000 (the paper's iterations) for the run-relative EMA decay.
         feature_layer: inherited; default ``"decoder"`` (last decoder stage, full resolution).
             ``"bottleneck"`` is the paper's encoder bottleneck (prototypes at low resolution, the
             C-channel logits are upsampled), ``"decoder-2"`` the code's half-resolution stage.
@@ -55,7 +72,14 @@ class CPCLConfig(SemiSupervisedConfig):
     alpha: float = 20.0
     beta: float = 10.0
     prototype_reduction: str = "batch_mean"
-    student_unlabeled_features: bool = False
+    student_unlabeled_features: bool = True
+    reference_steps: Optional[int] = CPCL_PAPER_ITERATIONS
+
+    @classmethod
+    def paper(cls, **changes) -> "CPCLConfig":
+        """The paper's form: teacher unlabeled features, ungated U2L argmax, EMA 0.99 as written."""
+        return cls(**{"student_unlabeled_features": False, "pseudo_label_threshold": 0.0,
+                      "time_constants": "paper", **changes})
 
     def validate(self) -> None:
         super().validate()
@@ -79,7 +103,8 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         target_l: (B_l, 1, *S) labels at full resolution.
         feats_u: (B_u, D, *s) features of unlabeled patches (teacher: constant; or student).
         probs_u: (B_u, C, *S) teacher softmax on unlabeled patches (constant).
-    Returns: ``{"fpc": L2U MSE, "bpc": U2L CE}``, float32 scalars, finite for any input.
+    Returns: ``{"fpc": L2U MSE, "bpc": U2L CE, "u2l_kept": share of unlabeled voxels in p_u}``, float32
+    scalars, finite for any input (``u2l_kept`` is detached, a diagnostic).
     """
     if config.prototype_reduction == "per_image" and feats_l.shape[0] != feats_u.shape[0]:
         raise ValueError(f"prototype_reduction='per_image' pairs labeled image k with unlabeled image k and "
@@ -101,20 +126,21 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         has_proto_l = has_proto_l.expand(feats_u.shape[0])
     fpc = masked_mean((p_l2u - probs_u) ** 2, has_proto_l.view(-1, *([1] * (probs_u.dim() - 1))))
 
-    # U2L: prototypes of the unlabeled features under the teacher's pseudo label classify F_l
-    pseudo = channel_argmax(probs_u, keepdim=True)
-    onehot_u = labels_to_onehot(pseudo, num_classes)
+    # U2L: prototypes of the unlabeled features under the teacher's confident pseudo labels classify F_l
+    pl = gate_pseudo_labels(probs_u, config.pseudo_label_threshold)
+    onehot_u = labels_to_onehot(pl.labels, num_classes) * pl.keep
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
                                       config.prototype_reduction, reduce_fn)
     logits_u2l = prototype_logits(feats_l, protos_u, config.alpha, full_size)
     bpc = cross_entropy_ignore(logits_u2l, prototype_targets(target_l, protos_u.valid, num_classes, ignore_index))
-    return {"fpc": fpc, "bpc": bpc}
+    return {"fpc": fpc, "bpc": bpc, "u2l_kept": pl.kept_fraction}
 
 
 class CPCL(SemiSupervisedMethod):
     config_class = CPCLConfig
     term_names = ("fpc", "bpc")
     needs_features = True
+    diagnostic_names = ("u2l_kept",)
 
     @property
     def student_sees_unlabeled(self) -> bool:
@@ -128,8 +154,10 @@ class CPCL(SemiSupervisedMethod):
         if feats_u is None:
             raise ValueError("CPCL needs unlabeled features (teacher, or student with student_unlabeled_features)")
         probs_u = torch.softmax(inputs.teacher_logits_u.float(), dim=1)
-        return cpcl_losses(inputs.feats_l, inputs.target_l, feats_u, probs_u, inputs.num_classes,
-                           inputs.ignore_index, self.config, inputs.reduce_fn)
+        out = cpcl_losses(inputs.feats_l, inputs.target_l, feats_u, probs_u, inputs.num_classes,
+                          inputs.ignore_index, self.config, inputs.reduce_fn)
+        self.report(u2l_kept=out.pop("u2l_kept"))
+        return out
 
     def weights(self, progress: float) -> Dict[str, float]:
         lam = self.config.ramp(progress)

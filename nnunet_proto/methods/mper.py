@@ -51,19 +51,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
-from nnunet_proto.ops.copy_paste import (
+from nnunet_proto.ops.copy_paste import (  # MixGroup/MixedBatch live in ops (shared with BCP), re-exported here
     BCP_BOX_FRACTION,
-    partner,
-    paste,
-    random_box_mask,
-    region_ce_dice,
-    resize_box_mask,
-    resize_labels,
+    MixedBatch,
+    MixGroup,
+    copy_paste_batch,
+    mixed_deep_supervision_loss,
+    mixed_region_loss,
 )
 from nnunet_proto.ops.kmeans import ClassReservoir, broadcast_from_rank0_, kmeans_bank
 from nnunet_proto.ops.multi_prototype import (
@@ -84,8 +83,6 @@ PAPER_RUN_STEPS = {2: 40_000, 3: 17_000}
 PAPER_STAGE_TWO_STEPS = {2: 30_000, 3: 15_000}
 #: paper 002 §III.A: γ = 0.02 (LA, 3D V-Net) and 0.1 (ACDC, 2D U-Net)
 PAPER_GAMMA = {2: 0.1, 3: 0.02}
-#: label of a pseudo-labeled voxel dropped by the confidence gate (outside [0, C): ignored everywhere)
-GATED_OUT = -1
 UPDATE_MODES = ("pooled", "per_region")
 SIMILARITIES = ("cosine", "dot")
 CONTRAST_POSITIVES = ("class", "any")
@@ -279,41 +276,6 @@ class MPERConfig(SemiSupervisedConfig):
                        dice_present_only=False, pseudo_label_threshold=0.0, stage_switch="fixed", w_max=1.0,
                        time_constants="paper")
         return cls(**{**literal, **changes})
-
-
-@dataclass(frozen=True)
-class MixGroup:
-    """Images ``start:stop`` of a mixed batch and the weights of their two regions.
-
-    ``context_weight`` applies where the box mask M is 1, ``patch_weight`` inside the box; 1 for
-    ground-truth regions, ``unlabeled_weight`` for pseudo-labeled ones.
-    """
-
-    start: int
-    stop: int
-    context_weight: float
-    patch_weight: float
-
-
-@dataclass
-class MixedBatch:
-    """The student's copy-paste batch and everything needed to supervise it.
-
-    Attributes:
-        images: ``(N, C_in, *S)`` mixed input patches (N = B in stage one, 2B in stage two).
-        targets: per deep-supervision scale, ``(N, 1, *S_s)`` mixed labels Ŷ^m (constant).
-        box_masks: per scale, ``(1, 1, *S_s)`` float, 1 = context region, 0 = pasted box.
-        groups: the mixed sub-batches and their region weights (the losses are summed over groups).
-        from_pseudo: ``(N, 1, *S)`` bool, voxels whose label is the teacher's pseudo label.
-        confidence: ``(N, 1, *S)`` float, the teacher's max softmax on pseudo-labeled voxels, 1 elsewhere.
-    """
-
-    images: torch.Tensor
-    targets: List[torch.Tensor]
-    box_masks: List[torch.Tensor]
-    groups: Tuple[MixGroup, ...]
-    from_pseudo: torch.Tensor
-    confidence: torch.Tensor
 
 
 @dataclass
@@ -544,44 +506,16 @@ class MPER(SemiSupervisedMethod):
             generator: CPU generator for the box position (replayable); global RNG when None.
         """
         self._require_setup()
-        targets_l = list(targets_l)
-        if tuple(targets_l[0].shape[2:]) != tuple(data_l.shape[2:]):
-            raise ValueError(f"the first target {tuple(targets_l[0].shape)} must be full resolution like the data "
-                             f"{tuple(data_l.shape)} (nnU-Net's deep-supervision list starts at full resolution)")
-        b = data_l.shape[0]
-        mask = random_box_mask(data_l.shape[2:], self.config.box_fraction, generator, data_l.device)
-        masks = [resize_box_mask(mask, t.shape[2:]) for t in targets_l]
-        full = (b, 1, *data_l.shape[2:])
         if self.stage == 1:
-            images = paste(data_l, partner(data_l), mask)
-            targets = [paste(t, partner(t), m) for t, m in zip(targets_l, masks)]
-            return MixedBatch(images, targets, masks, (MixGroup(0, b, 1.0, 1.0),),
-                              torch.zeros(full, dtype=torch.bool, device=data_l.device),
-                              torch.ones(full, device=data_l.device))
-
+            return copy_paste_batch(data_l, targets_l, box_fraction=self.config.box_fraction, generator=generator)
         if data_u is None or teacher_logits_u is None:
             raise ValueError("stage two needs the unlabeled patches and the teacher's logits on them")
-        if data_u.shape != data_l.shape:
-            raise ValueError(f"copy-paste pairs labeled and unlabeled patches one to one: got labeled "
-                             f"{tuple(data_l.shape)} and unlabeled {tuple(data_u.shape)}; set "
-                             f"unlabeled_batch_size=None (= the labeled batch size)")
         with torch.no_grad(), torch.autocast(device_type=data_l.device.type, enabled=False):
             gate = gate_logits(teacher_logits_u, self.config.pseudo_label_threshold)
-            conf = gate.confidence  # (B, 1, *S)
-            # voxels below the confidence gate get label −1: no loss, no prototype update (BCP: ungated)
-            pseudo = gate.gated(GATED_OUT)
-        pseudo_scales = [resize_labels(pseudo, t.shape[2:]).to(t.dtype) for t in targets_l]
-        x_in = paste(data_l, data_u, mask)  # labeled context, unlabeled box
-        x_out = paste(data_u, partner(data_l), mask)  # unlabeled context, labeled box
-        targets = [torch.cat([paste(t, p, m), paste(p, partner(t), m)])
-                   for t, p, m in zip(targets_l, pseudo_scales, masks)]
-        inside = (mask < 0.5).expand(full)
-        from_pseudo = torch.cat([inside, ~inside])
-        ones = torch.ones_like(conf)
-        confidence = torch.cat([paste(ones, conf, mask), paste(conf, ones, mask)])
-        u = self.config.unlabeled_weight
-        groups = (MixGroup(0, b, 1.0, u), MixGroup(b, 2 * b, u, 1.0))
-        return MixedBatch(torch.cat([x_in, x_out]), targets, masks, groups, from_pseudo, confidence)
+        # voxels below the confidence gate get DROPPED_LABEL (−1): no loss, no prototype update (BCP: ungated)
+        return copy_paste_batch(data_l, targets_l, data_u, gate.labels, gate.confidence, keep=gate.keep,
+                                box_fraction=self.config.box_fraction, unlabeled_weight=self.config.unlabeled_weight,
+                                generator=generator)
 
     # ------------------------------------------------------------------ losses
     def mixed_region_loss(self, logits: torch.Tensor, target: torch.Tensor, box_mask: torch.Tensor,
@@ -591,12 +525,8 @@ class MPER(SemiSupervisedMethod):
         ``logits`` ``(N, C, *S)`` (gradient), ``target`` ``(N, 1, *S)`` and ``box_mask`` ``(1, 1, *S)`` constants.
         """
         cfg = self.config
-        total = logits.new_zeros((), dtype=torch.float32)
-        for g in groups:
-            regions = ((box_mask, g.context_weight), (1.0 - box_mask, g.patch_weight))
-            total = total + region_ce_dice(logits[g.start:g.stop], target[g.start:g.stop], regions, ignore_index,
-                                           cfg.dice_smooth, cfg.dice_include_background, cfg.dice_present_only)
-        return total
+        return mixed_region_loss(logits, target, box_mask, groups, ignore_index, cfg.dice_smooth,
+                                 cfg.dice_include_background, cfg.dice_present_only)
 
     def linear_consistency(self, outputs: Sequence[torch.Tensor], batch: MixedBatch,
                            scale_weights: Sequence[float], ignore_index: Optional[int]) -> torch.Tensor:
@@ -606,14 +536,9 @@ class MPER(SemiSupervisedMethod):
         deep-supervision weights (scales with weight 0 are skipped, as nnU-Net's wrapper does; the
         weights do not depend on the data). In stage one this is BCP's labeled copy-paste loss.
         """
-        if len(outputs) != len(batch.targets) or len(scale_weights) != len(outputs):
-            raise ValueError(f"{len(outputs)} network outputs, {len(batch.targets)} targets and "
-                             f"{len(scale_weights)} deep-supervision weights must match")
-        total = outputs[0].new_zeros((), dtype=torch.float32)
-        for logits, target, mask, w in zip(outputs, batch.targets, batch.box_masks, scale_weights):
-            if w != 0:
-                total = total + w * self.mixed_region_loss(logits, target, mask, batch.groups, ignore_index)
-        return total
+        cfg = self.config
+        return mixed_deep_supervision_loss(outputs, batch, scale_weights, ignore_index, None, cfg.dice_smooth,
+                                           cfg.dice_include_background, cfg.dice_present_only)
 
     def _valid_voxels(self, target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
         t = target.long()

@@ -182,7 +182,6 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if self.config.seed is not None and not self.was_initialized:
             seed_everything(self.config.seed + self.local_rank)
         super().initialize()
-        self.resolve_time_constants()
         student = unwrap_network(self.network)
         self.student_taps = {layer: FeatureTap(student, layer) for layer in self.method.feature_layers}
         arch = self.configuration_manager.network_arch_init_kwargs
@@ -192,6 +191,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if modules is not None:
             self.method_modules = modules.to(self.device)
             self.optimizer.add_param_group({"params": list(self.method_modules.parameters())})
+        self.resolve_time_constants()  # after build_modules: some methods resolve by dimensionality
 
     def trainable_parameters(self) -> List[torch.nn.Parameter]:
         if self.optimizer is not None:  # the optimizer's lists: no walk over the module tree every step
@@ -386,6 +386,26 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.teacher.update(unwrap_network(self.network), self.global_step)
         if self.teacher_modules is not None:
             self.teacher_modules.update(self.method_modules, self.global_step)
+
+    def deep_supervision_weights(self, num_outputs: int) -> Tuple[float, ...]:
+        """nnU-Net's own deep-supervision weights (``DeepSupervisionWrapper.weight_factors``), or (1,) without DS.
+
+        For trainers that build their own supervised loss over the network's outputs (copy-paste).
+        """
+        weights = getattr(self.loss, "weight_factors", None)
+        if weights is None:
+            weights = (1.0,)
+        if len(weights) != num_outputs:
+            raise RuntimeError(f"the network returned {num_outputs} outputs but nnU-Net's loss has {len(weights)} "
+                               f"deep-supervision weights")
+        return tuple(float(w) for w in weights)
+
+    def enter_last_stage(self) -> None:
+        """Switch a staged method (pre-training, then self-training) to its last stage now.
+
+        For tests and tools that must exercise every loss term in the stage where it is used; single-stage
+        trainers do nothing. Staged trainers override it with their own stage switch.
+        """
 
     def teacher_forward(self, data: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Teacher's full-resolution logits and tapped features {layer: tensor} (no grad, eval mode)."""

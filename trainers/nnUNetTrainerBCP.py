@@ -1,0 +1,64 @@
+"""nnUNetTrainerBCP: bidirectional copy-paste with a mean teacher (Bai et al., CVPR 2023, arXiv 2305.00673).
+
+Stage one (first 25 % of the epochs in 2D, 2/17 in 3D, the paper's iteration counts): labeled copy-paste.
+Stage two: teacher reset to the student, then bidirectional copy-paste of labeled and unlabeled patches
+with the teacher's confidence-gated pseudo labels, L = L_sup(ground-truth regions) + 0.5 · L_pseudo, EMA
+0.99 rescaled to the run. ``BCPConfig.paper()`` is the paper's ungated form. Inference: nnU-Net's own head.
+Tensor logic: nnunet_proto/methods/bcp.py and nnunet_proto/ops/copy_paste.py; see docs/methods/bcp.md.
+Short variants: nnUNetTrainerBCP_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
+"""
+from typing import Dict, Tuple
+
+import torch
+
+from nnunet_proto.methods.bcp import BCP, BCPConfig, BCPStepInputs
+from nnunet_proto.ops.distributed import all_reduce_sum
+from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+from nnunet_proto.training.variants import schedule_variants
+
+
+class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
+    method_class = BCP
+    config = BCPConfig()
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(f"BCP: stage {self.method.stage} at epoch {self.current_epoch}; "
+                               f"{self.method.stage_one_epochs(self.num_epochs)} pre-training epoch(s)")
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.method.needs_switch(self.current_epoch, self.num_epochs):
+            self.start_self_training()
+
+    def start_self_training(self) -> None:
+        """Stage switch (once): teacher := the pre-trained student, then bidirectional copy-paste."""
+        self.method.begin_self_training(self.progress)
+        self.reset_teacher()
+        self.print_to_log_file(f"BCP stage two from epoch {self.current_epoch}: teacher reset to the student "
+                               f"(EMA {self.teacher.decay:.5g})")
+
+    def enter_last_stage(self) -> None:
+        if self.method.stage == 1:
+            self.start_self_training()
+
+    def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
+        """Copy-paste step: teacher on the un-mixed unlabeled patches, mix, one student forward, both terms."""
+        method = self.method
+        targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        t_logits = None
+        if method.stage == 2:
+            t_logits = self.teacher_forward(data_u)[0]
+            self.record_pseudo_label_diagnostics(t_logits, targets[0])
+        batch = method.make_batch(data_l, targets, data_u, t_logits)
+        out = self.network(batch.images)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        inputs = BCPStepInputs(
+            num_classes=self.label_manager.num_segmentation_heads, ignore_index=self.label_manager.ignore_label,
+            target_l=batch.targets[0], logits_l=outs[0], teacher_logits_u=t_logits, data_l=data_l, data_u=data_u,
+            reduce_fn=all_reduce_sum, progress=self.progress, batch=batch, outputs=outs,
+            scale_weights=self.deep_supervision_weights(len(outs)))
+        return self.combine(method.supervised_loss(inputs), method.losses(inputs))
+
+
+globals().update(schedule_variants(nnUNetTrainerBCP))
