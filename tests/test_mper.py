@@ -1,5 +1,7 @@
 """MPER: copy-paste ops, multi-prototype classifier, momentum update, k-means init, method and trainer stages."""
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -819,6 +821,10 @@ def test_ready_switch_waits_for_validation_pseudo_dice_and_survives_resume(synth
         assert _equal_states(_state(resumed.teacher.module), teacher_before)
         assert not _equal_states(teacher_before, _state(unwrap_network(resumed.network)))
         assert resumed.resolved_config()["resolved"]["switch"]["reason"] == "cap"
+        with open(os.path.join(resumed.output_folder, "nnunet_proto_config.json")) as f:
+            written = json.load(f)
+        assert written["resolved"]["switch"]["reason"] == "cap"
+        assert written["time_constants"]["prototype_momentum"] == pytest.approx(resumed.method.prototype_momentum)
         out = resumed.train_step(next(resumed.dataloader_train))
         assert math.isfinite(float(out["loss"])) and out["ssl_diag_stage"] == 2.0
     finally:

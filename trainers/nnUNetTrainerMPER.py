@@ -71,6 +71,7 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             f"{_fmt(decision.get('pseudo_dice'))}, threshold {self.config.ready_dice:g}): k-means bank from "
             f"{self.config.kmeans_batches} labeled batches {report}; {teacher}; prototype momentum "
             f"{self.method.prototype_momentum:.6g} over {self.method.stage_two_steps()} stage-two steps")
+        self.write_resolved_config()  # the switch decision and the resolved η go into nnunet_proto_config.json
 
     def enter_last_stage(self) -> None:
         """Switch to stage two now, whatever the readiness (for tests and tools; logged as ``forced``)."""
