@@ -380,6 +380,7 @@ def test_confidence_gate_on_voting_pseudo_labels():
     mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, cfg, diagnostics=diag)
     # every voxel has a unanimous vote; confidences 0.95, 0.8, 0.7, 0.6 -> the gate keeps 2 of 4
     assert float(diag["vote_labelled"]) == pytest.approx(1.0) and float(diag["gate_kept"]) == pytest.approx(0.5)
+    assert float(diag["pl_share_c1"]) == pytest.approx(0.5)  # kept: one class-1 and one class-0 voxel
     # the kept voxels (classes 1 and 0) still give both prototypes: UPA unchanged; gate all out -> UPA 0
     none = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(pseudo_label_threshold=0.99),
                        diagnostics=diag)
@@ -390,7 +391,7 @@ def test_confidence_gate_on_voting_pseudo_labels():
     assert only1["upa"].item() == pytest.approx(0.0, abs=1e-6)  # a single valid class: CE of a 1-way softmax
     m = MSPA(MSPAConfig(pseudo_label_threshold=0.75))
     m.losses(StepInputs(c, None, y_l, torch.zeros(2, c, 2, 2), feats_l=feats_l, logits_u=logits_u, feats_u=feats_u))
-    assert set(m.diagnostics) == set(MSPA.diagnostic_names)
+    assert set(m.diagnostics) == set(m.diagnostic_keys(c)) == {"vote_labelled", "gate_kept", "pl_share_c1"}
 
 
 def test_ignore_label_takes_part_in_no_prototype_and_no_loss():

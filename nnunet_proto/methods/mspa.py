@@ -32,7 +32,7 @@ ignore label (and nnU-Net's −1 padding) takes part in no prototype and no loss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -48,7 +48,7 @@ from nnunet_proto.ops.prototypes import (
     resize_logits,
     resize_masks,
 )
-from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
+from nnunet_proto.ops.pseudo_labels import class_shares, gate_pseudo_labels
 from nnunet_proto.ops.voting import (
     NO_LABEL,
     RELIABLE_RULES,
@@ -197,7 +197,8 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         reduce_fn: sums tensors across DDP ranks (unlabeled prototypes of Eq. 8 are batch-global).
         logits_l: ``(B_l, C, *S)`` labeled logits; needed only for ``labeled_prototype_mask="pred"``.
         diagnostics: if given, receives ``vote_labelled`` (share of unlabeled voxels with a majority
-            vote) and ``gate_kept`` (share of those the confidence gate keeps for UPA).
+            vote), ``gate_kept`` (share of those the confidence gate keeps for UPA) and ``pl_share_c<c>``
+            (share of foreground class c among the kept pseudo labels), as detached 0-dim tensors.
     Returns: ``{"lpa", "upa", "spa"}`` float32 scalars, finite for any input; empty classes or regions
     contribute 0. Which side is detached is set by the config (see ``MSPAConfig``).
     """
@@ -250,6 +251,9 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         upa_pseudo = torch.where(gated, pseudo, torch.full_like(pseudo, NO_LABEL))
         stats = {"vote_labelled": voted.float().mean(),
                  "gate_kept": gated.float().sum() / voted.float().sum().clamp_min(1.0)}
+        # class shares of the gated pseudo labels: a class going to 0 shows up in progress.png
+        shares = class_shares(upa_pseudo, num_classes)
+        stats.update({f"pl_share_c{c}": shares[c] for c in range(1, num_classes)})
 
     # --- UPA (Eqs. 8-9): batch-averaged unlabeled prototypes classify the labeled features -----------
     onehot_u = labels_to_onehot(upa_pseudo, num_classes)
@@ -300,9 +304,13 @@ class MSPA(SemiSupervisedMethod):
     config_class = MSPAConfig
     term_names = ("lpa", "upa", "spa")
     needs_features = True
-    #: per-step values logged every epoch: share of unlabeled voxels with a majority vote, and share of
-    #: those the confidence gate keeps as UPA pseudo labels
+    #: per-step values logged every epoch: share of unlabeled voxels with a majority vote, share of
+    #: those the confidence gate keeps as UPA pseudo labels, and (``diagnostic_keys``) the foreground
+    #: class shares of the kept pseudo labels
     diagnostic_names = ("vote_labelled", "gate_kept")
+
+    def diagnostic_keys(self, num_classes: int) -> Tuple[str, ...]:
+        return (*self.diagnostic_names, *(f"pl_share_c{c}" for c in range(1, num_classes)))
 
     def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
         if inputs.feats_l is None or inputs.feats_u is None or inputs.logits_u is None:
