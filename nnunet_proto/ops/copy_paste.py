@@ -1,4 +1,5 @@
-"""Bidirectional copy-paste (BCP, Bai et al. CVPR 2023) on network input patches, METHODS.md §1.7 and §6.5.
+"""Bidirectional copy-paste (BCP: Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical Image
+Segmentation", CVPR 2023, arXiv 2305.00673) on network input patches.
 
 One zero box is cut out of a mask M (1 = context, 0 = pasted box) and shared by all images of a
 batch; a mixed image is ``context ⊙ M + patch ⊙ (1 − M)`` and its label is mixed the same way. The

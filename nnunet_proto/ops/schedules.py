@@ -1,8 +1,9 @@
 """Ramp-up and EMA-decay schedules, expressed as fractions of the whole training run.
 
-The SSL literature counts ramps in iterations or in "epochs" of 150 iterations (METHODS.md §1.1);
+The SSL literature counts ramps in iterations or in "epochs" of 150 iterations (SSL4MIS-derived code);
 nnU-Net runs far more iterations, so every schedule here takes ``progress`` = iteration / total
-iterations in [0, 1] and a ramp length that is also a fraction of the run (METHODS.md §6.9).
+iterations in [0, 1] and a ramp length that is also a fraction of the run. EMA and momentum decays are
+rescaled to the run length by :func:`run_relative_decay` (docs/training_diagnostics.md).
 """
 from __future__ import annotations
 
