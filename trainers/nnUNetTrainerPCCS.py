@@ -5,7 +5,7 @@ SDM distance-layer prototypes of the unlabeled pseudo labels with an uncertainty
 loss (0.01), a teacher prototype memory (K = 2 per class, Sinkhorn-balanced, momentum 0.999 at the
 code's 15k iterations, applied run-relative) with a pixel-prototype CE (0.3, ramped, confidence-gated),
 and consistency to the teacher's prototype prediction plus entropy minimisation (λ(t) = 0.1·ramp,
-0.1·λ(t)). See nnunet_proto/methods/pccs.py, docs/methods/pccs.md and METHODS.md §5.
+0.1·λ(t)). See nnunet_proto/methods/pccs.py and docs/methods/pccs.md.
 Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
 """
 from nnunet_proto.methods.pccs import PCCS, PCCSConfig

@@ -97,7 +97,7 @@ class MPERConfig(SemiSupervisedConfig):
         ema_decay: 0.99; the paper only says "Mean Teacher", the code (LA and ACDC) uses 0.99 (§4.6).
         ema_warmup: False; BCP/MPER code blend at a constant 0.99 from the pre-trained copy (§1.2, §1.7);
             a warm-up would make the teacher copy the student again right after the reset.
-        w_max: 0.5, the official ACDC code's maximum (§4.8 item 4), which produced the published ACDC
+        w_max: 0.5, the official ACDC code's maximum (``ACDC_train.py``), which produced the published ACDC
             numbers; the paper says "from 0 to 1" (Eq. 6) and the LA code uses 1.0 (``MPERConfig.paper()``).
             Ours for nnU-Net: the linear head is what nnU-Net predicts with, so the prototype classifier's
             consistency stays an auxiliary view at half the weight (not validated in 3D).
@@ -117,11 +117,11 @@ class MPERConfig(SemiSupervisedConfig):
         tau_proto: τ1 of the prototype classifier (Eq. 1); paper 0.1.
         tau_contrast: τ2 of the InfoNCE (Eq. 5); paper 0.1.
         gamma: weight γ of L_cont (Eq. 6). ``None`` resolves by dimensionality to the paper's values,
-            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001 (§4.8 item 2). We keep the
+            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001. We keep the
             paper's value because ``contrast_positive="class"`` removes what made L_cont harmful (pulling
             voxels into another class's cluster); with the paper's any-class positive, 0.001 is the safe
             choice.
-        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99 (§4.8 item 1). With
+        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99. With
             ``time_constants="run_relative"`` it is applied relative to the self-training stage: the same
             horizon as a fraction of stage two as 1/(1 − 0.999) = 1000 of the paper's 30k (2D) / 15k (3D)
             stage-two iterations (``MPER.prototype_momentum``).
@@ -154,8 +154,8 @@ class MPERConfig(SemiSupervisedConfig):
         unlabeled_weight: weight of pseudo-labeled voxels in the mixed losses; BCP code ``u_weight`` 0.5
             (labeled voxels weigh 1).
         dice_smooth: smoothing of the region Dice; BCP's 3D ``mask_DiceLoss`` 1e-5.
-        dice_include_background: the region Dice includes background (BCP/SSL4MIS convention, METHODS.md
-            §1.4). Default False (ours, nnU-Net's ``do_bg=False``).
+        dice_include_background: the region Dice includes background (BCP/SSL4MIS convention). Default
+            False (ours, nnU-Net's ``do_bg=False``).
         dice_present_only: the region Dice averages only over the classes present in the region's labels
             (ours, default True; BCP: all classes, False). An absent class otherwise adds a near-constant
             Dice loss of ~1 that dilutes the gradient of the present classes, and pushes the class to zero

@@ -99,7 +99,7 @@ class MSPAConfig(SemiSupervisedConfig):
             (1/N) Σ_i G_ui, so τ means the same for any N, as in UPA's single set).
         lpa_detach_prototype_prediction: detach M̂_u in L_LPA, so the labeled-prototype ensemble is a
             soft target for the network's softmax Ŝ_up. Paper silent; default True (ours). False (the
-            earlier symmetric choice, METHODS.md §3.2) lets the MSE pull features and labeled prototypes
+            earlier symmetric choice) lets the MSE pull features and labeled prototypes
             towards the network's own prediction, which the cosine classifier cannot match.
         upa_detach_prototypes: detach the unlabeled prototypes p_u in L_UPA, so they are a fixed target that
             classifies the labeled features (as CPCL's teacher prototypes). Paper silent; default True (ours).

@@ -80,10 +80,10 @@ class PCCSConfig(SemiSupervisedConfig):
         prototype_temperature: τ_p of P_T = softmax(max_k cos / τ_p) [§5.9: 0.1].
         aux_temperature: temperature of the L_aux logits cos(f_S, p)/τ [not specified (the code uses raw
             dot products); our choice: τ_p = 0.1].
-        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [§5.6/§5.8: 0.999], at the code's run length.
-        student_mix: weight of the student layer-prototype chunk mixed into the memory [§5.6: 1 − 0.999],
+        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [code: 0.999], at the code's run length.
+        student_mix: weight of the student layer-prototype chunk mixed into the memory [code: 1 − 0.999],
             at the code's run length.
-        reference_steps: inherited; the code's 15 000 iterations [§5.8]. With ``time_constants=
+        reference_steps: inherited; the code's 15 000 iterations. With ``time_constants=
             "run_relative"`` (inherited default) the EMA decay, γ and 1 − student_mix are applied
             run-relative (``SemiSupervisedMethod.resolve_decay``): the memory keeps the same horizon as a
             *fraction of the run* (1000 of 15 000 iterations = 6.7 %), so a 1000-step run uses γ ≈ 0.985
@@ -106,9 +106,10 @@ class PCCSConfig(SemiSupervisedConfig):
             value (``ops.pseudo_labels.gate_pseudo_labels``) [ours: 0.9, MPER's α; code: every unlabeled
             pixel, 0]. The kept share is logged (``aux_kept``).
         aux_encoder_gradient: L_aux's gradient reaches encoder stages 1-3 through the projection branch
-            [code and §5.9: True]. We keep it: it is the only way L_aux can shape the features the
-            segmentation uses (the projection branch is not used at inference), and the ramp and the gate
-            above bound what untrained targets can do. False trains only the projection branch with L_aux.
+            [paper intent: True; the code's aux CE sends no gradient at all]. We keep it: it is the only
+            way L_aux can shape the features the segmentation uses (the projection branch is not used at
+            inference), and the ramp and the gate above bound what untrained targets can do. False trains
+            only the projection branch with L_aux.
         consistency_start / prototype_start: fractions of the run before which L_con/L_ent and
             L_contra/L_aux have weight 0 [§5.3: iterations 200 and 500 of 15 000]. The memory is updated
             from the earlier of the two on (P_T, the L_con target, reads it).
