@@ -90,7 +90,7 @@ def test_ext_trainer_lookup_uses_environment(monkeypatch, nnunet_root):
         compat.recursive_find_trainer_class_by_name("nnUNetTrainerCPCL")
 
 
-def test_last_pseudo_dice_reads_the_validation_log_nnunet_writes():
+def test_pseudo_dice_history_reads_the_validation_log_nnunet_writes():
     import inspect
     import math
     from types import SimpleNamespace
@@ -98,8 +98,9 @@ def test_last_pseudo_dice_reads_the_validation_log_nnunet_writes():
     # nnU-Net logs the per-class pseudo-Dice of its validation step under this key (MPER's stage switch reads it)
     assert compat.PSEUDO_DICE_KEY in inspect.getsource(compat.nnUNetTrainer.on_validation_epoch_end)
     trainer = SimpleNamespace(logger=compat.LocalLogger())
-    assert compat.last_pseudo_dice(trainer) is None
+    assert compat.pseudo_dice_history(trainer) == []
     trainer.logger.log(compat.PSEUDO_DICE_KEY, [0.1, 0.2], 0)
     trainer.logger.log(compat.PSEUDO_DICE_KEY, [0.5, float("nan")], 1)
-    last = compat.last_pseudo_dice(trainer)
-    assert last[0] == 0.5 and math.isnan(last[1])
+    history = compat.pseudo_dice_history(trainer)
+    assert len(history) == 2 and history[0] == [0.1, 0.2]
+    assert history[1][0] == 0.5 and math.isnan(history[1][1])

@@ -328,35 +328,43 @@ def test_gated_pseudo_labels_take_part_in_no_loss_and_no_update():
 
 def test_switch_decision_waits_for_every_class_and_respects_floor_and_cap():
     m = _method(2, 3, stage_switch="ready", ready_dice=0.5, min_pretrain_fraction=0.2, max_pretrain_fraction=0.6)
-    assert m.stage_one_bounds(10) == (2, 6)
-    ready = [0.7, 0.6]
+    assert m.stage_one_bounds(10) == (2, 6) and m.config.ready_epochs == 2
+    ready, unready = [0.7, 0.6], [0.7, 0.49]
     assert m.switch_decision(0, 10, None) is None  # no validation yet
-    assert m.switch_decision(1, 10, ready) is None  # ready but before the floor
-    assert m.switch_decision(2, 10, [0.7, 0.49]) is None  # one class below the threshold
-    assert m.switch_decision(3, 10, [0.7, float("nan")]) is None  # NaN = unknown = not ready
-    assert m.switch_decision(3, 10, []) is None
-    d = m.switch_decision(2, 10, ready)
-    assert d["reason"] == "ready" and d["reset_teacher"] and d["pseudo_dice"] == ready and d["epoch"] == 2
-    cap = m.switch_decision(6, 10, [0.9, 0.1])  # not ready at the cap: switch, but keep the EMA teacher
+    assert m.switch_decision(1, 10, [ready]) is None  # before the floor
+    assert m.switch_decision(2, 10, [ready]) is None  # only one validation so far
+    assert m.switch_decision(2, 10, [ready, ready]) is not None  # two ready validations, at the floor
+    assert m.switch_decision(1, 10, [ready, ready]) is None  # ... but not before it
+    assert m.switch_decision(3, 10, [ready, unready, ready]) is None  # one class below the threshold last time
+    assert m.switch_decision(3, 10, [ready, ready, unready]) is None
+    assert m.switch_decision(3, 10, [ready, [0.7, float("nan")]]) is None  # NaN = unknown = not ready
+    assert m.switch_decision(3, 10, [[], []]) is None
+    d = m.switch_decision(4, 10, [unready, ready, ready])
+    assert d["reason"] == "ready" and d["reset_teacher"] and d["pseudo_dice"] == ready and d["epoch"] == 4
+    cap = m.switch_decision(6, 10, [ready, [0.9, 0.1]])  # not ready at the cap: switch, but keep the EMA teacher
     assert cap["reason"] == "cap" and not cap["reset_teacher"] and (cap["floor_epoch"], cap["cap_epoch"]) == (2, 6)
-    assert m.switch_decision(7, 10, [0.0, 0.0])["reason"] == "cap"
+    assert m.switch_decision(7, 10, [[0.0, 0.0]])["reason"] == "cap"
+    one = _method(2, 3, stage_switch="ready", ready_epochs=1, min_pretrain_fraction=0.2)
+    assert one.switch_decision(2, 10, [unready, ready])["reason"] == "ready"
     # short runs: the cap is at most the last epoch, so stage two always runs
     assert m.stage_one_bounds(2) == (1, 1) and m.switch_decision(1, 2, None)["reason"] == "cap"
     # the paper's fixed schedule ignores the pseudo-Dice
     fixed = _method(2, 3, stage_switch="fixed")
-    assert fixed.switch_decision(9, 40, [1.0, 1.0]) is None
+    assert fixed.switch_decision(9, 40, [[1.0, 1.0]] * 9) is None
     assert fixed.switch_decision(10, 40, None) == {"epoch": 10, "pseudo_dice": [], "ready_dice": 0.5,
                                                    "reason": "fixed", "reset_teacher": True}
     # once in stage two there is nothing to decide
     r = ClassReservoir(3, 100)
     r.add(torch.randn(2, 4, 6, 6), torch.randint(0, 3, (2, 1, 6, 6), generator=_gen(0)))
-    m.begin_self_training(r, progress=0.2, decision=d)
-    assert m.switch_decision(8, 10, [0.0, 0.0]) is None
-    assert m.switch_report["reason"] == "ready" and m.switch_report["progress"] == 0.2
+    m.begin_self_training(r, progress=0.4, decision=d)
+    assert m.switch_decision(8, 10, [[0.0, 0.0]]) is None
+    assert m.switch_report["reason"] == "ready" and m.switch_report["progress"] == 0.4
     with pytest.raises(ValueError, match="min_pretrain_fraction"):
         MPERConfig(min_pretrain_fraction=0.6, max_pretrain_fraction=0.5)
     with pytest.raises(ValueError, match="stage_switch"):
         MPERConfig(stage_switch="soon")
+    with pytest.raises(ValueError, match="ready_epochs"):
+        MPERConfig(ready_epochs=0)
 
 
 def test_time_constants_are_run_relative_and_reduce_to_the_paper_at_its_run_length():
@@ -799,8 +807,10 @@ def test_ready_switch_waits_for_validation_pseudo_dice_and_survives_resume(synth
         assert switches == [] and trainer.method.stage == 1
         checkpoint = str(tmp_path / "stage_one.pth")
         trainer.save_checkpoint(checkpoint)  # resumes at epoch 4 with the pseudo-Dice history of epochs 0-2
-        start_epoch(trainer, 4, [0.6, 0.55])
-        assert switches == [4] and trainer.method.switch_report["reason"] == "ready"
+        start_epoch(trainer, 4, [0.6, 0.55])  # ready once: not yet (ready_epochs = 2)
+        assert switches == []
+        start_epoch(trainer, 5, [0.7, 0.5])  # ready twice in a row
+        assert switches == [5] and trainer.method.switch_report["reason"] == "ready"
         assert _equal_states(_state(trainer.teacher.module), _state(unwrap_network(trainer.network)))
     finally:
         trainer.on_train_end()
@@ -810,7 +820,7 @@ def test_ready_switch_waits_for_validation_pseudo_dice_and_survives_resume(synth
         assert resumed.current_epoch == 4 and resumed.method.stage == 1
         resumed.on_train_epoch_start()  # restored history ends with [0.9, nan]: not ready
         assert resumed_switches == []
-        start_epoch(resumed, 5, [0.9, 0.3])
+        start_epoch(resumed, 5, [0.9, 0.6])  # ready once only
         assert resumed_switches == []
         resumed.train_step(next(resumed.dataloader_train))  # the EMA teacher now lags the student
         teacher_before = _state(resumed.teacher.module)

@@ -1,7 +1,7 @@
 """nnUNetTrainerMPER: multi-prototype embedding refinement on bidirectional copy-paste (Bi et al., ICASSP 2025).
 
 Stage one: labeled copy-paste until the student is ready (every foreground class at pseudo-Dice ≥ 0.5 on
-nnU-Net's validation cases, between 10 % and 50 % of the run; ``stage_switch="fixed"``: the paper's 25 %
+nnU-Net's validation cases in two consecutive epochs, between 10 % and 50 % of the run; ``stage_switch="fixed"``: the paper's 25 %
 in 2D, 2/17 in 3D). Stage two: k-means prototype bank from labeled embeddings, teacher reset to the
 student (skipped if the cap forced an unready switch), then bidirectional copy-paste with gated teacher
 pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont), K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative),
@@ -18,7 +18,7 @@ from torch import autocast
 from nnunet_proto.methods.mper import MPER, MPERConfig, MPERStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.compat import last_pseudo_dice
+from nnunet_proto.training.compat import pseudo_dice_history
 from nnunet_proto.training.variants import schedule_variants
 
 
@@ -41,15 +41,16 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
         super().on_train_epoch_start()
         if self.method.stage != 1:
             return
-        dice = last_pseudo_dice(self)
-        decision = self.method.switch_decision(self.current_epoch, self.num_epochs, dice)
+        history = pseudo_dice_history(self)
+        dice = history[-1] if history else None
+        decision = self.method.switch_decision(self.current_epoch, self.num_epochs, history)
         if decision is not None:
             self.start_self_training(decision)
         elif self.config.stage_switch == "ready":
             floor, cap = self.method.stage_one_bounds(self.num_epochs)
             self.print_to_log_file(f"MPER stage one at epoch {self.current_epoch}: validation pseudo-Dice per "
                                    f"foreground class {_fmt(dice)}, switch when all >= {self.config.ready_dice:g} "
-                                   f"(epochs {floor}..{cap})")
+                                   f"in {self.config.ready_epochs} consecutive validations (epochs {floor}..{cap})")
 
     def start_self_training(self, decision: Optional[Dict] = None) -> None:
         """Stage switch (once): k-means bank from labeled embeddings of the pre-trained student, then

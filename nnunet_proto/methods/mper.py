@@ -169,6 +169,9 @@ class MPERConfig(SemiSupervisedConfig):
         ready_dice / min_pretrain_fraction / max_pretrain_fraction: 0.5 / 0.1 / 0.5 (ours). The paper's
             fixed 25 % is 250 steps of a 1000-step CPU run, after which the student's pseudo-Dice was ~0
             and its right ventricle never recovered.
+        ready_epochs: readiness must hold on this many consecutive validations (ours: 2). nnU-Net's
+            pseudo-Dice comes from a few random validation patches per epoch (10 batches in the
+            benchmark), and the switch cannot be undone, so one lucky epoch must not trigger it.
         kmeans_batches: labeled training batches whose embeddings feed the k-means initialisation. The
             code makes one pass over its loader: 18 batches of 4 (LA) to 98 of 12 (ACDC); 20 nnU-Net
             batches cost a fraction of one epoch (forward only).
@@ -201,6 +204,7 @@ class MPERConfig(SemiSupervisedConfig):
     pretrain_fraction: Optional[float] = None
     stage_switch: str = "ready"
     ready_dice: float = 0.5
+    ready_epochs: int = 2
     min_pretrain_fraction: float = 0.1
     max_pretrain_fraction: float = 0.5
     box_fraction: float = BCP_BOX_FRACTION
@@ -247,6 +251,8 @@ class MPERConfig(SemiSupervisedConfig):
             raise ValueError(f"stage_switch must be one of {STAGE_SWITCHES}, got {self.stage_switch!r}")
         if not 0.0 <= self.ready_dice <= 1.0:
             raise ValueError(f"ready_dice is a pseudo-Dice in [0, 1], got {self.ready_dice}")
+        if self.ready_epochs < 1:
+            raise ValueError(f"ready_epochs must be >= 1, got {self.ready_epochs}")
         if not 0.0 <= self.min_pretrain_fraction <= self.max_pretrain_fraction < 1.0:
             raise ValueError(f"need 0 <= min_pretrain_fraction <= max_pretrain_fraction < 1, got "
                              f"min_pretrain_fraction={self.min_pretrain_fraction}, "
@@ -431,13 +437,14 @@ class MPER(SemiSupervisedMethod):
 
     # ------------------------------------------------------------------ stage switch
     def switch_decision(self, epoch: int, num_epochs: int,
-                        pseudo_dice: Optional[Sequence[float]] = None) -> Optional[Dict[str, Any]]:
+                        history: Optional[Sequence[Sequence[float]]] = None) -> Optional[Dict[str, Any]]:
         """Whether stage two starts at the beginning of ``epoch``; None = not yet (or already switched).
 
         Args:
             epoch: the epoch about to start; num_epochs: epochs of the run.
-            pseudo_dice: nnU-Net's per-foreground-class pseudo-Dice on its validation cases from the last
-                finished epoch (``dice_per_class_or_region``), or None / empty if there is none yet.
+            history: nnU-Net's per-foreground-class pseudo-Dice on its validation cases, one list per
+                finished epoch, oldest first (``dice_per_class_or_region``); None / empty before the first.
+                Ready = every class ≥ ``ready_dice`` in each of the last ``ready_epochs`` entries.
         Returns: ``{"epoch", "reason", "reset_teacher", "pseudo_dice", "ready_dice", "floor_epoch",
         "cap_epoch"}`` where reason is ``"fixed"`` (paper schedule), ``"ready"`` (every foreground class
         ≥ ready_dice, at or after the floor) or ``"cap"`` (not ready at the cap: switch without the
@@ -446,7 +453,8 @@ class MPER(SemiSupervisedMethod):
         if self.stage != 1:
             return None
         cfg = self.config
-        dice = [float(d) for d in pseudo_dice] if pseudo_dice is not None else []
+        history = [[float(d) for d in entry] for entry in (history or [])]
+        dice = history[-1] if history else []
         report: Dict[str, Any] = {"epoch": int(epoch), "pseudo_dice": dice, "ready_dice": cfg.ready_dice}
         if cfg.stage_switch == "fixed":
             if epoch >= self.stage_one_epochs(num_epochs):
@@ -457,7 +465,10 @@ class MPER(SemiSupervisedMethod):
         if epoch < floor:
             return None
         # NaN (a class neither predicted nor present in the validation patches) counts as not ready
-        ready = bool(dice) and all(math.isfinite(d) and d >= cfg.ready_dice for d in dice)
+        recent = history[-cfg.ready_epochs:]
+        ready = len(recent) == cfg.ready_epochs and all(
+            entry and all(math.isfinite(d) and d >= cfg.ready_dice for d in entry) for entry in recent)
+        report["ready_epochs"] = cfg.ready_epochs
         if ready:
             return {**report, "reason": "ready", "reset_teacher": True}
         if epoch >= cap:

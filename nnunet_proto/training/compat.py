@@ -6,7 +6,7 @@ when nnU-Net changes it. Written against nnunetv2 2.8.1.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -39,7 +39,7 @@ __all__ = [
     "ConfigurationManager", "DefaultPreprocessor", "LocalLogger", "NNUNET_VERSION_TESTED",
     "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "checkpoint_payload",
     "comp_blosc2_params", "generate_crossval_split", "get_allowed_n_proc_DA", "get_pool_and_conv_props",
-    "get_trainer_from_args", "infer_dataset_class", "last_pseudo_dice", "load_json", "load_pickle",
+    "get_trainer_from_args", "infer_dataset_class", "pseudo_dice_history", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",
     "nnUNetTrainer", "nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results", "nnunet_version",
     "recursive_find_trainer_class_by_name", "require_env_path", "save_json", "unwrap_network",
@@ -83,17 +83,15 @@ def checkpoint_payload(trainer: nnUNetTrainer) -> Dict[str, Any]:
 PSEUDO_DICE_KEY = "dice_per_class_or_region"
 
 
-def last_pseudo_dice(trainer: nnUNetTrainer) -> Optional[List[float]]:
-    """nnU-Net's per-foreground-class pseudo-Dice of the last finished epoch, or None before the first.
+def pseudo_dice_history(trainer: nnUNetTrainer) -> List[List[float]]:
+    """nnU-Net's per-foreground-class pseudo-Dice of every finished epoch, oldest first ([] before the first).
 
     nnUNetTrainer.on_validation_epoch_end (2.8.1) logs ``dice_per_class_or_region`` from TP/FP/FN summed
     over the validation patches of every DDP rank, so every rank reads the same values; a class that is
     neither present nor predicted gives NaN. The logger (and this history) is restored by ``--c``.
     """
-    history = trainer.logger.get_value(PSEUDO_DICE_KEY, step=None)
-    if not history:
-        return None
-    return [float(d) for d in history[-1]]
+    history = trainer.logger.get_value(PSEUDO_DICE_KEY, step=None) or []
+    return [[float(d) for d in entry] for entry in history]
 
 
 def require_env_path(var) -> str:
