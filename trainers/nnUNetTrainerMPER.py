@@ -1,13 +1,14 @@
 """nnUNetTrainerMPER: multi-prototype embedding refinement on bidirectional copy-paste (Bi et al., ICASSP 2025).
 
 Stage one: labeled copy-paste until the student is ready (every foreground class at pseudo-Dice ≥ 0.5 on
-nnU-Net's validation cases in two consecutive epochs, between 10 % and 50 % of the run; ``stage_switch="fixed"``: the paper's 25 %
-in 2D, 2/17 in 3D). Stage two: k-means prototype bank from labeled embeddings, teacher reset to the
-student (skipped if the cap forced an unready switch), then bidirectional copy-paste with gated teacher
-pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont), K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative),
-α = 0.9, γ 0.1 (2D) / 0.02 (3D), w_max 0.5. Inference: nnU-Net's own head.
-All tensor logic is in nnunet_proto/methods/mper.py; see docs/methods/mper.md and METHODS.md §4.
-Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
+nnU-Net's validation cases in two consecutive epochs, between 10 % and 50 % of the run;
+``stage_switch="fixed"``: the paper's 25 % in 2D, 2/17 in 3D). Stage two: k-means prototype bank from
+labeled embeddings, teacher reset to the student (skipped if the cap forced an unready switch), then
+bidirectional copy-paste with gated teacher pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont),
+K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative), α = 0.9, γ 0.1 (2D) / 0.02 (3D), w_max 0.5.
+Inference: nnU-Net's own head. All tensor logic is in nnunet_proto/methods/mper.py; see
+docs/methods/mper.md. Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs,
+_100epochs, _250epochs.
 """
 from contextlib import nullcontext
 from typing import Dict, Iterator, Optional, Sequence, Tuple
