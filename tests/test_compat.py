@@ -99,3 +99,19 @@ def test_postprocessing_functions_signatures():
     app = list(inspect.signature(compat.apply_postprocessing_to_folder).parameters)
     assert app == ["input_folder", "output_folder", "pp_fns", "pp_fn_kwargs", "plans_file_or_dict",
                    "dataset_json_file_or_dict", "num_processes"]
+
+
+def test_pseudo_dice_history_reads_the_validation_log_nnunet_writes():
+    import inspect
+    import math
+    from types import SimpleNamespace
+
+    # nnU-Net logs the per-class pseudo-Dice of its validation step under this key (MPER's stage switch reads it)
+    assert compat.PSEUDO_DICE_KEY in inspect.getsource(compat.nnUNetTrainer.on_validation_epoch_end)
+    trainer = SimpleNamespace(logger=compat.LocalLogger())
+    assert compat.pseudo_dice_history(trainer) == []
+    trainer.logger.log(compat.PSEUDO_DICE_KEY, [0.1, 0.2], 0)
+    trainer.logger.log(compat.PSEUDO_DICE_KEY, [0.5, float("nan")], 1)
+    history = compat.pseudo_dice_history(trainer)
+    assert len(history) == 2 and history[0] == [0.1, 0.2]
+    assert history[1][0] == 0.5 and math.isnan(history[1][1])

@@ -1,5 +1,7 @@
 """MPER: copy-paste ops, multi-prototype classifier, momentum update, k-means init, method and trainer stages."""
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -106,7 +108,7 @@ def test_stage_one_copy_paste_moves_image_and_target_together(spatial):
 @pytest.mark.parametrize("spatial", [(8, 10), (4, 8, 10)])
 def test_stage_two_bidirectional_copy_paste_targets_and_weights(spatial):
     b, c = 3, 3
-    m = _method(len(spatial), c)
+    m = _method(len(spatial), c, pseudo_label_threshold=0.0)  # BCP: ungated argmax
     m.stage = 2
     data_l, labels = _encoded(b, spatial, c, 0, seed=1)
     data_u, hidden = _encoded(b, spatial, c, 5, seed=2)  # hidden: what the teacher predicts
@@ -152,7 +154,7 @@ def _manual_region_loss(logits, target, region, c, ignore, smooth=1e-5):
 
 def test_mixed_region_loss_weights_regions_and_drops_ignore_label():
     c, ignore, b = 3, 3, 2
-    m = _method(2, c)
+    m = _method(2, c, dice_include_background=True, dice_present_only=False)  # BCP's mix loss
     logits = torch.randn(2 * b, c, 6, 7, generator=_gen(0), requires_grad=True)
     target = torch.randint(0, c, (2 * b, 1, 6, 7), generator=_gen(1))
     target[:, :, 0, :3] = ignore
@@ -241,6 +243,170 @@ def test_nearest_prototype_infonce_analytic_value_ignore_modes_and_gradient():
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+def test_class_restricted_infonce_positive_is_the_nearest_prototype_of_the_voxels_class():
+    bank = torch.cat([torch.eye(3)[None], -torch.eye(3)[None]])  # class 0: e0..e2, class 1: -e0..-e2
+    z = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.8, 0.6]]).T.reshape(1, 3, 1, 2)
+    sim = multi_prototype_similarity(z, bank)
+    tau = 0.1
+    # voxel 0 (= e0) labelled class 1: positive = nearest class-1 prototype; cos(e0, -e0) = -1 is the lowest,
+    # -e1 and -e2 have cos 0 -> the positive is (1, 1) (first maximum), logit 0
+    denom0 = math.exp(10) + 4 + math.exp(-10)
+    expected0 = -math.log(1 / denom0)
+    labels = torch.tensor([1, 1]).view(1, 1, 1, 2)
+    keep0 = torch.tensor([True, False]).view(1, 1, 1, 2)
+    got = nearest_prototype_infonce(sim, tau, keep0, labels=labels)
+    assert got.item() == pytest.approx(expected0, rel=1e-5)
+    # the paper's positive for the same voxel is (0, 0), whatever its label: a much smaller loss
+    assert nearest_prototype_infonce(sim, tau, keep0).item() == pytest.approx(-math.log(math.exp(10) / denom0),
+                                                                               rel=1e-4, abs=1e-6)
+    # with its own class as label the two rules agree
+    same = torch.tensor([0, 0]).view(1, 1, 1, 2)
+    torch.testing.assert_close(nearest_prototype_infonce(sim, tau, labels=same), nearest_prototype_infonce(sim, tau))
+    # labels outside [0, C) (ignore label, gated-out pseudo label) take no part
+    assert nearest_prototype_infonce(sim, tau, labels=torch.full((1, 1, 1, 2), -1)).item() == 0.0
+    # the gradient moves voxel 0 towards its class's prototype -e1 (descent lowers its e1 component); the
+    # paper's positive e0 is already matched, so it gives that voxel (almost) no gradient
+    zg = z.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(nearest_prototype_infonce(multi_prototype_similarity(zg, bank), tau, keep0,
+                                                         labels=labels), zg)
+    (g_any,) = torch.autograd.grad(nearest_prototype_infonce(multi_prototype_similarity(zg, bank), tau, keep0), zg)
+    assert g[0, 1, 0, 0] > 1.0 and g_any[:, :, 0, 0].abs().max() < 1e-3
+    with pytest.raises(ValueError, match="labels"):
+        nearest_prototype_infonce(sim, tau, labels=torch.zeros(1, 1, 2, 2, dtype=torch.long))
+
+
+def test_region_dice_over_present_foreground_classes():
+    """present_only: absent classes get no Dice term; BCP's form adds a near-constant 1 per absent class."""
+    c = 3
+    target = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]).view(2, 1, 1, 4)  # class 2 absent everywhere
+    logits = torch.randn(2, c, 1, 4, generator=_gen(3), requires_grad=True)
+    region = torch.ones(1, 1, 1, 4)
+    present = region_ce_dice(logits, target, [(region, 1.0)], include_background=False, present_only=True)
+    p = logits.softmax(1)
+    y1 = (target[:, 0] == 1).float()
+    d1 = (2 * (p[:, 1] * y1).sum((1, 2)) + 1e-5) / ((p[:, 1] + y1).sum((1, 2)) + 1e-5)  # (B,)
+    ce = F.cross_entropy(logits, target[:, 0])
+    torch.testing.assert_close(present, ce + (1 - d1).mean())
+    # BCP's form over the foreground: the absent class 2 has Dice ≈ 0 (smooth / (Σp + smooth)), so it adds
+    # ~1 per image to the mean and halves the weight of class 1's Dice gradient (dilution)
+    fg_all = region_ce_dice(logits, target, [(region, 1.0)], include_background=False)
+    torch.testing.assert_close(fg_all, ce + (1 - torch.stack([d1, torch.zeros_like(d1)], 1)).mean(), atol=1e-4,
+                               rtol=1e-4)
+    dice_part = {name: torch.autograd.grad(loss - ce, logits, retain_graph=True)[0][:, 1]
+                 for name, loss in (("present", present), ("all", fg_all))}
+    torch.testing.assert_close(dice_part["all"], dice_part["present"] / 2, atol=1e-4, rtol=1e-3)
+    # no foreground present in a region: only the CE remains
+    bg = torch.zeros_like(target)
+    torch.testing.assert_close(region_ce_dice(logits, bg, [(region, 1.0)], include_background=False,
+                                              present_only=True), F.cross_entropy(logits, bg[:, 0]))
+
+
+def test_gated_pseudo_labels_take_part_in_no_loss_and_no_update():
+    b, c, spatial = 2, 3, (6, 8)
+    m = _method(2, c, 4, pseudo_label_threshold=0.9)
+    m.stage = 2
+    data_l, labels = _encoded(b, spatial, c, 0, seed=1)
+    t_logits = torch.zeros(b, c, *spatial)
+    t_logits[:, 1, :, :4] = 8.0  # left half: confident class 1 (p ≈ 0.999); right half uniform (p = 1/3)
+    batch = m.make_batch(data_l, _ds_targets(labels), torch.randn_like(data_l), t_logits, generator=_gen(2))
+    mixed = batch.targets[0]
+    unsure = batch.from_pseudo & (torch.arange(spatial[1]) >= 4).view(1, 1, 1, -1)
+    assert (mixed[unsure] == -1).all() and unsure.any()
+    assert (mixed[batch.from_pseudo & ~unsure] == 1).all()
+    assert (mixed[~batch.from_pseudo] >= 0).all()  # ground truth untouched
+    assert torch.equal(batch.targets[1], resize_labels(mixed, batch.targets[1].shape[2:]))  # gate at every scale
+    # the gated voxels carry no gradient in the linear loss and no weight in the update
+    logits = torch.randn(2 * b, c, *spatial, requires_grad=True)
+    (g,) = torch.autograd.grad(m.mixed_region_loss(logits, mixed, batch.box_masks[0], batch.groups, None), logits)
+    assert (g.movedim(1, -1)[unsure[:, 0]] == 0).all() and g.abs().sum() > 0
+    # paper/BCP: ungated, every pseudo-labeled voxel keeps its argmax
+    open_ = _method(2, c, 4, pseudo_label_threshold=0.0)
+    open_.stage = 2
+    ungated = open_.make_batch(data_l, _ds_targets(labels), torch.randn_like(data_l), t_logits, generator=_gen(2))
+    assert (ungated.targets[0] >= 0).all()
+
+
+def test_switch_decision_waits_for_every_class_and_respects_floor_and_cap():
+    m = _method(2, 3, stage_switch="ready", ready_dice=0.5, min_pretrain_fraction=0.2, max_pretrain_fraction=0.6)
+    assert m.stage_one_bounds(10) == (2, 6) and m.config.ready_epochs == 2
+    ready, unready = [0.7, 0.6], [0.7, 0.49]
+    assert m.switch_decision(0, 10, None) is None  # no validation yet
+    assert m.switch_decision(1, 10, [ready]) is None  # before the floor
+    assert m.switch_decision(2, 10, [ready]) is None  # only one validation so far
+    assert m.switch_decision(2, 10, [ready, ready]) is not None  # two ready validations, at the floor
+    assert m.switch_decision(1, 10, [ready, ready]) is None  # ... but not before it
+    assert m.switch_decision(3, 10, [ready, unready, ready]) is None  # one class below the threshold last time
+    assert m.switch_decision(3, 10, [ready, ready, unready]) is None
+    assert m.switch_decision(3, 10, [ready, [0.7, float("nan")]]) is None  # NaN = unknown = not ready
+    assert m.switch_decision(3, 10, [[], []]) is None
+    d = m.switch_decision(4, 10, [unready, ready, ready])
+    assert d["reason"] == "ready" and d["reset_teacher"] and d["pseudo_dice"] == ready and d["epoch"] == 4
+    cap = m.switch_decision(6, 10, [ready, [0.9, 0.1]])  # not ready at the cap: switch, but keep the EMA teacher
+    assert cap["reason"] == "cap" and not cap["reset_teacher"] and (cap["floor_epoch"], cap["cap_epoch"]) == (2, 6)
+    assert m.switch_decision(7, 10, [[0.0, 0.0]])["reason"] == "cap"
+    one = _method(2, 3, stage_switch="ready", ready_epochs=1, min_pretrain_fraction=0.2)
+    assert one.switch_decision(2, 10, [unready, ready])["reason"] == "ready"
+    # short runs: the cap is at most the last epoch, so stage two always runs
+    assert m.stage_one_bounds(2) == (1, 1) and m.switch_decision(1, 2, None)["reason"] == "cap"
+    # the paper's fixed schedule ignores the pseudo-Dice
+    fixed = _method(2, 3, stage_switch="fixed")
+    assert fixed.switch_decision(9, 40, [[1.0, 1.0]] * 9) is None
+    assert fixed.switch_decision(10, 40, None) == {"epoch": 10, "pseudo_dice": [], "ready_dice": 0.5,
+                                                   "reason": "fixed", "reset_teacher": True}
+    # once in stage two there is nothing to decide
+    r = ClassReservoir(3, 100)
+    r.add(torch.randn(2, 4, 6, 6), torch.randint(0, 3, (2, 1, 6, 6), generator=_gen(0)))
+    m.begin_self_training(r, progress=0.4, decision=d)
+    assert m.switch_decision(8, 10, [[0.0, 0.0]]) is None
+    assert m.switch_report["reason"] == "ready" and m.switch_report["progress"] == 0.4
+    with pytest.raises(ValueError, match="min_pretrain_fraction"):
+        MPERConfig(min_pretrain_fraction=0.6, max_pretrain_fraction=0.5)
+    with pytest.raises(ValueError, match="stage_switch"):
+        MPERConfig(stage_switch="soon")
+    with pytest.raises(ValueError, match="ready_epochs"):
+        MPERConfig(ready_epochs=0)
+
+
+def test_time_constants_are_run_relative_and_reduce_to_the_paper_at_its_run_length():
+    def switched(dims, run_steps, start, **changes):
+        m = _method(dims, 3, **changes)
+        m.set_run_steps(run_steps)
+        r = ClassReservoir(3, 100)
+        r.add(torch.randn(2, 4, 6, 6), torch.randint(0, 3, (2, 1, 6, 6), generator=_gen(0)))
+        m.begin_self_training(r, progress=start)
+        return m
+
+    # the paper's run (ACDC: 10k + 30k; LA: 2k + 15k): η and the EMA decay are the paper's values
+    paper_2d = switched(2, 40_000, 0.25)
+    assert paper_2d.prototype_momentum == pytest.approx(0.999)
+    assert paper_2d.time_constants()["ema_decay"] == pytest.approx(0.99)
+    paper_3d = switched(3, 17_000, 2 / 17)
+    assert paper_3d.prototype_momentum == pytest.approx(0.999)
+    # 1000 steps, stage two from 40 %: η's horizon 1000/30000 of the 600 stage-two steps = 20 steps
+    short = switched(2, 1000, 0.4)
+    assert short.stage_two_steps() == 600
+    assert short.prototype_momentum == pytest.approx(1 - 0.001 * 30_000 / 600)
+    assert short.time_constants()["ema_decay"] == pytest.approx(0.9)  # floor (10-step horizon)
+    # nnU-Net's 250k steps: a longer horizon than the paper's, same fraction
+    long = switched(2, 250_000, 0.25)
+    assert 1 / (1 - long.prototype_momentum) == pytest.approx(1000 * 187_500 / 30_000, rel=1e-6)
+    # literal constants
+    assert switched(2, 1000, 0.4, time_constants="paper").prototype_momentum == 0.999
+    # before the switch the stage-two length is unknown: the configured η, and it is said so
+    before = _method(2, 3)
+    before.set_run_steps(1000)
+    assert before.prototype_momentum == 0.999
+    assert before.time_constants()["prototype_momentum"] == "resolved at the stage switch"
+
+
+def test_paper_preset_restores_the_literal_behaviour():
+    cfg = MPERConfig.paper()
+    assert (cfg.contrast_positive, cfg.update_background_from_pseudo, cfg.dice_include_background,
+            cfg.dice_present_only, cfg.pseudo_label_threshold, cfg.stage_switch, cfg.w_max,
+            cfg.time_constants) == ("any", True, True, False, 0.0, "fixed", 1.0, "paper")
+    assert MPERConfig().w_max == 0.5 and MPERConfig().contrast_positive == "class"
+
+
 def test_momentum_update_with_known_means():
     bank = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [0.0, -1.0]]])  # (C=2, K=2, D=2)
     z = torch.tensor([[2.0, 0.1], [4.0, -0.1], [0.0, 5.0], [-1.0, -2.0], [100.0, 100.0]]).T.reshape(1, 2, 1, 5)
@@ -280,7 +446,7 @@ def test_update_prototypes_uses_labeled_and_confident_pseudo_voxels_only():
     ignore = 3
     batch.targets[0][0, 0, 0, 0] = ignore
     z = torch.randn(4, d, 4, 6, generator=_gen(5))
-    m = _method(2, c, d, prototype_momentum=0.5)
+    m = _method(2, c, d, prototype_momentum=0.5, update_background_from_pseudo=True)  # paper: every class
     m.stage = 2
     bank0 = m.bank.clone()
     m.update_prototypes(MPERStepInputs(num_classes=c, ignore_index=ignore, target_l=batch.targets[0],
@@ -307,6 +473,18 @@ def test_update_prototypes_uses_labeled_and_confident_pseudo_voxels_only():
             s, n = cluster_statistics(z, target, sel, bank)
             bank = momentum_update(bank, s, n, 0.5, classes=torch.tensor([False, True, True]))
     torch.testing.assert_close(m2.bank, bank)
+
+    # default: pseudo-labeled background voxels never move background prototypes
+    batch.confidence = torch.where(batch.from_pseudo & (target == 0), torch.tensor(0.95), batch.confidence)
+    select = (target != ignore) & (~batch.from_pseudo | (batch.confidence > 0.9))
+    m4 = _method(2, c, d, prototype_momentum=0.5)
+    m4.stage = 2
+    m4.update_prototypes(MPERStepInputs(num_classes=c, ignore_index=ignore, target_l=target,
+                                        logits_l=torch.zeros(4, c, 4, 6), feats_l=z, batch=batch))
+    no_pseudo_bg = select & ~(batch.from_pseudo & (target == 0))
+    assert (select & batch.from_pseudo & (target == 0)).any()  # the test batch has such voxels
+    sums, counts = cluster_statistics(z, target, no_pseudo_bg, bank0)
+    torch.testing.assert_close(m4.bank, momentum_update(bank0, sums, counts, 0.5))
 
     # stage one never moves the bank
     m3 = _method(2, c, d)
@@ -407,6 +585,7 @@ def test_config_validation_and_paper_resolution():
 
 def test_weights_are_zero_in_stage_one_and_ramp_from_the_switch():
     m = _method(2, w_max=1.0)
+    assert MPERConfig().w_max == 0.5  # the ACDC code's maximum (default)
     assert m.weights(0.9) == {"proto_cons": 0.0, "contrast": 0.0}
     r = ClassReservoir(3, 100)
     r.add(torch.randn(2, 4, 6, 6), torch.randint(0, 3, (2, 1, 6, 6), generator=_gen(0)))
@@ -459,12 +638,17 @@ def test_state_dict_round_trip_and_shape_check():
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def _mper_trainer(ds, configuration="2d", continue_training=False):
-    """The real nnUNetTrainerMPER, with fewer k-means batches so the test stays fast."""
+def _mper_trainer(ds, configuration="2d", continue_training=False, **changes):
+    """The real nnUNetTrainerMPER, with fewer k-means batches so the test stays fast.
+
+    Default: the paper's fixed switch (stage one = ceil(0.25 · 3) = 1 epoch), which these tests need to
+    reach stage two without validation epochs; the readiness switch has its own test.
+    """
     from nnunet_proto.training.compat import recursive_find_trainer_class_by_name
 
     cls = recursive_find_trainer_class_by_name("nnUNetTrainerMPER")
-    fast = type("nnUNetTrainerMPER", (cls,), {"config": cls.config.replace(kmeans_batches=3)})
+    config = cls.config.replace(kmeans_batches=3, **{"stage_switch": "fixed", **changes})
+    fast = type("nnUNetTrainerMPER", (cls,), {"config": config})
     plans = ds.load_plans()
     plans["continue_training"] = continue_training
     trainer = fast(plans=plans, configuration=configuration, fold=ds.fold, dataset_json=ds.dataset_json(),
@@ -485,9 +669,10 @@ def _count_switches(trainer):
     return calls
 
 
-def _resumed(ds, checkpoint):
+def _resumed(ds, checkpoint, num_epochs=3, **changes):
     """A fresh trainer resumed from ``checkpoint`` (as ``nnUNetv2_train --c``), started, with a switch counter."""
-    trainer = _mper_trainer(ds, continue_training=True)
+    trainer = _mper_trainer(ds, continue_training=True, **changes)
+    trainer.num_epochs = num_epochs
     switches = _count_switches(trainer)
     trainer.load_checkpoint(checkpoint)
     trainer.on_train_start()
@@ -594,3 +779,63 @@ def test_stage_two_terms_send_gradient_into_the_student(configuration, synthetic
             assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0, name
     finally:
         trainer.on_train_end()
+
+
+READY = dict(stage_switch="ready", ready_dice=0.5, min_pretrain_fraction=0.2, max_pretrain_fraction=0.6)
+
+
+def test_ready_switch_waits_for_validation_pseudo_dice_and_survives_resume(synthetic_dataset, fresh_results,
+                                                                          tmp_path):
+    """The real trainer reads nnU-Net's logged pseudo-Dice: floor, readiness, resume, cap without reset."""
+    from nnunet_proto.training.compat import PSEUDO_DICE_KEY, unwrap_network
+
+    def start_epoch(trainer, epoch, last_dice=None):
+        if last_dice is not None:  # what nnU-Net's validation of epoch - 1 logged
+            trainer.logger.log(PSEUDO_DICE_KEY, last_dice, epoch - 1)
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+
+    trainer = _mper_trainer(synthetic_dataset, **READY)
+    trainer.num_epochs = 10  # floor epoch 2, cap epoch 6
+    switches = _count_switches(trainer)
+    trainer.on_train_start()
+    try:
+        start_epoch(trainer, 0)
+        start_epoch(trainer, 1, [0.9, 0.9])  # ready, but before the floor
+        start_epoch(trainer, 2, [0.9, 0.2])  # one class not learned yet
+        start_epoch(trainer, 3, [0.9, float("nan")])
+        assert switches == [] and trainer.method.stage == 1
+        checkpoint = str(tmp_path / "stage_one.pth")
+        trainer.save_checkpoint(checkpoint)  # resumes at epoch 4 with the pseudo-Dice history of epochs 0-2
+        start_epoch(trainer, 4, [0.6, 0.55])  # ready once: not yet (ready_epochs = 2)
+        assert switches == []
+        start_epoch(trainer, 5, [0.7, 0.5])  # ready twice in a row
+        assert switches == [5] and trainer.method.switch_report["reason"] == "ready"
+        assert _equal_states(_state(trainer.teacher.module), _state(unwrap_network(trainer.network)))
+    finally:
+        trainer.on_train_end()
+
+    resumed, resumed_switches = _resumed(synthetic_dataset, checkpoint, num_epochs=10, **READY)
+    try:
+        assert resumed.current_epoch == 4 and resumed.method.stage == 1
+        resumed.on_train_epoch_start()  # restored history ends with [0.9, nan]: not ready
+        assert resumed_switches == []
+        start_epoch(resumed, 5, [0.9, 0.6])  # ready once only
+        assert resumed_switches == []
+        resumed.train_step(next(resumed.dataloader_train))  # the EMA teacher now lags the student
+        teacher_before = _state(resumed.teacher.module)
+        start_epoch(resumed, 6, [0.9, 0.3])  # the cap: switch, but the unready student is not handed over
+        assert resumed_switches == [6] and resumed.method.stage == 2
+        report = resumed.method.switch_report
+        assert report["reason"] == "cap" and not report["reset_teacher"] and report["pseudo_dice"] == [0.9, 0.3]
+        assert _equal_states(_state(resumed.teacher.module), teacher_before)
+        assert not _equal_states(teacher_before, _state(unwrap_network(resumed.network)))
+        assert resumed.resolved_config()["resolved"]["switch"]["reason"] == "cap"
+        with open(os.path.join(resumed.output_folder, "nnunet_proto_config.json")) as f:
+            written = json.load(f)
+        assert written["resolved"]["switch"]["reason"] == "cap"
+        assert written["time_constants"]["prototype_momentum"] == pytest.approx(resumed.method.prototype_momentum)
+        out = resumed.train_step(next(resumed.dataloader_train))
+        assert math.isfinite(float(out["loss"])) and out["ssl_diag_stage"] == 2.0
+    finally:
+        resumed.on_train_end()

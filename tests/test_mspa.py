@@ -247,7 +247,7 @@ def test_lpa_analytic_with_one_hot_features():
     feats_l, feats_u = onehot(y_l, c), onehot(y_u, c)
     p = 0.7
     logits_u = torch.log(torch.where(onehot(y_u, c) > 0, torch.tensor(p), torch.tensor(1 - p)))
-    out = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig())
+    out = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig.paper())
     # both sets are {e_0, e_1}: summed cosines are (2, 0) towards the true class, M̂ = softmax(2, 0)
     m = math.exp(2) / (math.exp(2) + 1)
     assert out["lpa"].item() == pytest.approx((p - m) ** 2, rel=1e-5)
@@ -262,7 +262,7 @@ def test_lpa_rescales_classes_missing_from_some_sets():
     y_l = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]).view(2, 1, 2, 2)  # image 2 has no class 1
     y_u = torch.tensor([[1, 0, 0, 1]]).view(1, 1, 2, 2)
     logits_u = torch.zeros(1, c, 2, 2)
-    out = mspa_losses(onehot(y_l, c), y_l, onehot(y_u, c), logits_u, c, None, MSPAConfig())
+    out = mspa_losses(onehot(y_l, c), y_l, onehot(y_u, c), logits_u, c, None, MSPAConfig.paper())
     # class 0: sum over 2 sets = 2 at class-0 voxels; class 1: 2 × (the one set's cosine) = 2 at class-1 voxels
     m = math.exp(2) / (math.exp(2) + 1)
     assert out["lpa"].item() == pytest.approx((0.5 - m) ** 2, rel=1e-5)
@@ -274,7 +274,7 @@ def test_n_pairs_limits_the_labeled_prototype_sets():
     y_l = torch.randint(0, c, (3, 1, 6, 6))
     feats_l = torch.randn(3, 5, 6, 6)
     feats_u, logits_u = torch.randn(2, 5, 6, 6), torch.randn(2, c, 6, 6)
-    cfg = MSPAConfig(n_pairs=2)
+    cfg = MSPAConfig(n_pairs=2, pseudo_label_threshold=0.0)
     base = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, cfg)
     changed = feats_l.clone()
     changed[2] = torch.randn(5, 6, 6)  # the third labeled patch is not a prototype set with N = 2
@@ -315,23 +315,83 @@ def test_spa_known_answer_with_three_voters():
 
 
 def test_every_term_sends_gradient_into_both_streams():
+    """Paper form (nothing detached): LPA and UPA reach both streams; defaults: M̂_u and p_u are constant targets."""
     torch.manual_seed(1)
     c = 4
     feats_l = torch.randn(2, 8, 8, 8, requires_grad=True)
     feats_u = torch.randn(2, 8, 8, 8, requires_grad=True)
     logits_u = torch.randn(2, c, 8, 8, requires_grad=True)
-    out = mspa_losses(feats_l, torch.randint(0, c, (2, 1, 8, 8)), feats_u, logits_u, c, None, MSPAConfig())
+    y_l = torch.randint(0, c, (2, 1, 8, 8))
+    out = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig.paper())
     grads = {k: torch.autograd.grad(v, [feats_l, feats_u, logits_u], retain_graph=True, allow_unused=True)
              for k, v in out.items()}
     assert all(g is not None and g.abs().sum() > 0 for g in grads["lpa"])  # both sides of the L2 consistency
     assert grads["upa"][0].abs().sum() > 0 and grads["upa"][1].abs().sum() > 0  # f_l and p_u
     assert grads["spa"][1].abs().sum() > 0
-    detached = mspa_losses(feats_l, torch.randint(0, c, (2, 1, 8, 8)), feats_u, logits_u, c, None,
-                           MSPAConfig(upa_detach_prototypes=True, lpa_detach_prototype_prediction=True))
-    g_u = torch.autograd.grad(detached["upa"], feats_u, allow_unused=True)[0]
-    assert g_u is None or g_u.abs().sum() == 0
-    g_lpa = torch.autograd.grad(detached["lpa"], [feats_l, logits_u], allow_unused=True)
-    assert (g_lpa[0] is None or g_lpa[0].abs().sum() == 0) and g_lpa[1].abs().sum() > 0
+    detached = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(pseudo_label_threshold=0.0))
+    g_u = torch.autograd.grad(detached["upa"], [feats_l, feats_u], allow_unused=True)
+    assert g_u[0].abs().sum() > 0 and (g_u[1] is None or g_u[1].abs().sum() == 0)  # p_u is a constant target
+    g_lpa = torch.autograd.grad(detached["lpa"], [feats_l, feats_u, logits_u], allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in g_lpa[:2])  # M̂_u is a constant soft target
+    assert g_lpa[2].abs().sum() > 0  # ... for the network's softmax Ŝ_up
+    g_spa = torch.autograd.grad(detached["spa"], feats_u)[0]
+    assert g_spa.abs().sum() > 0
+
+
+def test_temperature_sharpens_cosine_classifiers_and_mean_of_sets_is_n_free():
+    """τ = 0.1 on cosines in [0, 1]: the UPA CE can approach 0 (with τ = 1 it is ≥ log(1 + e^-1))."""
+    c = 2
+    y_l = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 0]]).view(2, 1, 2, 2)
+    y_u = torch.tensor([[1, 0, 0, 1]]).view(1, 1, 2, 2)
+    feats_l, feats_u = onehot(y_l, c), onehot(y_u, c)
+    logits_u = 5.0 * (onehot(y_u, c) - 0.5)  # confident network, softmax 0.993 on the true class
+    out = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig())
+    # UPA logits (1/τ, 0) = (10, 0) towards the truth
+    assert out["upa"].item() == pytest.approx(math.log1p(math.exp(-10)), abs=1e-6)
+    # LPA: mean over the 2 sets of (1, 0), / τ -> M̂ = softmax(10, 0) on the true class
+    m = 1 / (1 + math.exp(-10))
+    p = 1 / (1 + math.exp(-5))
+    assert out["lpa"].item() == pytest.approx((p - m) ** 2, rel=1e-4)
+    summed = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(lpa_set_reduction="sum"))
+    m2 = 1 / (1 + math.exp(-20))  # the paper's sum doubles the logits with 2 sets
+    assert summed["lpa"].item() == pytest.approx((p - m2) ** 2, rel=1e-4)
+    paper = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig.paper())
+    assert paper["upa"].item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-5)
+    # 4 classes, non-negative features (after LeakyReLU): with τ = 1 the CE is bounded below by 0.74
+    c4 = 4
+    y4 = torch.arange(4).view(1, 1, 1, 4)
+    f4 = onehot(y4, c4)
+    strong = 10.0 * (onehot(y4, c4) - 0.5)
+    bound = math.log(1 + 3 * math.exp(-1))
+    assert mspa_losses(f4, y4, f4, strong, c4, None, MSPAConfig.paper())["upa"].item() >= bound - 1e-5
+    assert mspa_losses(f4, y4, f4, strong, c4, None, MSPAConfig())["upa"].item() < 1e-3
+
+
+def test_confidence_gate_on_voting_pseudo_labels():
+    """A unanimous vote whose network confidence is below the threshold makes no UPA prototype."""
+    c = 2
+    y_l = torch.tensor([[0, 0, 1, 1], [1, 0, 1, 0]]).view(2, 1, 2, 2)
+    y_u = torch.tensor([[1, 0, 0, 1]]).view(1, 1, 2, 2)
+    feats_l, feats_u = onehot(y_l, c), onehot(y_u, c)
+    p1 = torch.tensor([0.95, 0.2, 0.3, 0.6]).view(1, 1, 2, 2)  # class-1 prob; argmax agrees with y_u everywhere
+    logits_u = torch.log(torch.cat([1 - p1, p1], 1))
+    diag = {}
+    cfg = MSPAConfig(pseudo_label_threshold=0.75)
+    mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, cfg, diagnostics=diag)
+    # every voxel has a unanimous vote; confidences 0.95, 0.8, 0.7, 0.6 -> the gate keeps 2 of 4
+    assert float(diag["vote_labelled"]) == pytest.approx(1.0) and float(diag["gate_kept"]) == pytest.approx(0.5)
+    assert float(diag["pl_share_c1"]) == pytest.approx(0.5)  # kept: one class-1 and one class-0 voxel
+    # the kept voxels (classes 1 and 0) still give both prototypes: UPA unchanged; gate all out -> UPA 0
+    none = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(pseudo_label_threshold=0.99),
+                       diagnostics=diag)
+    assert none["upa"].item() == 0.0 and float(diag["gate_kept"]) == 0.0
+    # class 1 only at the kept voxel with 0.95: raising the threshold to 0.9 drops class 0's prototype,
+    # so the labeled class-0 voxels are ignored in UPA and only class 1 is scored
+    only1 = mspa_losses(feats_l, y_l, feats_u, logits_u, c, None, MSPAConfig(pseudo_label_threshold=0.9))
+    assert only1["upa"].item() == pytest.approx(0.0, abs=1e-6)  # a single valid class: CE of a 1-way softmax
+    m = MSPA(MSPAConfig(pseudo_label_threshold=0.75))
+    m.losses(StepInputs(c, None, y_l, torch.zeros(2, c, 2, 2), feats_l=feats_l, logits_u=logits_u, feats_u=feats_u))
+    assert set(m.diagnostics) == set(m.diagnostic_keys(c)) == {"vote_labelled", "gate_kept", "pl_share_c1"}
 
 
 def test_ignore_label_takes_part_in_no_prototype_and_no_loss():
@@ -384,7 +444,7 @@ def test_2d_3d_and_coarse_feature_layer(spatial):
     feats_u = torch.randn(2, 6, *coarse, requires_grad=True)
     logits_u = torch.randn(2, c, *spatial, requires_grad=True)
     out = mspa_losses(feats_l, torch.randint(0, c, (2, 1, *spatial)), feats_u, logits_u, c, None,
-                      MSPAConfig(feature_layer="bottleneck"))
+                      MSPAConfig(feature_layer="bottleneck", pseudo_label_threshold=0.0))
     assert all(torch.isfinite(v) for v in out.values())
     g = torch.autograd.grad(out["lpa"] + out["upa"] + out["spa"], [feats_l, feats_u])
     assert all(x.abs().sum() > 0 for x in g)
@@ -443,7 +503,9 @@ def test_method_interface_weights_and_config():
 
 @pytest.mark.parametrize("bad", [dict(use_teacher=True), dict(n_pairs=0), dict(vote_threshold=0),
                                  dict(spa_reliable="majority"), dict(labeled_prototype_mask="soft"),
-                                 dict(similarity_scale=0.0), dict(spa_weight=-1.0), dict(w_max=-0.1)])
+                                 dict(temperature=0.0),
+                                 dict(lpa_set_reduction='max'), dict(pseudo_label_threshold=1.5),
+                                 dict(spa_weight=-1.0), dict(w_max=-0.1)])
 def test_config_validation_names_the_field(bad):
     field = next(iter(bad))
     with pytest.raises(ValueError, match=field):

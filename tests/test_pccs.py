@@ -334,7 +334,8 @@ def _step(num_classes, grid, cfg=PCCSConfig(), seed=0, logits=None):
 @pytest.mark.parametrize("grid", [(8, 8), (3, 6, 6)])
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_pccs_terms_finite_with_gradient_into_the_student(grid, num_classes):
-    method, inputs, logits = _step(num_classes, grid)
+    # random teacher logits are confident nowhere: open the L_aux gate to check the gradient path
+    method, inputs, logits = _step(num_classes, grid, PCCSConfig(pseudo_label_threshold=0.0))
     terms = method.losses(inputs)
     assert set(terms) == set(PCCS.term_names)
     params = list(inputs.modules.parameters())
@@ -402,6 +403,85 @@ def test_weights_follow_the_code_phases_and_ramp():
     assert cfg.entropy_threshold(1.0) == pytest.approx(0.5 * math.log(2.7))
 
 
+def test_aux_weight_is_ramped_from_the_prototype_phase_and_code_step_is_a_switch():
+    cfg = PCCSConfig()
+    method = PCCS(cfg)
+    start = cfg.prototype_start
+    assert method.weights(start - 1e-6)["aux"] == 0.0
+    # Gaussian ramp of λ(t): at 3.4 % of the run the code's full 0.3 is ~0.3·e^-5 ≈ 0.002
+    assert method.weights(start + 1e-3)["aux"] == pytest.approx(0.3 * math.exp(-5 * (1 - start - 1e-3) ** 2))
+    assert method.weights(0.5)["aux"] == pytest.approx(0.3 * math.exp(-5 * 0.25))
+    code = PCCS(PCCSConfig.code_switches())
+    assert code.weights(start)["aux"] == pytest.approx(0.3) and code.weights(start - 1e-6)["aux"] == 0.0
+
+
+def test_aux_targets_are_gated_by_teacher_confidence():
+    """Only pixels whose teacher max-softmax passes the threshold get an L_aux target."""
+    grid = (8, 8)
+    full = tuple(4 * s for s in grid)
+    teacher = torch.zeros(2, 2, *full)
+    teacher[:, 1, :, : full[1] // 2] = 6.0  # left half: class 1 with p ≈ 0.9975; right half: p = 0.5
+    gated, inputs, _ = _step(2, grid, PCCSConfig(pseudo_label_threshold=0.9))
+    inputs.teacher_logits_u = teacher
+    terms = gated.losses(inputs)
+    assert float(gated.diagnostics["aux_kept"]) == pytest.approx(0.5)
+    open_, inputs_o, _ = _step(2, grid, PCCSConfig(pseudo_label_threshold=0.0))
+    inputs_o.teacher_logits_u = teacher
+    open_.losses(inputs_o)
+    assert float(open_.diagnostics["aux_kept"]) == 1.0
+    # nothing confident: L_aux is exactly 0 and finite, still in the graph
+    shut, inputs_s, _ = _step(2, grid, PCCSConfig(pseudo_label_threshold=0.9))
+    inputs_s.teacher_logits_u = torch.zeros(2, 2, *full)
+    out = shut.losses(inputs_s)
+    assert out["aux"].item() == 0.0 and out["aux"].requires_grad and torch.isfinite(terms["aux"])
+    assert set(shut.diagnostics) == set(PCCS.diagnostic_names)
+
+
+def test_aux_encoder_gradient_switch():
+    """Default: L_aux reaches the encoder features; aux_encoder_gradient=False stops it at the projection branch."""
+    for flag in (True, False):
+        method, inputs, _ = _step(2, (8, 8), PCCSConfig(pseudo_label_threshold=0.0, aux_encoder_gradient=flag))
+        feats = {k: v.clone().requires_grad_(True) for k, v in inputs.features.items()}
+        inputs.features = feats
+        aux = method.losses(inputs)["aux"]
+        grads = torch.autograd.grad(aux, list(feats.values()) + list(inputs.modules.parameters()), allow_unused=True)
+        to_encoder = sum(float(g.abs().sum()) for g in grads[:len(feats)] if g is not None) > 0
+        to_head = sum(float(g.abs().sum()) for g in grads[len(feats):] if g is not None) > 0
+        assert (to_encoder, to_head) == (flag, True)
+        method2, inputs2, _ = _step(2, (8, 8), PCCSConfig(pseudo_label_threshold=0.0, aux_encoder_gradient=flag))
+        contra = method2.losses(inputs2)["contra"]  # L_contra is unaffected by the switch
+        assert torch.isfinite(contra)
+
+
+def test_memory_rates_are_run_relative_and_reduce_to_the_code_at_its_run_length():
+    def rates(run_steps, cfg=PCCSConfig()):
+        method = PCCS(cfg)
+        if run_steps is not None:
+            method.set_run_steps(run_steps)
+        return method.memory_rates()
+
+    assert rates(15000) == pytest.approx((0.999, 0.001))
+    assert rates(None) == pytest.approx((0.999, 0.001), abs=1e-12)  # run length unknown: the values as given
+    g_short, mix_short = rates(1000)
+    g_long, _ = rates(250_000)
+    # the horizon 1/(1 − γ) is the same fraction of the run (1000/15000)
+    assert 1 / (1 - g_short) == pytest.approx(1000 * 1000 / 15000, rel=1e-6)
+    assert 1 / (1 - g_long) == pytest.approx(1000 * 250_000 / 15000, rel=1e-6)
+    assert mix_short == pytest.approx(1 - g_short)
+    assert rates(10)[0] == pytest.approx(0.9)  # floor: at least a 10-update horizon
+    assert rates(1000, PCCSConfig.code_switches()) == pytest.approx((0.999, 0.001), abs=1e-12)  # per step (code)
+    method = PCCS(PCCSConfig())
+    method.set_run_steps(1000)
+    tc = method.time_constants()
+    assert tc["memory_momentum"] == pytest.approx(g_short) and tc["memory_momentum_paper"] == 0.999
+    assert tc["memory_horizon_steps"] == pytest.approx(1000 / 15)
+    # the update uses the resolved rate
+    method, inputs, _ = _step(2, (8, 8))
+    method.set_run_steps(1000)
+    method.losses(inputs)
+    assert method.diagnostics["memory_momentum"] == pytest.approx(g_short)
+
+
 # ----------------------------------------------------------------------------- configuration and errors
 @pytest.mark.parametrize("changes, match", [
     ({"use_teacher": False}, "use_teacher"),
@@ -412,6 +492,9 @@ def test_weights_follow_the_code_phases_and_ramp():
     ({"layer_labels": "gt"}, "layer_labels"),
     ({"uncertain_entropy": (0.1,)}, "uncertain_entropy"),
     ({"aux_coefficient": -1.0}, "aux_coefficient"),
+    ({"pseudo_label_threshold": 1.5}, "pseudo_label_threshold"),
+    ({"aux_rampup_length": -0.1}, "aux_rampup_length"),
+    ({"reference_steps": 0}, "reference_steps"),
 ])
 def test_config_validation_names_the_field(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -1,14 +1,17 @@
 """nnUNetTrainerMPER: multi-prototype embedding refinement on bidirectional copy-paste (Bi et al., ICASSP 2025).
 
-Stage one (first 25 % of the epochs in 2D, 2/17 in 3D, paper iteration counts): labeled copy-paste.
-Stage two: k-means prototype bank from labeled embeddings, teacher reset to the student, then
-bidirectional copy-paste with teacher pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont), K = 3,
-τ1 = τ2 = 0.1, η = 0.999, α = 0.9, γ 0.1 (2D) / 0.02 (3D). Inference: nnU-Net's own head.
-All tensor logic is in nnunet_proto/methods/mper.py; see docs/methods/mper.md.
-Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
+Stage one: labeled copy-paste until the student is ready (every foreground class at pseudo-Dice ≥ 0.5 on
+nnU-Net's validation cases in two consecutive epochs, between 10 % and 50 % of the run;
+``stage_switch="fixed"``: the paper's 25 % in 2D, 2/17 in 3D). Stage two: k-means prototype bank from
+labeled embeddings, teacher reset to the student (skipped if the cap forced an unready switch), then
+bidirectional copy-paste with gated teacher pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont),
+K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative), α = 0.9, γ 0.1 (2D) / 0.02 (3D), w_max 0.5.
+Inference: nnU-Net's own head. All tensor logic is in nnunet_proto/methods/mper.py; see
+docs/methods/mper.md. Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs,
+_100epochs, _250epochs.
 """
 from contextlib import nullcontext
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import autocast
@@ -16,6 +19,7 @@ from torch import autocast
 from nnunet_proto.methods.mper import MPER, MPERConfig, MPERStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+from nnunet_proto.training.compat import pseudo_dice_history
 from nnunet_proto.training.variants import schedule_variants
 
 
@@ -36,18 +40,45 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.method.needs_switch(self.current_epoch, self.num_epochs):
-            self.start_self_training()
+        if self.method.stage != 1:
+            return
+        history = pseudo_dice_history(self)
+        dice = history[-1] if history else None
+        decision = self.method.switch_decision(self.current_epoch, self.num_epochs, history)
+        if decision is not None:
+            self.start_self_training(decision)
+        elif self.config.stage_switch == "ready":
+            floor, cap = self.method.stage_one_bounds(self.num_epochs)
+            self.print_to_log_file(f"MPER stage one at epoch {self.current_epoch}: validation pseudo-Dice per "
+                                   f"foreground class {_fmt(dice)}, switch when all >= {self.config.ready_dice:g} "
+                                   f"in {self.config.ready_epochs} consecutive validations (epochs {floor}..{cap})")
 
-    def start_self_training(self) -> None:
-        """Stage switch (once): k-means bank from labeled embeddings of the pre-trained student, teacher := student."""
+    def start_self_training(self, decision: Optional[Dict] = None) -> None:
+        """Stage switch (once): k-means bank from labeled embeddings of the pre-trained student, then
+        teacher := student, unless the cap forced the switch before the student was ready."""
+        decision = decision if decision is not None else {"epoch": self.current_epoch, "reason": "forced",
+                                                          "reset_teacher": True}
         reservoir = self.method.new_reservoir(self.label_manager.ignore_label)
         for feats, target in self.labeled_embeddings(self.config.kmeans_batches):
             reservoir.add(feats, target)
-        report = self.method.begin_self_training(reservoir, self.progress, self.device)
-        self.reset_teacher()
-        self.print_to_log_file(f"MPER stage two from epoch {self.current_epoch}: k-means bank from "
-                               f"{self.config.kmeans_batches} labeled batches {report}; teacher reset to the student")
+        report = self.method.begin_self_training(reservoir, self.progress, self.device, decision)
+        if decision["reset_teacher"]:
+            self.reset_teacher()
+            teacher = "teacher reset to the student"
+        else:
+            teacher = ("WARNING: the student is not ready (pseudo-Dice below the threshold), so the teacher is NOT "
+                       "reset to it; the EMA teacher of stage one continues")
+        self.print_to_log_file(
+            f"MPER stage two from epoch {self.current_epoch} ({decision['reason']}; validation pseudo-Dice "
+            f"{_fmt(decision.get('pseudo_dice'))}, threshold {self.config.ready_dice:g}): k-means bank from "
+            f"{self.config.kmeans_batches} labeled batches {report}; {teacher}; prototype momentum "
+            f"{self.method.prototype_momentum:.6g} over {self.method.stage_two_steps()} stage-two steps")
+        self.write_resolved_config()  # the switch decision and the resolved η go into nnunet_proto_config.json
+
+    def enter_last_stage(self) -> None:
+        """Switch to stage two now, whatever the readiness (for tests and tools; logged as ``forced``)."""
+        if self.method.stage == 1:
+            self.start_self_training()
 
     @torch.no_grad()
     def labeled_embeddings(self, num_batches: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -86,6 +117,10 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
         terms = method.losses(inputs)
         method.update_prototypes(inputs)  # no gradient; a no-op in stage one
         return self.combine(sup, terms)
+
+
+def _fmt(dice: Optional[Sequence[float]]) -> str:
+    return "none yet" if not dice else "[" + ", ".join(f"{d:.3f}" for d in dice) + "]"
 
 
 globals().update(schedule_variants(nnUNetTrainerMPER))

@@ -2,9 +2,10 @@
 
 Projection branch on encoder stages 1-3 (kept beside the stock network, EMA-copied for the teacher),
 SDM distance-layer prototypes of the unlabeled pseudo labels with an uncertainty-weighted contrastive
-loss (0.01), a teacher prototype memory (K = 2 per class, momentum 0.999, Sinkhorn-balanced) with a
-pixel-prototype CE (0.3), and consistency to the teacher's prototype prediction plus entropy
-minimisation (λ(t) = 0.1·ramp, 0.1·λ(t)). See nnunet_proto/methods/pccs.py, docs/methods/pccs.md.
+loss (0.01), a teacher prototype memory (K = 2 per class, Sinkhorn-balanced, momentum 0.999 at the
+code's 15k iterations, applied run-relative) with a pixel-prototype CE (0.3, ramped, confidence-gated),
+and consistency to the teacher's prototype prediction plus entropy minimisation (λ(t) = 0.1·ramp,
+0.1·λ(t)). See nnunet_proto/methods/pccs.py and docs/methods/pccs.md.
 Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
 """
 from nnunet_proto.methods.pccs import PCCS, PCCSConfig

@@ -5,7 +5,8 @@ each documented departure of the official code (docs/methods/mper.md, 'Deviation
 
 Two stages inside one nnU-Net run (paper §II):
 
-1. **Pre-training** (the first ``pretrain_fraction`` of the epochs): labeled-only copy-paste. Each
+1. **Pre-training** (until the student is ready, or the paper's first ``pretrain_fraction`` of the
+   epochs with ``stage_switch="fixed"``): labeled-only copy-paste. Each
    labeled patch is the context for a box cut from its neighbour in the batch; loss = region CE +
    Dice of nnU-Net's head against the mixed ground truth (BCP), deep supervision kept.
 2. **Self-training**: at the first self-training epoch the prototype bank is initialised by k-means on
@@ -20,7 +21,8 @@ Two stages inside one nnU-Net run (paper §II):
    * L = L^l_cons + λ(t) (L^p_cons + γ L_cont) (Eq. 6), with
      L^l_cons = region CE + Dice of nnU-Net's head vs Ŷ^m (Eq. 4; deep supervision with nnU-Net's weights),
      L^p_cons = the same for the prototype classifier logit_c = max_k cos(z, p_c^k)/τ1 (Eqs. 1, 4; full resolution),
-     L_cont = InfoNCE of z against all C·K prototypes, nearest prototype as positive, τ2 (Eq. 5);
+     L_cont = InfoNCE of z against all C·K prototypes, nearest prototype (of the voxel's class, or of
+     any class in the paper) as positive, τ2 (Eq. 5);
      region weights 1 for ground-truth voxels, 0.5 for pseudo-labeled ones, 0 for the ignore label;
    * after the forward, no gradient: every prototype moves towards the mean of the voxels of its class
      that are closest to it, p ← η p + (1 − η) z̄ (Eq. 2), using labeled voxels and pseudo-labeled voxels
@@ -34,6 +36,13 @@ unlabeled patch i for X_in, and unlabeled patch i with labeled patch (i + 1) mod
 (``ops.copy_paste.partner``), so every patch is used once as context and once as pasted box, for
 B = 1, 2 or odd. Stage one pairs labeled patch i with labeled patch (i + 1) mod B.
 
+Changes for nnU-Net's regime (docs/methods/mper.md, last section; ``MPERConfig.paper()`` restores the
+paper's behaviour): the switch to stage two waits until nnU-Net's validation pseudo-Dice shows every
+foreground class (floor and cap on the stage-one fraction; no teacher reset when the cap forces it);
+pseudo labels are confidence-gated; the InfoNCE positive is the nearest prototype of the voxel's own
+class; pseudo-background never updates background prototypes; the region Dice averages over the
+foreground classes present in each region; EMA decay and η are run-relative; w_max 0.5 (ACDC code).
+
 In stage one the prototype terms are still computed (against the seeded random initial bank) with
 weight 0, so the autograd graph is the same in both stages and the contract test can check their
 gradient; their stage-one values are meaningless and the bank is not updated.
@@ -42,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,13 +73,20 @@ from nnunet_proto.ops.multi_prototype import (
     nearest_prototype_infonce,
     update_bank,
 )
+from nnunet_proto.ops.pseudo_labels import gate_logits
 
 #: MPER paper §III.A: pre-training / self-training iterations, LA (3D) 2k + 15k, ACDC (2D) 10k + 30k
 PAPER_PRETRAIN_FRACTION = {2: 10_000 / 40_000, 3: 2_000 / 17_000}
+#: the paper's whole run (reference of the EMA decay) and its self-training stage (reference of the
+#: prototype momentum, which only moves in stage two), in iterations
+PAPER_RUN_STEPS = {2: 40_000, 3: 17_000}
+PAPER_STAGE_TWO_STEPS = {2: 30_000, 3: 15_000}
 #: MPER paper §III.A: γ = 0.02 (LA, 3D V-Net) and 0.1 (ACDC, 2D U-Net)
 PAPER_GAMMA = {2: 0.1, 3: 0.02}
 UPDATE_MODES = ("pooled", "per_region")
 SIMILARITIES = ("cosine", "dot")
+CONTRAST_POSITIVES = ("class", "any")
+STAGE_SWITCHES = ("ready", "fixed")
 
 
 @dataclass(frozen=True)
@@ -81,8 +97,16 @@ class MPERConfig(SemiSupervisedConfig):
         ema_decay: 0.99; the paper only says "Mean Teacher", the code (LA and ACDC) uses 0.99.
         ema_warmup: False; BCP/MPER code blend at a constant 0.99 from the pre-trained copy;
             a warm-up would make the teacher copy the student again right after the reset.
-        w_max: 1.0; "increasing the weight of prototype-associated losses from 0 to 1" (paper Eq. 6).
-            The ACDC code's maximum is 0.5 (docs/methods/mper.md, 'Deviations').
+        w_max: 0.5, the official ACDC code's maximum (``ACDC_train.py``), which produced the published ACDC
+            numbers; the paper says "from 0 to 1" (Eq. 6) and the LA code uses 1.0 (``MPERConfig.paper()``).
+            Ours for nnU-Net: the linear head is what nnU-Net predicts with, so the prototype classifier's
+            consistency stays an auxiliary view at half the weight (not validated in 3D).
+        reference_steps: ``None`` resolves by dimensionality to the paper's run, 40k (2D) / 17k (3D)
+            iterations; the EMA decay is applied run-relative to it (``time_constants``).
+        pseudo_label_threshold: the teacher's pseudo labels enter the mixed labels only where its max
+            softmax ≥ this value; dropped voxels take part in no loss and no prototype update (ours,
+            0.9 = the paper's α; paper and BCP: ungated argmax, 0). At the switch the student has just
+            passed the readiness check, but its confidence is still low on the classes it learned last.
         rampup / rampup_length: sigmoid ramp over the whole **self-training stage** (λ(t) is measured from
             the stage switch; ``rampup_length`` is a fraction of stage two). Paper: "over the training
             period"; the LA code reaches 1 at 75 % of self-training, i.e. ``rampup_length=0.75``.
@@ -93,8 +117,21 @@ class MPERConfig(SemiSupervisedConfig):
         tau_proto: τ1 of the prototype classifier (Eq. 1); paper 0.1.
         tau_contrast: τ2 of the InfoNCE (Eq. 5); paper 0.1.
         gamma: weight γ of L_cont (Eq. 6). ``None`` resolves by dimensionality to the paper's values,
-            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001.
-        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99.
+            0.1 for 2D (ACDC) and 0.02 for 3D (LA); the ACDC code used 0.001. We keep the
+            paper's value because ``contrast_positive="class"`` removes what made L_cont harmful (pulling
+            voxels into another class's cluster); with the paper's any-class positive, 0.001 is the safe
+            choice.
+        prototype_momentum: η of the prototype update (Eq. 2); paper 0.999, code 0.99. With
+            ``time_constants="run_relative"`` it is applied relative to the self-training stage: the same
+            horizon as a fraction of stage two as 1/(1 − 0.999) = 1000 of the paper's 30k (2D) / 15k (3D)
+            stage-two iterations (``MPER.prototype_momentum``).
+        contrast_positive: positive prototype of L_cont: ``"class"`` (ours) = the nearest prototype of
+            the voxel's class in the mixed label Ŷ^m; ``"any"`` (paper Eq. 5, code) = the nearest of all
+            C·K prototypes, whatever its class.
+        update_background_from_pseudo: pseudo-labeled voxels may update background prototypes (paper).
+            Default False (ours): background prototypes learn from ground-truth voxels only, because
+            pseudo-background includes every foreground voxel the teacher missed (on ACDC the right
+            ventricle of unlabeled images), which would pull the background prototypes onto it.
         confidence_threshold: α; pseudo-labeled voxels update prototypes only when the teacher's max
             softmax exceeds it; paper 0.9.
         update_background: update background prototypes too (paper: "each class"); the code never does
@@ -118,8 +155,24 @@ class MPERConfig(SemiSupervisedConfig):
         unlabeled_weight: weight of pseudo-labeled voxels in the mixed losses; BCP code ``u_weight`` 0.5
             (labeled voxels weigh 1).
         dice_smooth: smoothing of the region Dice; BCP's 3D ``mask_DiceLoss`` 1e-5.
-        dice_include_background: the region Dice averages over all classes including background
-            (BCP/SSL4MIS convention).
+        dice_include_background: the region Dice includes background (BCP/SSL4MIS convention). Default
+            False (ours, nnU-Net's ``do_bg=False``).
+        dice_present_only: the region Dice averages only over the classes present in the region's labels
+            (ours, default True; BCP: all classes, False). An absent class otherwise adds a near-constant
+            Dice loss of ~1 that dilutes the gradient of the present classes, and pushes the class to zero
+            once it is nearly absent from the prediction (``ops.copy_paste.region_ce_dice``).
+        stage_switch: ``"ready"`` (ours): stage two starts at the first epoch at which every foreground
+            class reached ``ready_dice`` in nnU-Net's pseudo-Dice on its validation cases of the previous
+            epoch, but not before ``min_pretrain_fraction`` and at the latest at ``max_pretrain_fraction``
+            of the run; ``"fixed"`` (paper): at ``pretrain_fraction``. At the cap without readiness the
+            switch happens without the teacher reset (the EMA teacher is kept instead of handing over a
+            student that has not learned every class), and the log says so.
+        ready_dice / min_pretrain_fraction / max_pretrain_fraction: 0.5 / 0.1 / 0.5 (ours). The paper's
+            fixed 25 % is 250 steps of a 1000-step CPU run, after which the student's pseudo-Dice was ~0
+            and its right ventricle never recovered.
+        ready_epochs: readiness must hold on this many consecutive validations (ours: 2). nnU-Net's
+            pseudo-Dice comes from a few random validation patches per epoch (10 batches in the
+            benchmark), and the switch cannot be undone, so one lucky epoch must not trigger it.
         kmeans_batches: labeled training batches whose embeddings feed the k-means initialisation. The
             code makes one pass over its loader: 18 batches of 4 (LA) to 98 of 12 (ACDC); 20 nnU-Net
             batches cost a fraction of one epoch (forward only).
@@ -133,7 +186,7 @@ class MPERConfig(SemiSupervisedConfig):
 
     ema_decay: float = 0.99
     ema_warmup: bool = False
-    w_max: float = 1.0
+    w_max: float = 0.5
     rampup: str = "sigmoid"
     rampup_length: float = 1.0
     num_prototypes: int = 3
@@ -143,15 +196,23 @@ class MPERConfig(SemiSupervisedConfig):
     prototype_momentum: float = 0.999
     confidence_threshold: float = 0.9
     update_background: bool = True
+    update_background_from_pseudo: bool = False
     require_agreement: bool = False
     update_mode: str = "pooled"
     contrast_ignore: str = "none"
     contrast_similarity: str = "cosine"
+    contrast_positive: str = "class"
     pretrain_fraction: Optional[float] = None
+    stage_switch: str = "ready"
+    ready_dice: float = 0.5
+    ready_epochs: int = 2
+    min_pretrain_fraction: float = 0.1
+    max_pretrain_fraction: float = 0.5
     box_fraction: float = BCP_BOX_FRACTION
     unlabeled_weight: float = 0.5
     dice_smooth: float = 1e-5
-    dice_include_background: bool = True
+    dice_include_background: bool = False
+    dice_present_only: bool = True
     kmeans_batches: int = 20
     kmeans_samples_per_class: int = 200_000
     kmeans_spherical: bool = False
@@ -185,6 +246,18 @@ class MPERConfig(SemiSupervisedConfig):
             raise ValueError(f"contrast_similarity must be one of {SIMILARITIES}, got {self.contrast_similarity!r}")
         if self.pretrain_fraction is not None and not 0.0 <= self.pretrain_fraction < 1.0:
             raise ValueError(f"pretrain_fraction must be in [0, 1) or None (paper value), got {self.pretrain_fraction}")
+        if self.contrast_positive not in CONTRAST_POSITIVES:
+            raise ValueError(f"contrast_positive must be one of {CONTRAST_POSITIVES}, got {self.contrast_positive!r}")
+        if self.stage_switch not in STAGE_SWITCHES:
+            raise ValueError(f"stage_switch must be one of {STAGE_SWITCHES}, got {self.stage_switch!r}")
+        if not 0.0 <= self.ready_dice <= 1.0:
+            raise ValueError(f"ready_dice is a pseudo-Dice in [0, 1], got {self.ready_dice}")
+        if self.ready_epochs < 1:
+            raise ValueError(f"ready_epochs must be >= 1, got {self.ready_epochs}")
+        if not 0.0 <= self.min_pretrain_fraction <= self.max_pretrain_fraction < 1.0:
+            raise ValueError(f"need 0 <= min_pretrain_fraction <= max_pretrain_fraction < 1, got "
+                             f"min_pretrain_fraction={self.min_pretrain_fraction}, "
+                             f"max_pretrain_fraction={self.max_pretrain_fraction}")
         if not 0.0 < self.box_fraction < 1.0:
             raise ValueError(f"box_fraction must be in (0, 1), got {self.box_fraction}; BCP uses 2/3")
         if self.unlabeled_weight < 0:
@@ -197,6 +270,19 @@ class MPERConfig(SemiSupervisedConfig):
         if self.kmeans_batch_size < 1 or self.kmeans_n_init < 1:
             raise ValueError(f"kmeans_batch_size and kmeans_n_init must be >= 1, got {self.kmeans_batch_size}, "
                              f"{self.kmeans_n_init}")
+
+    @classmethod
+    def paper(cls, **changes: Any) -> "MPERConfig":
+        """The paper's literal behaviour where our nnU-Net defaults differ (docs/methods/mper.md, last section).
+
+        Any-class InfoNCE positive, background prototypes updated from pseudo labels, BCP's region Dice
+        over all classes, ungated argmax pseudo labels, the fixed stage switch, w_max 1 and per-step
+        time constants.
+        """
+        literal = dict(contrast_positive="any", update_background_from_pseudo=True, dice_include_background=True,
+                       dice_present_only=False, pseudo_label_threshold=0.0, stage_switch="fixed", w_max=1.0,
+                       time_constants="paper")
+        return cls(**{**literal, **changes})
 
 
 @dataclass
@@ -220,6 +306,9 @@ class MPER(SemiSupervisedMethod):
     config_class = MPERConfig
     term_names = ("proto_cons", "contrast")
     needs_features = True
+    #: per-step values logged every epoch: the stage (1 or 2, shows the switch in progress.png) and the
+    #: prototype momentum η in use (run-relative; 0 in stage one, where the bank does not move)
+    diagnostic_names = ("stage", "prototype_momentum")
 
     def __init__(self, config: MPERConfig):
         super().__init__(config)
@@ -231,6 +320,7 @@ class MPER(SemiSupervisedMethod):
         self.stage_two_start: Optional[float] = None
         self.kmeans_done = False
         self.kmeans_report: Dict[str, Any] = {}
+        self.switch_report: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup and resolved settings
     def build_modules(self, feature_channels: Dict[str, int], num_classes: int, dim: int) -> None:
@@ -271,21 +361,120 @@ class MPER(SemiSupervisedMethod):
         """Stage-one fraction: the config value, or the paper's 0.25 (2D) / 2/17 (3D)."""
         return self._config_or_paper(self.config.pretrain_fraction, PAPER_PRETRAIN_FRACTION)
 
-    def stage_one_epochs(self, num_epochs: int) -> int:
-        """⌈fraction · num_epochs⌉ epochs of pre-training, capped at num_epochs − 1 (stage two always runs)."""
+    @staticmethod
+    def _epochs_for(fraction: float, num_epochs: int) -> int:
+        """⌈fraction · num_epochs⌉ epochs, capped at num_epochs − 1 (stage two always runs)."""
         if num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-        return min(math.ceil(self.pretrain_fraction * num_epochs - 1e-9), num_epochs - 1)
+        return min(math.ceil(fraction * num_epochs - 1e-9), num_epochs - 1)
+
+    def stage_one_epochs(self, num_epochs: int) -> int:
+        """Paper's fixed stage one: ⌈pretrain_fraction · num_epochs⌉ epochs, at most num_epochs − 1."""
+        return self._epochs_for(self.pretrain_fraction, num_epochs)
+
+    def stage_one_bounds(self, num_epochs: int) -> Tuple[int, int]:
+        """(first, last) epoch at which the readiness switch may / must start stage two (floor and cap)."""
+        cfg = self.config
+        return self._epochs_for(cfg.min_pretrain_fraction, num_epochs), \
+            self._epochs_for(cfg.max_pretrain_fraction, num_epochs)
 
     def resolved(self, num_epochs: int) -> Dict[str, Any]:
         """Values that depend on the dimensionality or the schedule, for logs and nnunet_proto_config.json."""
-        return {"gamma": self.gamma, "pretrain_fraction": self.pretrain_fraction,
-                "stage_one_epochs": self.stage_one_epochs(num_epochs), "bank_shape": list(self.bank.shape)}
+        out = {"gamma": self.gamma, "stage_switch": self.config.stage_switch, "bank_shape": list(self.bank.shape)}
+        if self.config.stage_switch == "fixed":
+            out.update(pretrain_fraction=self.pretrain_fraction, stage_one_epochs=self.stage_one_epochs(num_epochs))
+        else:
+            floor, cap = self.stage_one_bounds(num_epochs)
+            out.update(ready_dice=self.config.ready_dice, stage_one_min_epochs=floor, stage_one_max_epochs=cap)
+        if self.switch_report:
+            out["switch"] = dict(self.switch_report)
+        return out
+
+    # ------------------------------------------------------------------ time constants
+    @property
+    def reference_steps(self) -> Optional[int]:
+        """The paper's run length: ``config.reference_steps`` or 40k (2D) / 17k (3D); None before setup."""
+        if self.config.reference_steps is not None:
+            return self.config.reference_steps
+        return PAPER_RUN_STEPS.get(self.spatial_dims) if self.spatial_dims is not None else None
+
+    def resolve_decay(self, decay: float, reference_steps: Optional[int] = None,
+                      run_steps: Optional[int] = None) -> float:
+        """As the base method, with the paper's run length by dimensionality as the default reference."""
+        ref = self.reference_steps if reference_steps is None else reference_steps
+        return super().resolve_decay(decay, ref, run_steps)
+
+    def stage_two_steps(self) -> Optional[int]:
+        """Optimiser steps of stage two in this run (known once the switch happened and the run length is set)."""
+        if self.run_steps is None or self.stage_two_start is None:
+            return None
+        return max(1, round(self.run_steps * (1.0 - self.stage_two_start)))
+
+    @property
+    def prototype_momentum(self) -> float:
+        """η of Eq. 2 for this run: the paper's η relative to its self-training stage (30k 2D, 15k 3D).
+
+        The horizon 1/(1 − η) keeps the same fraction of stage two as in the paper. Before the switch
+        (stage-two length unknown) and with ``time_constants="paper"`` it is the configured η.
+        """
+        cfg, steps = self.config, self.stage_two_steps()
+        if steps is None or self.spatial_dims is None:
+            return cfg.prototype_momentum
+        if cfg.reference_steps is None:
+            ref = PAPER_STAGE_TWO_STEPS[self.spatial_dims]
+        else:  # a user-given run length: its self-training share as in the paper
+            ref = max(1, round(cfg.reference_steps * (1.0 - PAPER_PRETRAIN_FRACTION[self.spatial_dims])))
+        return self.resolve_decay(cfg.prototype_momentum, reference_steps=ref, run_steps=steps)
+
+    def time_constants(self) -> Dict[str, Any]:
+        """The EMA decay (relative to the paper's whole run) plus η (relative to its self-training stage)."""
+        out = super().time_constants()
+        out["reference_steps"] = self.reference_steps
+        out["prototype_momentum_paper"] = self.config.prototype_momentum
+        steps = self.stage_two_steps()
+        out["stage_two_steps"] = steps
+        out["prototype_momentum"] = self.prototype_momentum if steps is not None else "resolved at the stage switch"
+        return out
 
     # ------------------------------------------------------------------ stage switch
-    def needs_switch(self, epoch: int, num_epochs: int) -> bool:
-        """True exactly when stage two must start now: still in stage one and the pre-training epochs are over."""
-        return self.stage == 1 and epoch >= self.stage_one_epochs(num_epochs)
+    def switch_decision(self, epoch: int, num_epochs: int,
+                        history: Optional[Sequence[Sequence[float]]] = None) -> Optional[Dict[str, Any]]:
+        """Whether stage two starts at the beginning of ``epoch``; None = not yet (or already switched).
+
+        Args:
+            epoch: the epoch about to start; num_epochs: epochs of the run.
+            history: nnU-Net's per-foreground-class pseudo-Dice on its validation cases, one list per
+                finished epoch, oldest first (``dice_per_class_or_region``); None / empty before the first.
+                Ready = every class ≥ ``ready_dice`` in each of the last ``ready_epochs`` entries.
+        Returns: ``{"epoch", "reason", "reset_teacher", "pseudo_dice", "ready_dice", "floor_epoch",
+        "cap_epoch"}`` where reason is ``"fixed"`` (paper schedule), ``"ready"`` (every foreground class
+        ≥ ready_dice, at or after the floor) or ``"cap"`` (not ready at the cap: switch without the
+        teacher reset, ``reset_teacher=False``).
+        """
+        if self.stage != 1:
+            return None
+        cfg = self.config
+        history = [[float(d) for d in entry] for entry in (history or [])]
+        dice = history[-1] if history else []
+        report: Dict[str, Any] = {"epoch": int(epoch), "pseudo_dice": dice, "ready_dice": cfg.ready_dice}
+        if cfg.stage_switch == "fixed":
+            if epoch >= self.stage_one_epochs(num_epochs):
+                return {**report, "reason": "fixed", "reset_teacher": True}
+            return None
+        floor, cap = self.stage_one_bounds(num_epochs)
+        report.update(floor_epoch=floor, cap_epoch=cap)
+        if epoch < floor:
+            return None
+        # NaN (a class neither predicted nor present in the validation patches) counts as not ready
+        recent = history[-cfg.ready_epochs:]
+        ready = len(recent) == cfg.ready_epochs and all(
+            entry and all(math.isfinite(d) and d >= cfg.ready_dice for d in entry) for entry in recent)
+        report["ready_epochs"] = cfg.ready_epochs
+        if ready:
+            return {**report, "reason": "ready", "reset_teacher": True}
+        if epoch >= cap:
+            return {**report, "reason": "cap", "reset_teacher": False}
+        return None
 
     def new_reservoir(self, ignore_index: Optional[int]) -> ClassReservoir:
         """An empty bounded, seeded sample of labeled embeddings for ``begin_self_training``."""
@@ -293,10 +482,12 @@ class MPER(SemiSupervisedMethod):
         return ClassReservoir(self.num_classes, self.config.kmeans_samples_per_class, self.config.seed, ignore_index)
 
     def begin_self_training(self, reservoir: ClassReservoir, progress: float,
-                            device: Optional[torch.device] = None) -> Dict[str, Any]:
+                            device: Optional[torch.device] = None,
+                            decision: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """k-means initialisation of the bank and switch to stage two (once). Returns a short report.
 
-        The bank is identical on every DDP rank (rank 0's result is broadcast).
+        The bank is identical on every DDP rank (rank 0's result is broadcast). ``decision`` (from
+        ``switch_decision``) is kept in the method state and the resolved config.
         """
         self._require_setup()
         if self.stage != 1 or self.kmeans_done:
@@ -308,6 +499,7 @@ class MPER(SemiSupervisedMethod):
         device = device if device is not None else self.bank.device
         self.bank = broadcast_from_rank0_(bank.to(device))
         self.stage, self.kmeans_done, self.stage_two_start = 2, True, float(progress)
+        self.switch_report = {**(dict(decision) if decision else {}), "progress": float(progress)}
         self.kmeans_report = {**report, "samples_per_class": [int(s.shape[0]) for s in reservoir.samples()],
                               "voxels_seen_per_class": [int(n) for n in reservoir.seen]}
         return dict(self.kmeans_report)
@@ -331,10 +523,11 @@ class MPER(SemiSupervisedMethod):
         if data_u is None or teacher_logits_u is None:
             raise ValueError("stage two needs the unlabeled patches and the teacher's logits on them")
         with torch.no_grad(), torch.autocast(device_type=data_l.device.type, enabled=False):
-            probs = torch.softmax(teacher_logits_u.detach().float(), dim=1)
-            conf, pseudo = probs.max(dim=1, keepdim=True)  # (B, 1, *S)
-        return copy_paste_batch(data_l, targets_l, data_u, pseudo, conf, box_fraction=self.config.box_fraction,
-                                unlabeled_weight=self.config.unlabeled_weight, generator=generator)
+            gate = gate_logits(teacher_logits_u, self.config.pseudo_label_threshold)
+        # voxels below the confidence gate get DROPPED_LABEL (−1): no loss, no prototype update (BCP: ungated)
+        return copy_paste_batch(data_l, targets_l, data_u, gate.labels, gate.confidence, keep=gate.keep,
+                                box_fraction=self.config.box_fraction, unlabeled_weight=self.config.unlabeled_weight,
+                                generator=generator)
 
     # ------------------------------------------------------------------ losses
     def mixed_region_loss(self, logits: torch.Tensor, target: torch.Tensor, box_mask: torch.Tensor,
@@ -343,8 +536,9 @@ class MPER(SemiSupervisedMethod):
 
         ``logits`` ``(N, C, *S)`` (gradient), ``target`` ``(N, 1, *S)`` and ``box_mask`` ``(1, 1, *S)`` constants.
         """
-        return mixed_region_loss(logits, target, box_mask, groups, ignore_index, self.config.dice_smooth,
-                                 self.config.dice_include_background)
+        cfg = self.config
+        return mixed_region_loss(logits, target, box_mask, groups, ignore_index, cfg.dice_smooth,
+                                 cfg.dice_include_background, cfg.dice_present_only)
 
     def linear_consistency(self, outputs: Sequence[torch.Tensor], batch: MixedBatch,
                            scale_weights: Sequence[float], ignore_index: Optional[int]) -> torch.Tensor:
@@ -354,8 +548,9 @@ class MPER(SemiSupervisedMethod):
         deep-supervision weights (scales with weight 0 are skipped, as nnU-Net's wrapper does; the
         weights do not depend on the data). In stage one this is BCP's labeled copy-paste loss.
         """
-        return mixed_deep_supervision_loss(outputs, batch, scale_weights, ignore_index, None, self.config.dice_smooth,
-                                           self.config.dice_include_background)
+        cfg = self.config
+        return mixed_deep_supervision_loss(outputs, batch, scale_weights, ignore_index, None, cfg.dice_smooth,
+                                           cfg.dice_include_background, cfg.dice_present_only)
 
     def _valid_voxels(self, target: torch.Tensor, ignore_index: Optional[int]) -> torch.Tensor:
         t = target.long()
@@ -385,10 +580,13 @@ class MPER(SemiSupervisedMethod):
 
         keep = self._valid_voxels(target, inputs.ignore_index)
         sim_c = sim if cfg.contrast_similarity == "cosine" else multi_prototype_dot(z, self.bank)
+        labels = target if cfg.contrast_positive == "class" else None
         contrast = sim.new_zeros(())
         for g in batch.groups:  # one InfoNCE mean per mixed image set, summed like the consistency terms
-            contrast = contrast + nearest_prototype_infonce(sim_c[g.start:g.stop], cfg.tau_contrast,
-                                                            keep[g.start:g.stop], cfg.contrast_ignore)
+            contrast = contrast + nearest_prototype_infonce(
+                sim_c[g.start:g.stop], cfg.tau_contrast, keep[g.start:g.stop], cfg.contrast_ignore,
+                labels[g.start:g.stop] if labels is not None else None)
+        self.report(stage=float(self.stage), prototype_momentum=self.prototype_momentum if self.stage == 2 else 0.0)
         return {"proto_cons": proto_cons, "contrast": contrast}
 
     @torch.no_grad()
@@ -396,8 +594,10 @@ class MPER(SemiSupervisedMethod):
         """Momentum update of the bank from the current mixed batch (stage two only; Eq. 2).
 
         Sources (paper): voxels labeled by ground truth, plus pseudo-labeled voxels whose teacher
-        confidence exceeds α; ignore-label voxels never. ``require_agreement`` adds the code's gate
-        (prototype classifier agrees with Ŷ^m); ``update_background=False`` freezes class 0 (code).
+        confidence exceeds α; ignore-label and gated-out voxels never. ``update_background_from_pseudo=False``
+        (default) keeps pseudo-background out; ``require_agreement`` adds the code's gate (prototype
+        classifier agrees with Ŷ^m); ``update_background=False`` freezes class 0 (code). η is
+        ``prototype_momentum`` (run-relative).
         Returns the number of voxels used on this rank (0 in stage one, where nothing moves).
         """
         if self.stage != 2:
@@ -410,6 +610,8 @@ class MPER(SemiSupervisedMethod):
         keep = self._valid_voxels(target, inputs.ignore_index)
         labeled = keep & ~batch.from_pseudo
         confident = keep & batch.from_pseudo & (batch.confidence > cfg.confidence_threshold)
+        if not cfg.update_background_from_pseudo:  # pseudo-background holds the foreground the teacher missed
+            confident &= target.long() != 0
         if cfg.require_agreement:
             logits_p, _ = multi_prototype_logits(multi_prototype_similarity(z, self.bank), cfg.tau_proto)
             agree = logits_p.argmax(dim=1, keepdim=True) == target.long()
@@ -427,8 +629,9 @@ class MPER(SemiSupervisedMethod):
                 selections += [confident & in_group, labeled & in_group]
         used = 0
         bank = self.bank.to(z.device)
+        momentum = self.prototype_momentum
         for select in selections:
-            bank, n = update_bank(bank, z, target, select, cfg.prototype_momentum, classes, inputs.reduce_fn)
+            bank, n = update_bank(bank, z, target, select, momentum, classes, inputs.reduce_fn)
             used += n
         self.bank = bank
         return used
@@ -445,7 +648,7 @@ class MPER(SemiSupervisedMethod):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         return {"stage": self.stage, "stage_two_start": self.stage_two_start, "kmeans_done": self.kmeans_done,
-                "kmeans_report": dict(self.kmeans_report),
+                "kmeans_report": dict(self.kmeans_report), "switch_report": dict(self.switch_report),
                 "bank": self.bank.detach().cpu().clone() if self.bank is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -464,5 +667,6 @@ class MPER(SemiSupervisedMethod):
         self.stage_two_start = state["stage_two_start"]
         self.kmeans_done = bool(state["kmeans_done"])
         self.kmeans_report = dict(state.get("kmeans_report", {}))
+        self.switch_report = dict(state.get("switch_report", {}))
         self.bank = bank.detach().clone().to(device) if bank is not None else self.bank
 

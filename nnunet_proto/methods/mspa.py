@@ -4,7 +4,7 @@ One network, no teacher (paper §2). Per training step, with N = min(n_pairs, la
 
 * LPA, labeled → unlabeled (Eqs. 1-4): one prototype set p_i = MAP(f_li, Y_li) per labeled patch
   i = 1..N; each set scores the unlabeled features by cosine similarity G_ui = cos(f_u, p_i); the scores
-  are summed over the sets and softmaxed, M̂_u = softmax_c(Σ_i G_ui^c);
+  are summed (paper) or averaged (default) over the sets and softmaxed, M̂_u = softmax_c(Σ_i G_ui^c / τ);
   L_LPA = mean_{c,x} (Ŝ_up − M̂_u)², Ŝ_up the network's own softmax on the unlabeled patch.
 * UPA, unlabeled → labeled (Eqs. 5-9): the N sets' argmaxes and the network's argmax vote; the voting
   pseudo label S_u gives unlabeled prototypes p_u = MAP(f_u, S_u), averaged over the unlabeled patches
@@ -18,6 +18,11 @@ argmax is c; pseudo label = argmax_c V_c where the maximum is unique and reaches
 (default: strict majority, 3 of 5 as in the paper), otherwise the voxel is unlabeled. See
 ``nnunet_proto.ops.voting`` and docs/methods/mspa.md for the rule with worked examples.
 
+Changes for nnU-Net's regime (docs/methods/mspa.md, last section; ``MSPAConfig.paper()`` restores the
+literal form): cosine classifiers with temperature τ = 0.1 and the LPA cosines averaged (not summed)
+over the sets; M̂_u (LPA) and p_u (UPA) are detached targets; UPA's voting pseudo labels are gated by
+the network's confidence; L_SPA compares L2-normalised prototypes (scale-free).
+
 Absent classes: a labeled set without class c does not vote for c, and the LPA score of c is the sum
 over the sets that have c rescaled by N / (number of such sets), which equals the paper's plain sum
 when every set has every class; a class no set has gets logit −inf. Unlabeled prototypes of classes
@@ -27,7 +32,7 @@ ignore label (and nnU-Net's −1 padding) takes part in no prototype and no loss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -43,6 +48,7 @@ from nnunet_proto.ops.prototypes import (
     resize_logits,
     resize_masks,
 )
+from nnunet_proto.ops.pseudo_labels import class_shares, gate_pseudo_labels
 from nnunet_proto.ops.voting import (
     NO_LABEL,
     RELIABLE_RULES,
@@ -58,6 +64,7 @@ from nnunet_proto.ops.voting import (
 )
 
 LABELED_PROTOTYPE_MASKS = ("gt", "pred")
+SET_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,30 @@ class MSPAConfig(SemiSupervisedConfig):
         labeled_prototype_mask: mask of the labeled prototypes (Eq. 1): ``"gt"`` (our default;
             the paper's text says "predicted mask", which is ambiguous) or ``"pred"`` (the network's argmax on
             the labeled patch, ignore-label voxels excluded).
-        similarity_scale: multiplies the cosine similarities before every softmax/CE. Paper Eqs. 3 and 9
-            use none (1.0: cosines summed over the N pairs); the switch exists because the
-            resulting probabilities are very soft (logits in [−N, N]).
-        lpa_detach_prototype_prediction: detach M̂_u in L_LPA. Paper silent; default False = gradient on
-            both sides (our choice: single network, symmetric consistency).
-        upa_detach_prototypes: detach the unlabeled prototypes p_u in L_UPA. Paper silent; default False
-            (our choice): the gradient into the unlabeled features is what makes UPA train on unlabeled data
-            ("prototypes extracted from the unlabeled images should segment the labeled images well").
+        temperature: τ of the cosine classifiers, logits = cos/τ in LPA (Eq. 3), in UPA (Eq. 9) and for
+            the votes. Paper: no temperature (1.0). Default 0.1 (ours, the value of the prototype
+            classifiers of ProtoSeg, Zhou et al. CVPR 2022, and MPER, Bi et al. ICASSP 2025): nnU-Net's
+            decoder features come after a LeakyReLU and are nearly non-negative, so cos ∈ [0, 1] and with
+            τ = 1 a 4-class softmax can never exceed e/(e + 3) ≈ 0.48; the UPA cross-entropy then never drops
+            below 0.74 and pushes on the features for the whole run.
+        lpa_set_reduction: how the N prototype sets' cosines are combined before the softmax of Eq. 3:
+            ``"sum"`` (paper: Σ_i G_ui, so the effective temperature is τ/N) or ``"mean"`` (default, ours:
+            (1/N) Σ_i G_ui, so τ means the same for any N, as in UPA's single set).
+        lpa_detach_prototype_prediction: detach M̂_u in L_LPA, so the labeled-prototype ensemble is a
+            soft target for the network's softmax Ŝ_up. Paper silent; default True (ours). False (the
+            earlier symmetric choice) lets the MSE pull features and labeled prototypes
+            towards the network's own prediction, which the cosine classifier cannot match.
+        upa_detach_prototypes: detach the unlabeled prototypes p_u in L_UPA, so they are a fixed target that
+            classifies the labeled features (as CPCL's teacher prototypes). Paper silent; default True (ours).
+            False sends the labeled cross-entropy into the unlabeled features through pseudo-labelled
+            prototypes, i.e. trains on ungated pseudo-label errors.
+        pseudo_label_threshold: confidence gate on the voting pseudo label S_u (Eq. 7): a voxel keeps its
+            voted class c only if the network's own argmax is c with softmax Ŝ_up^c ≥ threshold
+            (``ops.pseudo_labels.gate_pseudo_labels``).
+            Paper: no gate (0.0). Default 0.9 (ours; MPER's α for trusting a pseudo label). It applies
+            to the hard labels of UPA's prototypes; SPA's regions keep the paper's vote levels, because its
+            uncertain region exists to be pulled towards the reliable one and Eq. 10 already weights every
+            voxel by Ŝ_up.
         spa_detach_reliable: stop-gradient on the reliable regional prototypes (our default; the
             paper pulls the uncertain region towards the reliable one). False = symmetric.
         spa_normalize: compare L2-normalised regional prototypes in L_SPA (distance 2 − 2·cos ∈ [0, 4]).
@@ -113,9 +136,11 @@ class MSPAConfig(SemiSupervisedConfig):
     vote_threshold: Optional[int] = None
     spa_reliable: str = "next_level"
     labeled_prototype_mask: str = "gt"
-    similarity_scale: float = 1.0
-    lpa_detach_prototype_prediction: bool = False
-    upa_detach_prototypes: bool = False
+    temperature: float = 0.1
+    lpa_set_reduction: str = "mean"
+    lpa_detach_prototype_prediction: bool = True
+    upa_detach_prototypes: bool = True
+    pseudo_label_threshold: float = 0.9
     spa_detach_reliable: bool = True
     spa_detach_weights: bool = True
     spa_normalize: bool = True
@@ -137,16 +162,30 @@ class MSPAConfig(SemiSupervisedConfig):
         if self.labeled_prototype_mask not in LABELED_PROTOTYPE_MASKS:
             raise ValueError(f"labeled_prototype_mask must be one of {LABELED_PROTOTYPE_MASKS}, "
                              f"got {self.labeled_prototype_mask!r}")
-        if self.similarity_scale <= 0:
-            raise ValueError(f"similarity_scale must be > 0 (paper: 1.0), got {self.similarity_scale}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (paper: 1.0, default 0.1), got {self.temperature}")
+        if self.lpa_set_reduction not in SET_REDUCTIONS:
+            raise ValueError(f"lpa_set_reduction must be one of {SET_REDUCTIONS}, got {self.lpa_set_reduction!r}")
         for name in ("lpa_weight", "upa_weight", "spa_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    @classmethod
+    def paper(cls, **changes: Any) -> "MSPAConfig":
+        """The paper's literal form (arXiv 2206.01739 Eqs. 3, 7, 9, 11), for comparison with the defaults.
+
+        No temperature, summed set cosines, no confidence gate, no stop-gradient on M̂_u or p_u (the paper
+        is silent; this was our earlier symmetric choice) and the raw ‖R_unc − R_rel‖² of Eq. 11.
+        """
+        literal = dict(temperature=1.0, lpa_set_reduction="sum", lpa_detach_prototype_prediction=False,
+                       upa_detach_prototypes=False, pseudo_label_threshold=0.0, spa_normalize=False)
+        return cls(**{**literal, **changes})
+
 
 def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Tensor, logits_u: torch.Tensor,
                 num_classes: int, ignore_index: Optional[int], config: MSPAConfig,
-                reduce_fn=None, logits_l: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                reduce_fn=None, logits_l: Optional[torch.Tensor] = None,
+                diagnostics: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The three MSPA terms, unweighted.
 
     Args:
@@ -157,6 +196,9 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         num_classes: C. ignore_index: nnU-Net's ignore label or None.
         reduce_fn: sums tensors across DDP ranks (unlabeled prototypes of Eq. 8 are batch-global).
         logits_l: ``(B_l, C, *S)`` labeled logits; needed only for ``labeled_prototype_mask="pred"``.
+        diagnostics: if given, receives ``vote_labelled`` (share of unlabeled voxels with a majority
+            vote), ``gate_kept`` (share of those the confidence gate keeps for UPA) and ``pl_share_c<c>``
+            (share of foreground class c among the kept pseudo labels), as detached 0-dim tensors.
     Returns: ``{"lpa", "upa", "spa"}`` float32 scalars, finite for any input; empty classes or regions
     contribute 0. Which side is detached is set by the config (see ``MSPAConfig``).
     """
@@ -169,7 +211,7 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         raise ValueError(f"unlabeled logits {tuple(logits_u.shape)} must have the label size {full_size}: pass the "
                          f"highest-resolution output")
     n = min(config.n_pairs, feats_l.shape[0])
-    scale = config.similarity_scale
+    scale = 1.0 / config.temperature
     with torch.autocast(device_type=logits_u.device.type, enabled=False):
         probs_u = torch.softmax(logits_u.float(), dim=1)  # Ŝ_up
 
@@ -180,8 +222,9 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     sims = prototype_set_similarities(feats_u, sets.vectors)  # (B_u, N, C, *s)
     set_valid = sets.valid.view(1, *sets.valid.shape, *([1] * len(feat_size))).float()
     n_valid = sets.valid.float().sum(0)  # (C,) sets that have each class
-    # N × (mean over the sets that have the class) = the paper's plain sum when every set has every class
-    summed = (sims * set_valid).sum(1) * (n / n_valid.clamp_min(1.0)).view(1, -1, *([1] * len(feat_size)))
+    # mean over the sets that have the class; × N = the paper's plain sum when every set has every class
+    sets_factor = float(n) if config.lpa_set_reduction == "sum" else 1.0
+    summed = (sims * set_valid).sum(1) * (sets_factor / n_valid.clamp_min(1.0)).view(1, -1, *([1] * len(feat_size)))
     lpa_logits = mask_invalid_logits(_to_size(summed * scale, full_size), n_valid > 0)
     with torch.autocast(device_type=logits_u.device.type, enabled=False):
         m_u = torch.softmax(lpa_logits, dim=1)  # M̂_u
@@ -199,9 +242,21 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         num_voters = n + 1
         threshold = resolve_vote_threshold(num_voters, config.vote_threshold)
         pseudo = majority_vote(votes, threshold)  # (B_u, 1, *S), NO_LABEL where no majority
+        # confidence gate: the network must give the voted class at least the threshold (not in the paper)
+        voted = pseudo != NO_LABEL
+        gate = gate_pseudo_labels(probs_u, config.pseudo_label_threshold)
+        gated = voted & gate.keep.reshape(pseudo.shape) & (gate.labels.reshape(pseudo.shape) == pseudo)
+        if config.pseudo_label_threshold <= 0.0:
+            gated = voted  # the paper's ungated rule, also where the network's argmax lost the vote
+        upa_pseudo = torch.where(gated, pseudo, torch.full_like(pseudo, NO_LABEL))
+        stats = {"vote_labelled": voted.float().mean(),
+                 "gate_kept": gated.float().sum() / voted.float().sum().clamp_min(1.0)}
+        # class shares of the gated pseudo labels: a class going to 0 shows up in progress.png
+        shares = class_shares(upa_pseudo, num_classes)
+        stats.update({f"pl_share_c{c}": shares[c] for c in range(1, num_classes)})
 
     # --- UPA (Eqs. 8-9): batch-averaged unlabeled prototypes classify the labeled features -----------
-    onehot_u = labels_to_onehot(pseudo, num_classes)
+    onehot_u = labels_to_onehot(upa_pseudo, num_classes)
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, feat_size), "batch_mean", reduce_fn)
     if config.upa_detach_prototypes:
         protos_u = protos_u._replace(vectors=protos_u.vectors.detach())
@@ -215,7 +270,10 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     spa = regional_alignment_loss(regional_prototypes(feats_u, weights, uncertain),
                                   regional_prototypes(feats_u, weights, reliable),
                                   detach_reliable=config.spa_detach_reliable, normalize=config.spa_normalize)
-    return {"lpa": lpa, "upa": upa, "spa": spa}
+    out = {"lpa": lpa, "upa": upa, "spa": spa}
+    if diagnostics is not None:
+        diagnostics.update(stats)  # detached 0-dim tensors: no host sync per step
+    return out
 
 
 def _to_size(logits: torch.Tensor, size) -> torch.Tensor:
@@ -246,13 +304,21 @@ class MSPA(SemiSupervisedMethod):
     config_class = MSPAConfig
     term_names = ("lpa", "upa", "spa")
     needs_features = True
+    #: per-step values logged every epoch: share of unlabeled voxels with a majority vote, share of
+    #: those the confidence gate keeps as UPA pseudo labels, and (``diagnostic_keys``) the foreground
+    #: class shares of the kept pseudo labels
+    diagnostic_names = ("vote_labelled", "gate_kept")
+
+    def diagnostic_keys(self, num_classes: int) -> Tuple[str, ...]:
+        return (*self.diagnostic_names, *(f"pl_share_c{c}" for c in range(1, num_classes)))
 
     def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
         if inputs.feats_l is None or inputs.feats_u is None or inputs.logits_u is None:
             raise ValueError("MSPA needs the student's features on labeled and unlabeled patches and its logits on "
                              "the unlabeled patches (student_sees_unlabeled must stay True)")
         return mspa_losses(inputs.feats_l, inputs.target_l, inputs.feats_u, inputs.logits_u, inputs.num_classes,
-                           inputs.ignore_index, self.config, inputs.reduce_fn, logits_l=inputs.logits_l)
+                           inputs.ignore_index, self.config, inputs.reduce_fn, logits_l=inputs.logits_l,
+                           diagnostics=self.diagnostics)
 
     def weights(self, progress: float) -> Dict[str, float]:
         lam = self.config.ramp(progress)

@@ -47,7 +47,8 @@ from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod
 from nnunet_proto.ops.contrastive import NORM_EPS, prototype_contrastive_loss, segment_sums
 from nnunet_proto.ops.losses import cross_entropy_ignore
 from nnunet_proto.ops.prototypes import mask_invalid_logits, resize_masks
-from nnunet_proto.ops.schedules import sigmoid_rampup
+from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
+from nnunet_proto.ops.schedules import ema_horizon, sigmoid_rampup
 from nnunet_proto.ops.sdm import depth_to_layers, own_class_depth
 from nnunet_proto.ops.sinkhorn import sinkhorn_assignment
 from nnunet_proto.ops.uncertainty import WEIGHTINGS, entropy
@@ -59,6 +60,9 @@ BACKGROUND_LAYERS = ("layers", "uncertain_halves")
 ENTROPY_REDUCTIONS = ("mean", "frobenius")
 MEMORY_INITS = ("first_seen", "random")
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+#: the code's constants where the nnU-Net defaults differ (``PCCSConfig.code_switches``): per-step memory
+#: rates, L_aux at full weight from prototype_start on and on every unlabeled pixel
+CODE_SCHEDULE = {"time_constants": "paper", "aux_rampup_length": 0.0, "pseudo_label_threshold": 0.0}
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,16 @@ class PCCSConfig(SemiSupervisedConfig):
         prototype_temperature: τ_p of P_T = softmax(max_k cos / τ_p) [our choice: 0.1; the code uses a LayerNorm].
         aux_temperature: temperature of the L_aux logits cos(f_S, p)/τ [not specified (the code uses raw
             dot products); our choice: τ_p = 0.1].
-        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [code: 0.999].
-        student_mix: weight of the student layer-prototype chunk mixed into the memory [code: 1 − 0.999].
+        memory_momentum: γ of p ← γ p + (1 − γ) f̄ [code: 0.999], at the code's run length.
+        student_mix: weight of the student layer-prototype chunk mixed into the memory [code: 1 − 0.999],
+            at the code's run length.
+        reference_steps: inherited; the code's 15 000 iterations. With ``time_constants=
+            "run_relative"`` (inherited default) the EMA decay, γ and 1 − student_mix are applied
+            run-relative (``SemiSupervisedMethod.resolve_decay``): the memory keeps the same horizon as a
+            *fraction of the run* (1000 of 15 000 iterations = 6.7 %), so a 1000-step run uses γ ≈ 0.985
+            and nnU-Net's 250 000 steps γ ≈ 0.99994. ``"paper"`` uses them per step as given (the code's
+            behaviour at any run length): a 1000-step run would still hold ~37 % of the memory's first
+            state at the end.
         memory_init: ``"first_seen"``: a class's K prototypes start as its first student layer-prototype
             chunks (our choice: with γ = 0.999 random prototypes would dominate P_T and the aux targets
             for thousands of iterations); ``"random"``: truncated-normal(0.02), L2-normalised [code].
@@ -86,6 +98,18 @@ class PCCSConfig(SemiSupervisedConfig):
         update_agreement: the memory learns only from pixels whose teacher pseudo label equals the
             teacher's prototype prediction [code's agreement mask; ProtoSeg's "correctly classified" gate].
         contra_coefficient / aux_coefficient / uncertainty_coefficient: 0.01 / 0.3 / 0.1 [code].
+        aux_rampup_length: L_aux's weight is aux_coefficient · sigmoid_rampup(t, aux_rampup_length) from
+            ``prototype_start`` on, the Gaussian ramp of λ(t) [ours; 0 = the code's step to the full 0.3 at
+            ``prototype_start``, ~3 % of the run]. The aux targets are the teacher's argmax; at full weight
+            from 3 % of the run they pull the encoder towards an untrained teacher.
+        pseudo_label_threshold: L_aux targets only where the teacher's max softmax on the grid ≥ this
+            value (``ops.pseudo_labels.gate_pseudo_labels``) [ours: 0.9, MPER's α; code: every unlabeled
+            pixel, 0]. The kept share is logged (``aux_kept``).
+        aux_encoder_gradient: L_aux's gradient reaches encoder stages 1-3 through the projection branch
+            [paper intent: True; the code's aux CE sends no gradient at all]. We keep it: it is the only
+            way L_aux can shape the features the segmentation uses (the projection branch is not used at
+            inference), and the ramp and the gate above bound what untrained targets can do. False trains
+            only the projection branch with L_aux.
         consistency_start / prototype_start: fractions of the run before which L_con/L_ent and
             L_contra/L_aux have weight 0 [code: iterations 200 and 500 of 15 000]. The memory is updated
             from the earlier of the two on (P_T, the L_con target, reads it).
@@ -117,6 +141,7 @@ class PCCSConfig(SemiSupervisedConfig):
     aux_temperature: float = 0.1
     memory_momentum: float = 0.999
     student_mix: float = 0.001
+    reference_steps: Optional[int] = 15000
     memory_init: str = "first_seen"
     sinkhorn_epsilon: float = 0.05
     sinkhorn_iterations: int = 4
@@ -124,6 +149,9 @@ class PCCSConfig(SemiSupervisedConfig):
     contra_coefficient: float = 0.01
     aux_coefficient: float = 0.3
     uncertainty_coefficient: float = 0.1
+    aux_rampup_length: float = 1.0
+    pseudo_label_threshold: float = 0.9
+    aux_encoder_gradient: bool = True
     consistency_start: float = 200 / 15000
     prototype_start: float = 500 / 15000
     entropy_eps: float = 1e-8
@@ -159,6 +187,10 @@ class PCCSConfig(SemiSupervisedConfig):
         for name in ("contra_coefficient", "aux_coefficient", "uncertainty_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.aux_rampup_length <= 1.0:
+            raise ValueError(f"aux_rampup_length must be in [0, 1], got {self.aux_rampup_length}")
+        if self.memory_momentum >= 1.0:
+            raise ValueError(f"memory_momentum must be < 1, got {self.memory_momentum}")
         if len(self.uncertain_entropy) != 2 or min(self.uncertain_entropy) < 0:
             raise ValueError(f"uncertain_entropy must be two entropies >= 0 (start, end) in nats, "
                              f"got {self.uncertain_entropy}")
@@ -176,12 +208,19 @@ class PCCSConfig(SemiSupervisedConfig):
         """Paper-intent config with every *cheap* code-faithful switch flipped (docs/methods/pccs.md, 'Deviations').
 
         Random memory init, the code's background prototypes, undetached contrastive weights, Frobenius
-        entropy. Not a reproduction of the code: the teacher still follows the student by EMA, L_aux still
-        trains the student, P_T is still a temperature softmax and the layers are still per-class SDFs.
+        entropy, per-step memory rates, L_aux unramped and ungated. Not a reproduction of the code: the
+        teacher still follows the student by EMA, L_aux still trains the student, P_T is still a
+        temperature softmax and the layers are still per-class SDFs.
         """
         code = dict(memory_init="random", background_layers="uncertain_halves",
-                    detach_contrastive_weights=False, entropy_reduction="frobenius")
+                    detach_contrastive_weights=False, entropy_reduction="frobenius", **CODE_SCHEDULE)
         return cls(**{**code, **changes})
+
+    def aux_ramp(self, progress: float) -> float:
+        """Factor of aux_coefficient at ``progress``: 0 before prototype_start, then the Gaussian ramp."""
+        if progress < self.prototype_start:
+            return 0.0
+        return sigmoid_rampup(progress, self.aux_rampup_length) if self.aux_rampup_length > 0 else 1.0
 
     def entropy_threshold(self, progress: float) -> float:
         """τ_H(t) = start + (end − start)·sigmoid_rampup(t) (the code ramps over all iterations)."""
@@ -341,7 +380,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: torch.Tensor,
                   assignment: torch.Tensor, gate: torch.Tensor, protos: LayerPrototypes, config: PCCSConfig,
-                  reduce_fn: Reducer) -> None:
+                  reduce_fn: Reducer, rates: Optional[Tuple[float, float]] = None) -> None:
     """Prototype updating prototype (docs/methods/pccs.md, paper intent): momentum + student mixing, in place.
 
     Args:
@@ -349,6 +388,7 @@ def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: 
         pseudo: ``(N,)`` teacher pseudo label; assignment: ``(N,)`` Sinkhorn sub-prototype index;
         gate: ``(N,)`` bool, pixels allowed to update (confident and agreeing).
         protos: the student layer prototypes (detached here).
+        rates: (γ, μ) resolved for the run (``PCCS.memory_rates``); None = the config's values.
     1. p_ck ← γ p_ck + (1 − γ)·normalise(Σ gated teacher features assigned to (c, k)), seen classes only;
     2. student chunk s_ck = normalise(mean of the L2-normalised layer prototypes of class c in depth chunk
        k; the class mean where chunk k is empty): seen classes p_ck ← (1 − μ) p_ck + μ s_ck, unseen
@@ -356,11 +396,12 @@ def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: 
     """
     num_classes, num_sub, _ = memory.vectors.shape
     vectors, seen = memory.vectors, memory.seen
+    momentum, mix = rates if rates is not None else (config.memory_momentum, config.student_mix)
     cell = torch.where(gate, pseudo * num_sub + assignment, torch.full_like(pseudo, -1))
     sums, counts = segment_sums(teacher_feats, cell, num_classes * num_sub)
     sums = reduce_fn(sums).view(num_classes, num_sub, -1)
     counts = reduce_fn(counts).view(num_classes, num_sub, 1)
-    moved = config.memory_momentum * vectors + (1 - config.memory_momentum) * F.normalize(sums, dim=-1, eps=NORM_EPS)
+    moved = momentum * vectors + (1 - momentum) * F.normalize(sums, dim=-1, eps=NORM_EPS)
     vectors = torch.where((counts > 0) & seen.view(-1, 1, 1), moved, vectors)
 
     unit = F.normalize(protos.vectors.detach().float(), dim=1, eps=NORM_EPS)
@@ -371,7 +412,7 @@ def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: 
     student = torch.where(chunk_counts > 0, chunk_sums / chunk_counts.clamp_min(1.0), class_mean)
     student = F.normalize(student, dim=-1, eps=NORM_EPS)
     has_class = (chunk_counts.sum(1) > 0).view(-1)
-    mixed = (1 - config.student_mix) * vectors + config.student_mix * student
+    mixed = (1 - mix) * vectors + mix * student
     vectors = torch.where((has_class & seen).view(-1, 1, 1), mixed, vectors)
     vectors = torch.where((has_class & ~seen).view(-1, 1, 1), student, vectors)
     memory.vectors = F.normalize(vectors, dim=-1, eps=NORM_EPS)
@@ -381,7 +422,9 @@ def update_memory(memory: PrototypeMemory, teacher_feats: torch.Tensor, pseudo: 
 
 def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_logits: torch.Tensor,
                 teacher_logits: torch.Tensor, memory: PrototypeMemory, config: PCCSConfig, progress: float,
-                reduce_fn: Optional[Reducer] = None, update: bool = True) -> Dict[str, torch.Tensor]:
+                reduce_fn: Optional[Reducer] = None, update: bool = True,
+                student_proj_aux: Optional[torch.Tensor] = None, rates: Optional[Tuple[float, float]] = None,
+                diagnostics: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """The four PCCS terms on unlabeled patches, unweighted; then (if ``update``) the memory update.
 
     Args:
@@ -391,6 +434,11 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
         teacher_logits: ``(B, C, *S)`` teacher logits (constant; their argmax on the grid = teacher pseudo label).
         memory: teacher prototype memory (C, K, D), read before and updated after the losses.
         progress: training progress in [0, 1] (entropy threshold τ_H(t)).
+        student_proj_aux: projection features used by L_aux (default ``student_proj``); the method passes
+            the projection of detached encoder features when ``aux_encoder_gradient`` is False.
+        rates: memory (γ, μ) resolved for the run length (``PCCS.memory_rates``).
+        diagnostics: if given, receives ``aux_kept`` (share of unlabeled grid pixels whose teacher
+            confidence passes ``pseudo_label_threshold``) and ``memory_momentum`` (γ used).
     Returns: ``{"con", "ent", "contra", "aux"}`` float32 scalars, finite for any input.
     """
     reduce_fn = reduce_fn or (lambda t: t)
@@ -436,14 +484,21 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
         plan = sinkhorn_assignment(cos_t, member, config.sinkhorn_epsilon, config.sinkhorn_iterations, reduce_fn)
         assignment = plan.gather(1, pseudo.view(-1, 1, 1).expand(-1, 1, num_sub)).squeeze(1).argmax(-1)
         usable = memory.seen[pseudo] | ~memory.seen.any()
-        target = torch.where(usable, pseudo * num_sub + assignment, torch.full_like(pseudo, -100))
-        aux = cross_entropy_ignore(f_s @ bank.t() / config.aux_temperature, target)
+        # confidence gate on the L_aux targets (not in the code): only confident teacher pixels teach
+        confident_aux = gate_pseudo_labels(probs_t_grid, config.pseudo_label_threshold).keep.reshape(-1)
+        target = torch.where(usable & confident_aux, pseudo * num_sub + assignment, torch.full_like(pseudo, -100))
+        f_aux = f_s if student_proj_aux is None else F.normalize(_flat(student_proj_aux.float()), dim=1, eps=NORM_EPS)
+        aux = cross_entropy_ignore(f_aux @ bank.t() / config.aux_temperature, target)
+        if diagnostics is not None:
+            diagnostics["aux_kept"] = confident_aux.float().mean()
 
         if update:
             gate = confident_t.reshape(-1)
             if config.update_agreement:
                 gate = gate & (proto_probs_t.argmax(1).reshape(-1) == pseudo)
-            update_memory(memory, f_t, pseudo, assignment, gate, protos, config, reduce_fn)
+            update_memory(memory, f_t, pseudo, assignment, gate, protos, config, reduce_fn, rates)
+        if diagnostics is not None:
+            diagnostics["memory_momentum"] = float(rates[0] if rates is not None else config.memory_momentum)
     return {"con": con, "ent": ent, "contra": contra, "aux": aux}
 
 
@@ -453,10 +508,31 @@ class PCCS(SemiSupervisedMethod):
     config_class = PCCSConfig
     term_names = ("con", "ent", "contra", "aux")
     needs_features = True
+    #: per-step values logged every epoch: share of unlabeled pixels whose teacher confidence passes the
+    #: L_aux gate, and the memory momentum γ in use (run-relative)
+    diagnostic_names = ("aux_kept", "memory_momentum")
 
     def __init__(self, config: PCCSConfig):
         super().__init__(config)
         self.memory: Optional[PrototypeMemory] = None
+
+    def memory_rates(self) -> Tuple[float, float]:
+        """(γ, μ) of the memory update for this run (``config.time_constants``, ``reference_steps``).
+
+        γ' = resolve_decay(γ) and μ' = 1 − resolve_decay(1 − μ): the same horizon 1/(1 − γ) as a fraction
+        of the run as in the code's 15 000 iterations; at that length (or in ``"paper"`` mode) γ and μ.
+        """
+        cfg = self.config
+        momentum = self.resolve_decay(cfg.memory_momentum) if cfg.memory_momentum > 0 else 0.0
+        keep = self.resolve_decay(1.0 - cfg.student_mix) if cfg.student_mix < 1 else 0.0
+        return momentum, 1.0 - keep
+
+    def time_constants(self) -> Dict[str, Any]:
+        """The trainer's EMA decay plus the memory's γ, μ and horizon for this run."""
+        momentum, mix = self.memory_rates()
+        return {**super().time_constants(), "memory_momentum_paper": self.config.memory_momentum,
+                "memory_momentum": momentum, "student_mix": mix,
+                "memory_horizon_steps": ema_horizon(momentum) if momentum < 1 else float("inf")}
 
     @property
     def feature_layers(self) -> Tuple[str, ...]:
@@ -498,18 +574,22 @@ class PCCS(SemiSupervisedMethod):
             raise ValueError(f"PCCS needs student and teacher features of {list(layers)}; missing {missing}")
         n_l = inputs.logits_l.shape[0]
         student_proj = inputs.modules({layer: inputs.features[layer][n_l:] for layer in layers})
+        proj_aux = None
+        if not self.config.aux_encoder_gradient:  # L_aux trains the projection branch only
+            proj_aux = inputs.modules({layer: inputs.features[layer][n_l:].detach() for layer in layers})
         with torch.no_grad():
             teacher_proj = inputs.teacher_modules({layer: inputs.teacher_features[layer] for layer in layers})
         return pccs_losses(student_proj, teacher_proj, inputs.logits_u, inputs.teacher_logits_u, self.memory,
                            self.config, inputs.progress, inputs.reduce_fn,
-                           update=inputs.progress >= self.config.memory_start)
+                           update=inputs.progress >= self.config.memory_start, student_proj_aux=proj_aux,
+                           rates=self.memory_rates(), diagnostics=self.diagnostics)
 
     def weights(self, progress: float) -> Dict[str, float]:
         cfg = self.config
         lam = cfg.ramp(progress) if progress >= cfg.consistency_start else 0.0
         proto = 1.0 if progress >= cfg.prototype_start else 0.0
         return {"con": lam, "ent": cfg.uncertainty_coefficient * lam,
-                "contra": cfg.contra_coefficient * proto, "aux": cfg.aux_coefficient * proto}
+                "contra": cfg.contra_coefficient * proto, "aux": cfg.aux_coefficient * cfg.aux_ramp(progress)}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"memory": self.memory.state_dict()} if self.memory is not None else {}

@@ -106,7 +106,7 @@ def partner(x: torch.Tensor) -> torch.Tensor:
 
 def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence[Tuple[torch.Tensor, float]],
                    ignore_index: Optional[int] = None, smooth: float = 1e-5,
-                   include_background: bool = True) -> torch.Tensor:
+                   include_background: bool = True, present_only: bool = False) -> torch.Tensor:
     """BCP's mixed-label loss (MPER Eq. 4 per region): Σ_r w_r [CE_r + Dice_r], float32 scalar.
 
     For every region r with weight w_r:
@@ -115,8 +115,15 @@ def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence
     * Dice_r = 1 − mean_{b,c} (2 Σ_x p_c y_c m_r + s) / (Σ_x (p_c + y_c) m_r + s), the soft Dice of
       BCP's 3D ``mask_DiceLoss`` restricted to the region, per image and class (background included
       unless ``include_background`` is False); an empty region gives s/s = 1, i.e. 0 loss.
+      With ``present_only`` the mean runs only over the (image, class) pairs whose class occurs in the
+      region's labels (0 if none does). In BCP's form (all classes) a class absent from a region has a
+      Dice of s/(Σp + s) ≈ 0: a near-constant loss of 1 that dilutes the mean, so a present class's
+      Dice gradient shrinks by the share of absent (image, class) pairs, and that turns into a steep push
+      to zero once the absent class's summed probability nears s (e.g. the right ventricle in every
+      region whose pseudo label lacks it).
 
-    Ignore-label voxels and labels outside [0, C) are removed from every region.
+    Ignore-label voxels and labels outside [0, C) (e.g. −1 for a pseudo label dropped by a confidence
+    gate) are removed from every region.
 
     Args:
         logits: ``(B, C, *S)``, carries gradient; the softmax is computed once for all regions.
@@ -137,9 +144,11 @@ def region_ce_dice(logits: torch.Tensor, target: torch.Tensor, regions: Sequence
             m = region.float().expand_as(valid) * valid
             ce = masked_mean(nll, m)
             dice = (2.0 * (overlap * m).sum(dims) + smooth) / ((total * m).sum(dims) + smooth)  # (B, C)
+            present = (onehot * m).sum(dims) > 0  # (B, C) class occurs in the region's labels
             if not include_background:
-                dice = dice[:, 1:]
-            loss = loss + weight * (ce + 1.0 - dice.mean())
+                dice, present = dice[:, 1:], present[:, 1:]
+            dice_loss = masked_mean(1.0 - dice, present) if present_only else 1.0 - dice.mean()
+            loss = loss + weight * (ce + dice_loss)
         return loss
 
 
@@ -255,24 +264,26 @@ def copy_paste_batch(data_l: torch.Tensor, targets_l: Sequence[torch.Tensor], da
 
 def mixed_region_loss(logits: torch.Tensor, target: torch.Tensor, box_mask: torch.Tensor,
                       groups: Sequence[MixGroup], ignore_index: Optional[int] = None, smooth: float = 1e-5,
-                      include_background: bool = True) -> torch.Tensor:
+                      include_background: bool = True, present_only: bool = False) -> torch.Tensor:
     """Σ_groups [w_context (CE + Dice)(region M) + w_patch (CE + Dice)(region 1 − M)] (BCP mix_loss, MPER Eq. 4).
 
     ``logits`` ``(N, C, *S)`` (gradient), ``target`` ``(N, 1, *S)`` and ``box_mask`` ``(1, 1, *S)`` constants.
-    A region with weight 0 contributes exactly 0 (and no gradient).
+    A region with weight 0 contributes exactly 0 (and no gradient). ``include_background`` and
+    ``present_only`` select the Dice classes (``region_ce_dice``).
     """
     total = logits.new_zeros((), dtype=torch.float32)
     for g in groups:
         regions = tuple((m, w) for m, w in ((box_mask, g.context_weight), (1.0 - box_mask, g.patch_weight)) if w != 0)
         if regions:
             total = total + region_ce_dice(logits[g.start:g.stop], target[g.start:g.stop], regions, ignore_index,
-                                           smooth, include_background)
+                                           smooth, include_background, present_only)
     return total
 
 
 def mixed_deep_supervision_loss(outputs: Sequence[torch.Tensor], batch: MixedBatch, scale_weights: Sequence[float],
                                 ignore_index: Optional[int] = None, groups: Optional[Sequence[MixGroup]] = None,
-                                smooth: float = 1e-5, include_background: bool = True) -> torch.Tensor:
+                                smooth: float = 1e-5, include_background: bool = True,
+                                present_only: bool = False) -> torch.Tensor:
     """Σ_s w_s · mixed_region_loss(outputs[s], batch.targets[s]) over nnU-Net's deep-supervision scales.
 
     ``outputs`` are the student's logits per scale (full resolution first), ``scale_weights`` nnU-Net's
@@ -287,5 +298,5 @@ def mixed_deep_supervision_loss(outputs: Sequence[torch.Tensor], batch: MixedBat
     for logits, target, mask, w in zip(outputs, batch.targets, batch.box_masks, scale_weights):
         if w != 0:
             total = total + w * mixed_region_loss(logits, target, mask, groups, ignore_index, smooth,
-                                                  include_background)
+                                                  include_background, present_only)
     return total

@@ -64,29 +64,48 @@ def multi_prototype_logits(similarity: torch.Tensor, tau: float) -> Tuple[torch.
 
 
 def nearest_prototype_infonce(similarity: torch.Tensor, tau: float, keep: Optional[torch.Tensor] = None,
-                              ignore: str = "none") -> torch.Tensor:
+                              ignore: str = "none", labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """InfoNCE with the nearest prototype as the positive (MPER Eq. 5), averaged over kept voxels.
 
-    L = −log exp(s(z, p*)/τ2) / Σ_{c,k} exp(s(z, p_c^k)/τ2), p* = argmax over all C·K prototypes of the
-    same similarity s (the target is computed from detached values; labels are not used).
+    L = −log exp(s(z, p*)/τ2) / Σ_{c,k} exp(s(z, p_c^k)/τ2), all C·K prototypes in the denominator.
+    The positive p* (computed from detached values) is
+
+    * without ``labels`` (paper Eq. 5): the nearest prototype of *any* class, argmax over all C·K;
+    * with ``labels``: the nearest prototype *of the voxel's class* y, p* = p_y^{k*}, k* = argmax_k
+      s(z, p_y^k). Then the loss never pulls a voxel into another class's cluster (with the paper's
+      rule a right-ventricle voxel closest to a background prototype is pulled into the background).
 
     Args:
         similarity: ``(B, C, K, *S)`` cosine (or dot) similarities, gradient into the embeddings.
         tau: temperature τ2 (paper 0.1).
         keep: ``(B, 1, *S)`` bool, voxels that take part (e.g. not ignore-label); all when None.
-        ignore: ``"none"`` (paper), ``"background"`` (drop voxels whose nearest prototype belongs to
-            class 0) or ``"index0"`` (official code: ``ignore_index=0`` drops only voxels nearest to
+        ignore: ``"none"`` (paper), ``"background"`` (drop voxels whose positive belongs to class 0) or
+            ``"index0"`` (official code: ``ignore_index=0`` drops only voxels whose positive is
             prototype (class 0, k 0)).
+        labels: ``(B, 1, *S)`` integer classes for class-restricted positives; voxels with a label
+            outside [0, C) (ignore label, a gated-out pseudo label) take no part.
     Returns a float32 scalar; 0 when no voxel is kept.
     """
     if ignore not in CONTRAST_IGNORE_MODES:
         raise ValueError(f"ignore must be one of {CONTRAST_IGNORE_MODES}, got {ignore!r}")
     if tau <= 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
-    num_k = similarity.shape[2]
+    num_c, num_k = similarity.shape[1], similarity.shape[2]
     logits = similarity.flatten(1, 2) / tau  # (B, C*K, *S), class-major
-    target = logits.detach().argmax(dim=1)  # (B, *S)
-    mask = torch.ones_like(target, dtype=torch.bool) if keep is None else keep[:, 0].to(torch.bool)
+    mask = torch.ones(logits.shape[:1] + logits.shape[2:], dtype=torch.bool, device=logits.device) \
+        if keep is None else keep[:, 0].to(torch.bool)
+    if labels is None:
+        target = logits.detach().argmax(dim=1)  # (B, *S)
+    else:
+        if labels.shape[0] != similarity.shape[0] or tuple(labels.shape[2:]) != tuple(similarity.shape[3:]):
+            raise ValueError(f"labels {tuple(labels.shape)} must be (B, 1, *S) for similarities "
+                             f"{tuple(similarity.shape)}")
+        y = labels[:, 0].long()
+        valid = (y >= 0) & (y < num_c)
+        y = torch.where(valid, y, torch.zeros_like(y))
+        own = similarity.detach().gather(1, y[:, None, None].expand(-1, 1, num_k, *y.shape[1:]))  # (B, 1, K, *S)
+        target = y * num_k + own[:, 0].argmax(dim=1)
+        mask = mask & valid
     if ignore == "background":
         mask &= target >= num_k
     elif ignore == "index0":

@@ -310,9 +310,13 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.print_to_log_file("time constants for this run of " + str(self.run_steps) + " steps: "
                                + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in tc.items()))
+        self.write_resolved_config()
+
+    def write_resolved_config(self) -> None:
+        """(Re)write ``nnunet_proto_config.json`` on rank 0, e.g. again after a stage switch changed it."""
         if self.local_rank == 0:
             with open(os.path.join(self.output_folder, "nnunet_proto_config.json"), "w") as f:
-                json.dump({**self.resolved_config(), "unlabeled": info}, f, indent=2, default=str)
+                json.dump({**self.resolved_config(), "unlabeled": self.unlabeled_info}, f, indent=2, default=str)
 
     def on_train_end(self):
         if isinstance(self.dataloader_train, TimedLoader):

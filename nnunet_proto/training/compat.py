@@ -6,7 +6,7 @@ when nnU-Net changes it. Written against nnunetv2 2.8.1.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -44,7 +44,7 @@ __all__ = [
     "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "apply_postprocessing_to_folder",
     "checkpoint_payload", "comp_blosc2_params", "determine_postprocessing", "generate_crossval_split",
     "get_allowed_n_proc_DA", "get_pool_and_conv_props",
-    "get_trainer_from_args", "infer_dataset_class", "load_json", "load_pickle",
+    "get_trainer_from_args", "infer_dataset_class", "pseudo_dice_history", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",
     "nnUNetTrainer", "nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results", "nnunet_version",
     "recursive_find_trainer_class_by_name", "require_env_path", "save_json", "unwrap_network",
@@ -82,6 +82,21 @@ def checkpoint_payload(trainer: nnUNetTrainer) -> Dict[str, Any]:
         "trainer_name": trainer.__class__.__name__,
         "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
     }
+
+
+#: nnU-Net's logger key of the per-class (or per-region) pseudo-Dice of each epoch's validation step
+PSEUDO_DICE_KEY = "dice_per_class_or_region"
+
+
+def pseudo_dice_history(trainer: nnUNetTrainer) -> List[List[float]]:
+    """nnU-Net's per-foreground-class pseudo-Dice of every finished epoch, oldest first ([] before the first).
+
+    nnUNetTrainer.on_validation_epoch_end (2.8.1) logs ``dice_per_class_or_region`` from TP/FP/FN summed
+    over the validation patches of every DDP rank, so every rank reads the same values; a class that is
+    neither present nor predicted gives NaN. The logger (and this history) is restored by ``--c``.
+    """
+    history = trainer.logger.get_value(PSEUDO_DICE_KEY, step=None) or []
+    return [[float(d) for d in entry] for entry in history]
 
 
 def require_env_path(var) -> str:
