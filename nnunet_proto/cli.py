@@ -133,7 +133,7 @@ def cmd_benchmark(args) -> int:
         amounts=tuple(args.labeled), seeds=tuple(args.seeds), test_images=test_images, test_labels=test_labels,
         epochs=args.epochs, iterations_per_epoch=args.iterations, val_iterations_per_epoch=args.val_iterations,
         group_regex=args.group_regex, base_fold=args.base_fold, device=args.device, checkpoint=args.checkpoint,
-        run_validation=not args.no_validation,
+        run_validation=not args.no_validation, precision=args.precision,
         test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None, name=args.name,
         notes=args.notes or "", extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
     results = Path(args.results_dir) if args.results_dir else \
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", choices=["final", "best"], default="final",
                    help="final, or nnU-Net's best on the fold's validation cases (never the test set)")
     s.add_argument("--no-validation", action="store_true", help="skip nnU-Net's final validation of each run")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="CPU training precision of every run, plain included: bf16 = bfloat16 autocast (opt-in; "
+                        "NNUNET_PROTO_CPU_PRECISION, nnUNetTrainer_cpubf16)")
     s.add_argument("--disable-tta", action="store_true",
                    help="predict the test cases without mirroring (nnUNetv2_predict --disable_tta): 8x fewer "
                         "network passes in 3D; the same for every trainer")

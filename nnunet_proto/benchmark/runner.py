@@ -18,6 +18,7 @@ from time import perf_counter, strftime
 from typing import List
 
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs
+from nnunet_proto.training.precision import PRECISION_ENV
 
 
 def _repo_trainers() -> str:
@@ -78,6 +79,7 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
     env["nnUNet_extTrainer"] = os.pathsep.join(p for p in (_repo_trainers(), os.environ.get("nnUNet_extTrainer"))
                                                if p)
     env.setdefault("nnUNet_compile", "f")
+    env[PRECISION_ENV] = spec.precision  # every semi-supervised run; run_one maps plain to its bf16 variant
     spec_file = results_root / SPEC_FILE
     todo = [r for r in runs if not (r.dir(runs_root) / "metrics.json").is_file()]
     print(f"[benchmark] {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to do "
