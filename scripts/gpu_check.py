@@ -76,6 +76,12 @@ def prepare_dataset(args, work: Path) -> dict:
     plans = "nnUNetPlans_tiny" if args.tiny else "nnUNetPlans"
     done = pre / "gpu_check_fold.txt"
     if done.is_file():
+        if not (pre / f"nnUNetPlans_{args.configuration}").is_dir():  # another configuration of the same dataset
+            from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+
+            preprocess([DATASET_ID], configurations=(args.configuration,), num_processes=[args.processes],
+                       verbose=False)
+            run("preprocess-unlabeled", "-d", DATASET_ID, "-c", args.configuration, "-p", plans)
         return {"plans": plans, "fold": int(done.read_text()), "name": name}
     shape = args.shape or ([4, 40, 40] if args.tiny else [96, 160, 160])
     log(f"synthetic dataset {name}: {args.labeled} labeled, {args.unlabeled} unlabeled, 2 test, shape {shape}")
@@ -87,14 +93,14 @@ def prepare_dataset(args, work: Path) -> dict:
         preprocess,
     )
 
-    log("nnU-Net fingerprint, default planner, preprocessing (3d_fullres)")
+    log(f"nnU-Net fingerprint, default planner, preprocessing ({args.configuration})")
     extract_fingerprints([DATASET_ID], num_processes=args.processes, check_dataset_integrity=True, verbose=False,
                          show_progress_bar=False)
     plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=[args.processes], verbose=False)
+    preprocess([DATASET_ID], configurations=(args.configuration,), num_processes=[args.processes], verbose=False)
     if args.tiny:
         run("plans-patch", "-d", DATASET_ID, REPO / "plans" / "synthetic_tiny.json")
-    run("preprocess-unlabeled", "-d", DATASET_ID, "-c", "3d_fullres", "-p", plans)
+    run("preprocess-unlabeled", "-d", DATASET_ID, "-c", args.configuration, "-p", plans)
     import contextlib
     import io
 
@@ -120,7 +126,7 @@ def worker(args) -> dict:
         nnUNetTrainer._do_i_compile = lambda self: True
     os.environ["nnUNet_compile"] = "t" if args.compile == "on" else "f"
     torch.manual_seed(0)
-    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", args.fold, args.trainer, args.plans,
+    trainer = get_trainer_from_args(str(DATASET_ID), args.configuration, args.fold, args.trainer, args.plans,
                                     device=device)
     trainer.num_epochs, trainer.num_iterations_per_epoch = 1, args.steps
     trainer.num_val_iterations_per_epoch = 1
@@ -142,12 +148,15 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(perf_counter() - t0)
+    profiled_peak = _profiled_step_peak_mb(trainer, outputs) if device.type == "cpu" else None
     warm = min(args.warmup, len(times) - 1)
     steady = statistics.median(times[warm:])
     if device.type == "cuda":
         peak, kind = (torch.cuda.max_memory_allocated() - base_alloc) / 2 ** 20, "CUDA max allocated growth"
     else:
         peak, kind = _rss_high_water_mb() - rss0, "peak RSS growth"
+    if profiled_peak is not None:  # the allocator-level peak of one more step (RSS reuses freed heap memory)
+        peak, kind = profiled_peak, "peak tensor memory of one step (torch.profiler memory timeline)"
     values = {k: float(np.mean([float(o[k]) for o in outputs])) for k in outputs[0]}
     finite = all(math.isfinite(float(o[k])) for o in outputs for k in o)
     trainer.on_train_epoch_end(outputs)
@@ -164,6 +173,30 @@ def worker(args) -> dict:
     ckpt = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     result["orig_mod_keys"] = sum("_orig_mod" in k for k in ckpt["network_weights"])
     return result
+
+
+def _profiled_step_peak_mb(trainer, outputs: list) -> float:
+    """Peak of live tensor memory (parameters excluded: only what the step allocates) during one more training
+    step, from torch.profiler's memory timeline: the CPU counterpart of CUDA's max_memory_allocated growth."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        outputs.append(trainer.train_step(next(trainer.dataloader_train)))
+    with tempfile.TemporaryDirectory() as tmp:
+        import warnings
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        except Exception as exc:  # torch's memory-profile analysis does not handle every op graph
+            print(f"torch.profiler memory timeline failed ({type(exc).__name__}: {exc}); falling back to RSS",
+                  flush=True)
+            return None
+        _, sizes = json.loads(Path(f"{tmp}/timeline.json").read_text())
+    return max(sum(s) for s in sizes) / 2 ** 20 if sizes else float("nan")
 
 
 def _rss_mb() -> float:
@@ -195,7 +228,7 @@ def predict(args, env: dict, trainer: str, ds: dict, checkpoint: str, out: Path)
     raw = Path(env["nnUNet_raw"]) / ds["name"]
     shutil.rmtree(out, ignore_errors=True)
     argv = ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c",
-            "3d_fullres", "-f", str(ds["fold"]), "-tr", trainer, "-p", ds["plans"], "-chk", checkpoint,
+            args.configuration, "-f", str(ds["fold"]), "-tr", trainer, "-p", ds["plans"], "-chk", checkpoint,
             "-device", args.device, "--disable_tta", "-npp", "1", "-nps", "1"]
     code = ("import sys; from nnunetv2.inference.predict_from_raw_data import predict_entry_point; "
             f"sys.argv = {argv!r}; predict_entry_point()")
@@ -210,7 +243,7 @@ def predict(args, env: dict, trainer: str, ds: dict, checkpoint: str, out: Path)
 def run_one(args, env: dict, trainer: str, ds: dict, compile_on: str, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--trainer", trainer, "--compile",
            compile_on, "--fold", str(ds["fold"]), "--plans", ds["plans"], "--steps", str(args.steps),
-           "--warmup", str(args.warmup), str(work.parent)]
+           "--warmup", str(args.warmup), "--configuration", args.configuration, str(work.parent)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -218,6 +251,9 @@ def run_one(args, env: dict, trainer: str, ds: dict, compile_on: str, work: Path
         log(f"{trainer} compile {compile_on} FAILED:\n{tail}")
         return {"trainer": trainer, "compile": compile_on, "error": tail.splitlines()[-1] if tail else "failed"}
     result = json.loads(lines[-1][7:])
+    if args.no_predict:
+        result["predict_checkpoint"], result["predict_teacher"] = "not run", "not run"
+        return result
     preds = work / "predictions" / f"{trainer}_compile_{compile_on}"
     result["predict_checkpoint"] = predict(args, env, trainer, ds, "checkpoint_final.pth", preds / "student")
     result["predict_teacher"] = (predict(args, env, trainer, ds, "checkpoint_final_teacher.pth", preds / "teacher")
@@ -264,14 +300,14 @@ def ddp_check(args, env: dict, ds: dict, work: Path) -> dict:
     (folder / "nnUNetTrainerCPCL_ddpcheck.py").write_text(DDP_TRAINER_FILE)
     env = dict(env, nnUNet_extTrainer=os.pathsep.join([str(folder), str(REPO / "trainers")]),
                PYTHONPATH=os.pathsep.join([str(REPO / "trainers"), env.get("PYTHONPATH", "")]))
-    argv = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", str(ds["fold"]), "-tr", "nnUNetTrainerCPCL_ddpcheck",
+    argv = ["nnUNetv2_train", str(DATASET_ID), args.configuration, str(ds["fold"]), "-tr", "nnUNetTrainerCPCL_ddpcheck",
             "-p", ds["plans"], "-num_gpus", "2", "--npz"]
     code = ("import sys; from nnunetv2.run.run_training import run_training_entry; "
             f"sys.argv = {argv!r}; run_training_entry()")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=args.run_timeout)
     results = Path(env["nnUNet_results"]) / ds["name"]
-    files = sorted(results.glob(f"nnUNetTrainerCPCL_ddpcheck__{ds['plans']}__3d_fullres/fold_{ds['fold']}/"
+    files = sorted(results.glob(f"nnUNetTrainerCPCL_ddpcheck__{ds['plans']}__{args.configuration}/fold_{ds['fold']}/"
                                 "prototypes_rank*.json"))
     seen = [json.loads(f.read_text()) for f in files]
     same = len(seen) == 2 and seen[0] == seen[1] and len(seen[0]) > 0
@@ -286,7 +322,8 @@ def ddp_check(args, env: dict, ds: dict, work: Path) -> dict:
 def table(results: list, meta: dict) -> str:
     lines = [f"# gpu_check: {meta['device_name']}", "",
              f"torch {meta['torch']}, nnU-Net {meta['nnunet']}, {meta['gpus']} GPU(s). Plan `{meta['plans']}` "
-             f"3d_fullres, patch {meta.get('patch')}, batch {meta.get('batch')} labeled + unlabeled as configured; "
+             f"{meta['configuration']}, patch {meta.get('patch')}, labeled batch {meta.get('batch')} (unlabeled: the "
+             f"trainers' default, the same); "
              f"{meta['steps']} steps per run ({meta['warmup']} warm-up steps excluded from s/step; compile time = "
              f"warm-up time minus warm-up steps at steady speed). AMP: {meta['amp']}. Memory: {meta['memory_kind']}. "
              f"Total wall time {meta['wall_s']:.0f} s.", "",
@@ -301,11 +338,13 @@ def table(results: list, meta: dict) -> str:
         p = plain.get(r["compile"])
         rel_t = f"{r['s_per_step'] / p['s_per_step']:.2f}x" if p else "-"
         rel_m = f"{r['peak_memory_mb'] / p['peak_memory_mb']:.2f}x" if p and p["peak_memory_mb"] > 0 else "-"
-        teacher = {None: "-", True: "yes", False: "NO"}[r.get("predict_teacher")]
+        teacher = {None: "-", True: "yes", False: "NO", "not run": "not run"}[r.get("predict_teacher")]
+        student = {True: "yes", False: "NO", "not run": "not run", None: "NO"}[r.get("predict_checkpoint")]
         compile_note = "on" if r["compiled"] else ("off" if r["compile"] == "off" else "on (not compiled)")
+        mem_note = "" if r.get("memory_kind") == meta["memory_kind"] else f" ({r.get('memory_kind')})"
         lines.append(f"| {r['trainer']} | {compile_note} | {r['s_per_step']:.3f} | {rel_t} | {r['compile_s']:.1f} | "
-                     f"{r['peak_memory_mb']:.0f} | {rel_m} | {'yes' if r['finite_terms'] else 'NO'} | "
-                     f"{'yes' if r.get('predict_checkpoint') else 'NO'} | {teacher} |")
+                     f"{r['peak_memory_mb']:.0f}{mem_note} | {rel_m} | {'yes' if r['finite_terms'] else 'NO'} | "
+                     f"{student} | {teacher} |")
     if meta.get("ddp"):
         d = meta["ddp"]
         lines += ["", f"DDP (-num_gpus 2, CPCL): exit code {d['returncode']}, {d['ranks']} ranks reported "
@@ -319,6 +358,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="folder for gpu_check.json / gpu_check.md (and the work files)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--configuration", default="3d_fullres", help="3d_fullres (default) or 2d (CPU memory check)")
+    p.add_argument("--no-predict", action="store_true", help="skip nnUNetv2_predict (memory/timing only)")
     p.add_argument("--tiny", action="store_true", help="tiny plan and images (CI on CPU)")
     p.add_argument("--steps", type=int, help="training steps per run (default 20 on CUDA, 3 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="steps excluded from s/step (default 5 / 1)")
@@ -394,6 +435,7 @@ def main(argv=None) -> int:
     meta = {"device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU",
             "torch": torch.__version__, "nnunet": _version("nnunetv2"),
             "gpus": torch.cuda.device_count() if args.device == "cuda" else 0, "plans": ds["plans"],
+            "configuration": args.configuration,
             "patch": first.get("patch_size"), "batch": first.get("batch_size"), "steps": args.steps,
             "warmup": args.warmup, "amp": "fp16 autocast + GradScaler (nnU-Net)" if args.device == "cuda" else
             "none (CPU, fp32)", "memory_kind": first.get("memory_kind", "-"), "wall_s": perf_counter() - T0,
