@@ -51,8 +51,8 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
     from nnunet_proto.training.compat import get_trainer_from_args
 
     seed_everything(seed)
+    os.environ[PRECISION_ENV] = spec.precision  # read by the semi-supervised trainers
     if spec.precision == "bf16":
-        os.environ[PRECISION_ENV] = "bf16"  # read by the semi-supervised trainers
         trainer_name = BF16_PLAIN.get(trainer_name, trainer_name)
     trainer = get_trainer_from_args(spec.dataset, spec.configuration, fold, trainer_name, spec.plans,
                                     continue_training=True, device=device)
