@@ -96,7 +96,12 @@ def prepare_dataset(args, work: Path) -> dict:
     log(f"nnU-Net fingerprint, default planner, preprocessing ({args.configuration})")
     extract_fingerprints([DATASET_ID], num_processes=args.processes, check_dataset_integrity=True, verbose=False,
                          show_progress_bar=False)
-    plan_experiments([DATASET_ID])
+    n_proc_da = os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planner calls set_num_threads(n_proc_DA): 0 fails
+    try:
+        plan_experiments([DATASET_ID])
+    finally:
+        if n_proc_da is not None:
+            os.environ["nnUNet_n_proc_DA"] = n_proc_da
     preprocess([DATASET_ID], configurations=(args.configuration,), num_processes=[args.processes], verbose=False)
     if args.tiny:
         run("plans-patch", "-d", DATASET_ID, REPO / "plans" / "synthetic_tiny.json")
