@@ -193,7 +193,7 @@ def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # n
         test_labels=test_labels, epochs=args.epochs, iterations_per_epoch=args.iterations,
         val_iterations_per_epoch=args.val_iterations, group_regex=args.group_regex, base_fold=args.base_fold,
         device=args.device or _default_device(), checkpoint=args.checkpoint, run_validation=not args.no_validation,
-        control=None if args.no_control else CONTROL,
+        control=None if args.no_control else CONTROL, precision=args.precision,
         test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None,
         name=args.name, notes=args.notes or "", extra=extra or {})
 
@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(then nnU-Net's postprocessing cannot be determined: post-processed numbers are missing)")
     s.add_argument("--no-control", action="store_true", help="do not run the A/A control nnUNetTrainerZeroSSL "
                    "(semi-supervised path with zero weights) next to plain nnU-Net")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="CPU training precision of every run, plain included: bf16 = bfloat16 autocast (opt-in; "
+                        "NNUNET_PROTO_CPU_PRECISION, nnUNetTrainer_cpubf16)")
     s.add_argument("--disable-tta", "--disable_tta", dest="disable_tta", action="store_true",
                    help="predict the test cases without mirroring (nnUNetv2_predict --disable_tta): 8x fewer "
                         "network passes in 3D; the same for every trainer")

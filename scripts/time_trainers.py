@@ -18,6 +18,9 @@ Two measurements per configuration:
    peak resident memory during training (the kernel's high-water mark is reset after start-up via
    /proc/self/clear_refs, so imports and set-up do not count) or max allocated CUDA memory.
 
+``--precisions fp32 bf16`` repeats everything under CPU bfloat16 autocast (NNUNET_PROTO_CPU_PRECISION=bf16 for
+the semi-supervised trainers, nnUNetTrainer_cpubf16 for plain nnU-Net) and reports the speed-up per trainer.
+
 Usage (after plan/preprocess, preprocess-unlabeled, make-splits):
     python scripts/time_trainers.py -d 801 -p nnUNetPlans_tiny -f 5 -c 2d 3d_fullres -o timing.md
 """
@@ -65,6 +68,10 @@ def build(name: str, args, configuration: str):
     import torch
 
     from nnunet_proto.training.compat import get_trainer_from_args
+    from nnunet_proto.training.precision import cpu_precision
+
+    if name == "nnUNetTrainer" and cpu_precision() == "bf16":
+        name = "nnUNetTrainer_cpubf16"  # plain nnU-Net cannot read NNUNET_PROTO_CPU_PRECISION
 
     torch.manual_seed(0)
     trainer = get_trainer_from_args(str(args.dataset), configuration, args.fold, name, args.plans,
@@ -162,7 +169,11 @@ class ComputeTimer:
     def result(self, configuration: str) -> dict:
         t = self.trainer
         med = statistics.median(self.steps)
-        r = {"trainer": type(t).__name__, "configuration": configuration, "iterations": len(self.steps),
+        from nnunet_proto.training.precision import cpu_precision
+
+        name = "nnUNetTrainer" if type(t).__name__ == "nnUNetTrainer_cpubf16" else type(t).__name__
+        r = {"trainer": name, "configuration": configuration, "precision": cpu_precision(),
+             "iterations": len(self.steps),
              "s_per_it_median": med, "s_per_it_mean": statistics.mean(self.steps), "batch_size": t.batch_size,
              "unlabeled_batch_size": t.unlabeled_batch_size if self.ssl else 0,
              "patch_size": list(t.configuration_manager.patch_size)}
@@ -230,16 +241,21 @@ def report(results: list, args) -> str:
              f"each trainer alone in a fresh process with its real loaders (nnUNet_n_proc_DA="
              f"{results[0].get('workers') if results else '?'}), {args.iterations} steps. Compare ratios within this "
              f"run, not absolute times across machines.", "",
-             f"| config | trainer | batch (l+u) | s/it | vs plain | extra work vs own passes | vs issue ideal "
-             f"| data wait | {kind} MB |", "|---|---|---|---|---|---|---|---|---|"]
-    plain = {r["configuration"]: r["s_per_it_median"] for r in results if r["trainer"] == "nnUNetTrainer"}
+             f"| config | precision | trainer | batch (l+u) | s/it | vs plain | bf16 speed-up | extra work vs own "
+             f"passes | vs issue ideal | data wait | {kind} MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    plain = {(r["configuration"], r["precision"]): r["s_per_it_median"] for r in results
+             if r["trainer"] == "nnUNetTrainer"}
+    fp32 = {(r["configuration"], r["trainer"]): r["s_per_it_median"] for r in results if r["precision"] == "fp32"}
     for r in results:
-        base = plain.get(r["configuration"])
+        base = plain.get((r["configuration"], r["precision"]))
+        ref = fp32.get((r["configuration"], r["trainer"]))
+        speed = f"{ref / r['s_per_it_median']:.2f}x" if (ref and r["precision"] != "fp32") else "-"
         rel = f"{r['s_per_it_median'] / base:.2f}x" if base else "-"
         extra = (f"{100 * r['overhead_vs_own_passes']:+.1f}% | {r['ratio_vs_issue_ideal']:.2f}x"
                  if "overhead_vs_own_passes" in r else "- | -")
-        lines.append(f"| {r['configuration']} | {r['trainer']} | {r['batch_size']}+{r['unlabeled_batch_size']} | "
-                     f"{r['s_per_it_median']:.3f} | {rel} | {extra} | {100 * r['data_wait_fraction']:.1f}% | "
+        lines.append(f"| {r['configuration']} | {r['precision']} | {r['trainer']} | "
+                     f"{r['batch_size']}+{r['unlabeled_batch_size']} | {r['s_per_it_median']:.3f} | {rel} | {speed} | "
+                     f"{extra} | {100 * r['data_wait_fraction']:.1f}% | "
                      f"{r['peak_memory_mb']:.0f} |")
     lines += ["", "* s/it: median seconds per training step (compute only).",
               "* extra work vs own passes: real step over the same network passes with a trivial loss (student "
@@ -265,6 +281,8 @@ def main() -> int:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                   help="CPU training precisions to time (bf16 = bfloat16 autocast, opt-in)")
     p.add_argument("-o", "--output", help="markdown report (the raw numbers go to a .json beside it)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trainer", help=argparse.SUPPRESS)
@@ -273,10 +291,14 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(loader_worker(args)))
         return 0
-    user_env = dict(os.environ)
+    from nnunet_proto.training.precision import PRECISION_ENV
+
+    base_env = dict(os.environ)  # before time_compute sets nnUNet_n_proc_DA=0 for itself
     results = []
-    for configuration in args.configurations:
-        print(f"compute timing of {args.trainers} on {configuration} ...", file=sys.stderr, flush=True)
+    for configuration, precision in itertools.product(args.configurations, args.precisions):
+        os.environ[PRECISION_ENV] = precision
+        user_env = {**base_env, PRECISION_ENV: precision}
+        print(f"compute timing of {args.trainers} on {configuration} ({precision}) ...", file=sys.stderr, flush=True)
         config_results = time_compute(args, configuration)
         for r in config_results:
             print(f"data wait and memory of {r['trainer']} on {configuration} ...", file=sys.stderr, flush=True)

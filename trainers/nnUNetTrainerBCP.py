@@ -14,6 +14,7 @@ import torch
 from nnunet_proto.methods.bcp import BCP, BCPConfig, BCPStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+from nnunet_proto.training.precision import float32_fields, float32_math
 from nnunet_proto.training.variants import schedule_variants
 
 
@@ -58,7 +59,9 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
             target_l=batch.targets[0], logits_l=outs[0], teacher_logits_u=t_logits, data_l=data_l, data_u=data_u,
             reduce_fn=all_reduce_sum, progress=self.progress, batch=batch, outputs=outs,
             scale_weights=self.deep_supervision_weights(len(outs)))
-        return self.combine(method.supervised_loss(inputs), method.losses(inputs))
+        with float32_math(self.device.type):  # region CE + Dice of fp16/bf16 outputs in float32, like every method
+            sup = method.supervised_loss(float32_fields(inputs))
+        return self.combine(sup, self.method_losses(inputs))
 
 
 globals().update(schedule_variants(nnUNetTrainerBCP))

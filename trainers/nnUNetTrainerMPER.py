@@ -114,7 +114,7 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             num_classes=self.label_manager.num_segmentation_heads, ignore_index=ignore,
             target_l=batch.targets[0], logits_l=outs[0], feats_l=feats, teacher_logits_u=t_logits,
             data_l=data_l, data_u=data_u, reduce_fn=all_reduce_sum, progress=self.progress, batch=batch)
-        terms = method.losses(inputs)
+        terms = self.method_losses(inputs)
         method.update_prototypes(inputs)  # no gradient; a no-op in stage one
         return self.combine(sup, terms)
 

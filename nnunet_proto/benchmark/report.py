@@ -521,7 +521,9 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     chosen = "end of training" if spec.checkpoint == "final" else "nnU-Net's best on the fold's validation cases"
     lines = [f"# Benchmark: {spec.name}", ""] + control_warning(res, control)
     lines += [f"Dataset {spec.dataset}, configuration `{spec.configuration}`, plans `{spec.plans}`, device "
-              f"`{spec.device}`. Budget per run: {spec.epochs} epochs x {spec.iterations_per_epoch} iterations "
+              f"`{spec.device}`, training precision `{spec.precision}`"
+              f"{' (CPU bfloat16 autocast; plain = nnUNetTrainer_cpubf16)' if spec.precision == 'bf16' else ''}. "
+              f"Budget per run: {spec.epochs} epochs x {spec.iterations_per_epoch} iterations "
               f"({spec.epochs * spec.iterations_per_epoch} iterations), identical for every trainer. Evaluated "
               f"checkpoint: `{spec.checkpoint}` ({chosen}), never chosen on the test set. Test set: "
               f"`{spec.test_labels}`, predicted with nnU-Net's sliding window "

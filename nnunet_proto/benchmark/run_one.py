@@ -31,8 +31,12 @@ from time import perf_counter
 import numpy as np
 import torch
 
-from nnunet_proto.benchmark.spec import BenchmarkSpec
+from nnunet_proto.benchmark.spec import PLAIN, BenchmarkSpec
 from nnunet_proto.training.base_trainer import seed_everything
+from nnunet_proto.training.precision import PRECISION_ENV
+
+#: plain nnU-Net cannot read NNUNET_PROTO_CPU_PRECISION: its bf16 twin (trainers/nnUNetTrainerBaselines.py)
+BF16_PLAIN = {PLAIN: "nnUNetTrainer_cpubf16"}
 
 
 def _rss_peak_mb() -> float:
@@ -58,6 +62,9 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
     from nnunet_proto.training.compat import get_trainer_from_args
 
     seed_everything(seed)
+    os.environ[PRECISION_ENV] = spec.precision  # read by the semi-supervised trainers
+    if spec.precision == "bf16":
+        trainer_name = BF16_PLAIN.get(trainer_name, trainer_name)
     trainer = get_trainer_from_args(spec.dataset, spec.configuration, fold, trainer_name, spec.plans,
                                     continue_training=True, device=device)
     trainer.num_epochs = spec.epochs
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
     info.update(trainer=args.trainer, fold=args.fold, seed=args.seed, checkpoint=spec.checkpoint,
                 epochs=len(secs), seconds_per_epoch_median=float(np.median(secs)) if secs else None,
                 seconds_per_iteration_median=float(np.median(secs)) / spec.iterations_per_epoch if secs else None,
-                torch_threads=torch.get_num_threads(), device=str(device))
+                torch_threads=torch.get_num_threads(), device=str(device), precision=spec.precision)
     for key in ("peak_memory_mb", "memory_kind", "train_wall_s_this_process"):
         if key not in info and key in previous:
             info[key] = previous[key]

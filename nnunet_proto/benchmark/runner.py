@@ -29,6 +29,7 @@ from typing import Iterator, List, Sequence
 
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, run_finished
 from nnunet_proto.paths import trainers_path
+from nnunet_proto.training.precision import PRECISION_ENV
 
 
 def _repo_trainers() -> str:
@@ -180,6 +181,7 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
     env["nnUNet_results"] = str(results_root / "nnUNet_results")
     env["nnUNet_extTrainer"] = _ext_trainer_paths()
     env.setdefault("nnUNet_compile", "f")
+    env[PRECISION_ENV] = spec.precision  # every semi-supervised run; run_one maps plain to its bf16 variant
     spec_file = results_root / SPEC_FILE
     todo = [r for r in runs if not run_finished(r.dir(runs_root))]
     for run in runs:  # finished earlier (e.g. a trainer forgotten and added again): part of the report again

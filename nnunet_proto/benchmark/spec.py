@@ -44,6 +44,7 @@ class BenchmarkSpec:
     run_validation: bool = True
     test_time_mirroring: bool = True  # nnU-Net's default; off = nnUNetv2_predict --disable_tta (cheaper on CPU)
     control: Optional[str] = CONTROL  # A/A control trainer run next to plain; None = none (--no-control)
+    precision: str = "fp32"  # CPU training precision of every run: fp32, or bf16 autocast (specs without it: fp32)
     labels: Optional[Tuple[int, ...]] = None
     name: str = "benchmark"
     notes: str = ""
@@ -60,6 +61,11 @@ class BenchmarkSpec:
             raise ValueError("epochs, iterations_per_epoch and val_iterations_per_epoch must be >= 1")
         if not self.amounts or not self.seeds:
             raise ValueError("give at least one labeled amount and one seed")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16' (CPU bfloat16 autocast), got {self.precision!r}")
+        if self.precision == "bf16" and not self.device.startswith("cpu"):
+            raise ValueError(f"precision 'bf16' is CPU autocast; on {self.device!r} nnU-Net trains with its own fp16 "
+                             f"AMP, so leave precision at 'fp32'")
         bad = [t for t in self.trainers if "__" in t]
         if bad:
             raise ValueError(f"trainer names must not contain '__': {bad}")
@@ -74,7 +80,7 @@ class BenchmarkSpec:
         """Fields that must not change when a benchmark is resumed."""
         return {k: getattr(self, k) for k in ("dataset", "configuration", "plans", "epochs", "iterations_per_epoch",
                                                   "val_iterations_per_epoch", "group_regex", "base_fold", "checkpoint",
-                                                  "test_time_mirroring")}
+                                                  "test_time_mirroring", "precision")}
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

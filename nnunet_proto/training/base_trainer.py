@@ -26,7 +26,6 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import autocast
 from torch import distributed as dist
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
@@ -42,6 +41,13 @@ from nnunet_proto.training.compat import (
 )
 from nnunet_proto.training.ema import EMATeacher
 from nnunet_proto.training.feature_tap import FeatureTap, layer_channels
+from nnunet_proto.training.precision import (
+    cpu_precision,
+    float32_fields,
+    float32_math,
+    out_of_memory_advice,
+    step_autocast,
+)
 from nnunet_proto.training.progress import (
     COLLAPSE_EPOCHS,
     COLLAPSE_RATIO,
@@ -139,6 +145,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.unlabeled_info: Dict[str, Any] = {}
         self._iter_in_epoch = 0
         self._epoch_wait = {"labeled": 0.0, "unlabeled": 0.0}
+        self.precision = cpu_precision()  # NNUNET_PROTO_CPU_PRECISION (bf16 autocast on CPU, opt-in)
+        self._start_epoch = 0
         self._step_collapse: Dict[str, torch.Tensor] = {}
         num_classes = self.label_manager.num_segmentation_heads
         self.diagnostic_keys = tuple(self.method.diagnostic_keys(num_classes))
@@ -311,12 +319,28 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in tc.items()))
         self.write_resolved_config()
+        self._start_epoch = self.current_epoch
+        if self.device.type == "cpu" and self.precision == "bf16":
+            self.print_to_log_file("CPU bfloat16 autocast is on (forward passes and losses in bf16; method maths, "
+                                   "weights and optimiser in fp32)")
 
     def write_resolved_config(self) -> None:
         """(Re)write ``nnunet_proto_config.json`` on rank 0, e.g. again after a stage switch changed it."""
         if self.local_rank == 0:
             with open(os.path.join(self.output_folder, "nnunet_proto_config.json"), "w") as f:
-                json.dump({**self.resolved_config(), "unlabeled": self.unlabeled_info}, f, indent=2, default=str)
+                json.dump({**self.resolved_config(), "unlabeled": self.unlabeled_info,
+                           "cpu_precision": self.precision}, f, indent=2, default=str)
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.current_epoch != self._start_epoch or self._iter_in_epoch != 0:
+                raise
+            advice = out_of_memory_advice(type(self).__name__, self.batch_size, self.unlabeled_batch_size,
+                                          self.configuration_name)
+            self.print_to_log_file(advice)
+            raise torch.cuda.OutOfMemoryError(f"{advice}\n(original error: {exc})") from exc
 
     def on_train_end(self):
         if isinstance(self.dataloader_train, TimedLoader):
@@ -343,7 +367,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else _null_context():
+        with step_autocast(self.device, self.precision):
             total, logs = self.compute_loss(data_l, target, data_u)
 
         if self.grad_scaler is not None:
@@ -454,8 +478,13 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             modules=self.method_modules,
             teacher_modules=self.teacher_modules.module if self.teacher_modules is not None else None,
             data_l=data_l, data_u=data_u, reduce_fn=all_reduce_sum, progress=self.progress)
-        terms = method.losses(inputs)
+        terms = self.method_losses(inputs)
         return self.combine(sup, terms)
+
+    def method_losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
+        """The method's loss terms, computed in float32 with autocast off (fp16/bf16 network outputs are cast)."""
+        with float32_math(self.device.type):
+            return self.method.losses(float32_fields(inputs))
 
     def combine(self, sup: torch.Tensor, terms: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict]:
         """total = sup + Σ_k w_k(t)·term_k; every term always enters the graph (weight may be ~0)."""
@@ -591,11 +620,3 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.teacher.load_state_dict(extra["teacher"])
             if self.teacher_modules is not None and extra.get("teacher_modules") is not None:
                 self.teacher_modules.load_state_dict(extra["teacher_modules"])
-
-
-class _null_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

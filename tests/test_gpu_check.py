@@ -1,0 +1,37 @@
+"""scripts/gpu_check.sh on CPU (--device cpu --tiny): dataset, default planner + tiny patch, runs, predict, table."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+def test_gpu_check_skips_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.strip().count("\n") == 0 and "skipped" in proc.stdout
+
+
+@pytest.mark.slow  # about 5 minutes on 2 busy CPU cores (dataset, plan, 2 trainers, 3 nnUNetv2_predict calls)
+def test_gpu_check_cpu_tiny_writes_the_table(tmp_path):
+    out = tmp_path / "gpu_check"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", nnUNet_n_proc_DA="0")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), "--device", "cpu", "--tiny",
+                           "--trainers", "nnUNetTrainer", "nnUNetTrainerCPCL", "--steps", "2", "--budget-min", "30",
+                           "--processes", "1"], env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    runs = {r["trainer"]: r for r in report["runs"]}
+    assert set(runs) == {"nnUNetTrainer", "nnUNetTrainerCPCL"}
+    for r in runs.values():
+        assert r["finite_terms"] and r["predict_checkpoint"] and r["s_per_step"] > 0 and r["orig_mod_keys"] == 0
+    assert runs["nnUNetTrainerCPCL"]["predict_teacher"] is True
+    text = (out / "gpu_check.md").read_text()
+    assert "| nnUNetTrainerCPCL | off |" in text and "vs plain" in text
