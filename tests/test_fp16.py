@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from conftest import semi_supervised_trainer_names
 from torch import nn
 
+from nnunet_proto.methods.bcp import BCP
+
 TRAINERS = semi_supervised_trainer_names()
 FEATURES = (32, 64, 128, 256, 320, 320)  # nnU-Net's default 3D PlainConvUNet
 TERM_TOL = {"rtol": 2e-2, "atol": 2e-3}
@@ -167,6 +169,8 @@ def _terms_and_grads(trainer, batch, dtype):
 def _scaled_grad(value, params, fp16: bool) -> torch.Tensor:
     """The gradient as nnU-Net's GradScaler obtains it: under fp16, backward of loss × 2^16, halving the scale
     while the result overflows (GradScaler skips such a step and halves), then unscaled; fp32: plain backward."""
+    if not value.requires_grad:  # a term that is a constant in this stage (BCP's pseudo term in stage one)
+        return torch.zeros(sum(p.numel() for p in params))
     scale = LOSS_SCALE if fp16 else 1.0
     while True:
         g = torch.autograd.grad(value * scale, params, retain_graph=True, allow_unused=True)
@@ -180,7 +184,9 @@ def _check(name, ds, patch, batch_size, scale):
     trainer = _trainer(name, ds, patch, batch_size, scale)
     stages = [1, 2] if hasattr(trainer.method, "stage") else [None]  # MPER: before and after its stage switch
     for stage in stages:
-        if stage == 2:
+        if stage == 2 and isinstance(trainer.method, BCP):
+            trainer.enter_last_stage()  # its real switch: stage two, teacher := student
+        elif stage == 2:  # MPER's real switch also runs k-means over the training loader: set the stage directly
             trainer.method.stage = 2
             trainer.reset_teacher()  # as at the real switch: teacher := student
         batch = _batch(trainer, patch, batch_size)
