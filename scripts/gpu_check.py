@@ -44,22 +44,9 @@ T0 = perf_counter()
 
 def semi_supervised_trainers() -> list:
     """Every top-level semi-supervised trainer class in trainers/ (schedule and precision variants excluded)."""
-    import importlib.util
+    from nnunet_proto.training.discovery import semi_supervised_trainer_names
 
-    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-    from nnunet_proto.training.variants import SCHEDULES
-
-    names = []
-    for path in sorted((REPO / "trainers").glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"_gpu_check_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        for name, obj in vars(module).items():
-            if (isinstance(obj, type) and issubclass(obj, nnUNetTrainerSemiSupervised)
-                    and obj is not nnUNetTrainerSemiSupervised and obj.__name__ == name
-                    and obj.__module__ == module.__name__ and name.rsplit("_", 1)[-1] not in SCHEDULES):
-                names.append(name)
-    return names
+    return semi_supervised_trainer_names(REPO / "trainers", module_prefix="_gpu_check_")
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -139,11 +126,13 @@ def worker(args) -> dict:
     compiled = type(trainer.network).__name__ == "OptimizedModule"
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
-    rss0 = _rss_mb()
+    from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb, rss_mb
+
+    rss0 = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    _reset_rss_high_water()
+    reset_rss_high_water()
     times, outputs = [], []
     for _ in range(args.steps):
         if device.type == "cuda":
@@ -159,7 +148,7 @@ def worker(args) -> dict:
     if device.type == "cuda":
         peak, kind = (torch.cuda.max_memory_allocated() - base_alloc) / 2 ** 20, "CUDA max allocated growth"
     else:
-        peak, kind = _rss_high_water_mb() - rss0, "peak RSS growth"
+        peak, kind = rss_high_water_mb() - rss0, "peak RSS growth"
     if profiled_peak is not None:  # the allocator-level peak of one more step (RSS reuses freed heap memory)
         peak, kind = profiled_peak, "peak tensor memory of one step (torch.profiler memory timeline)"
     values = {k: float(np.mean([float(o[k]) for o in outputs])) for k in outputs[0]}
@@ -202,30 +191,6 @@ def _profiled_step_peak_mb(trainer, outputs: list) -> float:
             return None
         _, sizes = json.loads(Path(f"{tmp}/timeline.json").read_text())
     return max(sum(s) for s in sizes) / 2 ** 20 if sizes else float("nan")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_high_water_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_rss_high_water() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def predict(args, env: dict, trainer: str, ds: dict, checkpoint: str, out: Path) -> bool:

@@ -46,23 +46,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_high_water_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_rss_high_water() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def build(name: str, args, configuration: str):
     """A trainer built and started exactly as nnUNetv2_train does (lookup via nnUNet_extTrainer)."""
     import torch
@@ -213,7 +196,9 @@ def loader_worker(args) -> dict:
         trainer.train_step(next(trainer.dataloader_train))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    reset = _reset_rss_high_water()
+    from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb
+
+    reset = reset_rss_high_water()
     waited0 = sum(dl.waited for dl in loaders)
     _sync(device)
     t0 = perf_counter()
@@ -225,7 +210,7 @@ def loader_worker(args) -> dict:
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA max allocated"
     else:
-        peak, kind = _rss_high_water_mb(), "peak RSS during training" if reset else "peak RSS of the process"
+        peak, kind = rss_high_water_mb(), "peak RSS during training" if reset else "peak RSS of the process"
     shutdown(trainer)
     return {"data_wait_fraction": wait / total, "loader_s_per_it": total / args.iterations,
             "peak_memory_mb": peak, "memory_kind": kind,

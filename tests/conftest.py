@@ -5,7 +5,6 @@ nnU-Net's own API (about 20 s on 2 CPU cores); tests that train get their own re
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -27,26 +26,9 @@ NNUNET_ENV = {"nnUNet_compile": "f", "nnUNet_def_n_proc": "1", "nnUNet_extTraine
 
 def semi_supervised_trainer_names() -> List[str]:
     """Every top-level semi-supervised trainer defined in trainers/ (schedule variants excluded)."""
-    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+    from nnunet_proto.training.discovery import semi_supervised_trainer_names as scan
 
-    names = []
-    for path in sorted(TRAINERS_DIR.glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"_scan_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        for name, obj in vars(module).items():
-            if (isinstance(obj, type) and issubclass(obj, nnUNetTrainerSemiSupervised)
-                    and obj is not nnUNetTrainerSemiSupervised and obj.__name__ == name
-                    and obj.__module__ == module.__name__
-                    and name.rsplit("_", 1)[-1] not in _schedule_suffixes()):
-                names.append(name)
-    return names
-
-
-def _schedule_suffixes():
-    from nnunet_proto.training.variants import SCHEDULES
-
-    return set(SCHEDULES)
+    return scan(TRAINERS_DIR)
 
 
 @dataclass

@@ -32,30 +32,12 @@ import numpy as np
 import torch
 
 from nnunet_proto.benchmark.spec import PLAIN, BenchmarkSpec
+from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb
 from nnunet_proto.training.base_trainer import seed_everything
 from nnunet_proto.training.precision import PRECISION_ENV
 
 #: plain nnU-Net cannot read NNUNET_PROTO_CPU_PRECISION: its bf16 twin (trainers/nnUNetTrainerBaselines.py)
 BF16_PLAIN = {PLAIN: "nnUNetTrainer_cpubf16"}
-
-
-def _rss_peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _reset_rss_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device) -> dict:
@@ -83,12 +65,12 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
             print(f"resuming {trainer_name} fold {fold} at epoch {trainer.current_epoch}", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _reset_rss_peak()
+        reset_rss_high_water()
         t0 = perf_counter()
         trainer.run_training()
         info["train_wall_s_this_process"] = perf_counter() - t0
         info["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
-                                  else _rss_peak_mb())
+                                  else rss_high_water_mb())
         info["memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "peak RSS of the training process"
     if spec.run_validation and not (out / "validation" / "summary.json").is_file():
         if not trainer.was_initialized:
