@@ -47,6 +47,12 @@ def _start(name, ds, compile_on: bool, monkeypatch):
     trainer.on_train_start()
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
+    if hasattr(trainer, "method") and hasattr(trainer.method.config, "pseudo_label_threshold"):
+        # the confidence gate is a hard threshold: float rounding of compiled kernels moves a few voxels
+        # across it, which changes which voxels build the prototypes. The terms still agree, but the weights
+        # of a few steps then differ beyond any tolerance tied to rounding (seen once in CI on an InstanceNorm
+        # bias). With the gate open, only argmax ties could flip, and the comparison tests compilation alone.
+        trainer.method.config = trainer.method.config.replace(pseudo_label_threshold=0.0)
     return trainer
 
 
