@@ -122,6 +122,20 @@ def build_trainer(trainer_name: str, ds: SyntheticDataset, configuration: str = 
                device=torch.device("cpu"))
 
 
+def started_trainer(trainer_name: str, ds: SyntheticDataset, configuration: str = "2d", epochs: int = 2,
+                    iterations: int = 3):
+    """``build_trainer`` and then nnU-Net's start-of-training hooks, ready for ``train_step`` (loaders running).
+
+    The caller ends it with ``on_train_end()``.
+    """
+    trainer = build_trainer(trainer_name, ds, configuration)
+    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
+    trainer.on_train_start()
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    return trainer
+
+
 def labeled_batch(trainer):
     """One labeled training batch from the trainer's own (augmenting) data loader."""
     return next(trainer.dataloader_train)

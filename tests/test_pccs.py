@@ -517,15 +517,11 @@ def test_losses_without_modules_fail_clearly():
 
 # ----------------------------------------------------------------------------- through the real trainer
 def test_trainer_projection_branch_is_optimised_ema_copied_and_checkpointed(synthetic_dataset, fresh_results):
-    from conftest import build_trainer
+    from conftest import build_trainer, started_trainer
 
     from nnunet_proto.ops.schedules import ema_decay
 
-    trainer = build_trainer("nnUNetTrainerPCCS", synthetic_dataset, "2d")
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 2, 3
-    trainer.on_train_start()
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
+    trainer = started_trainer("nnUNetTrainerPCCS", synthetic_dataset)
     try:
         head = list(trainer.method_modules.parameters())
         optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -11,7 +11,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
-from conftest import build_trainer, semi_supervised_trainer_names
+from conftest import build_trainer, semi_supervised_trainer_names, started_trainer
 
 from nnunet_proto.ops.schedules import ema_decay
 from nnunet_proto.training.compat import nnUNetTrainer, unwrap_network
@@ -53,12 +53,7 @@ def _open_gates(trainer):
 
 
 def _started(name, ds, configuration):
-    trainer = build_trainer(name, ds, configuration)
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 2, 3
-    trainer.on_train_start()
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
-    return trainer
+    return started_trainer(name, ds, configuration)
 
 
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])

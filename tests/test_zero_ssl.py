@@ -1,16 +1,12 @@
 """The A/A control nnUNetTrainerZeroSSL: the whole semi-supervised path runs, but the update is plain nnU-Net's."""
 import torch
-from conftest import build_trainer
+from conftest import started_trainer
 
 from nnunet_proto.training.compat import unwrap_network
 
 
 def test_zero_ssl_runs_the_teacher_path_with_zero_weight(synthetic_dataset, fresh_results):
-    trainer = build_trainer("nnUNetTrainerZeroSSL", synthetic_dataset, "2d")
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 2, 3
-    trainer.on_train_start()
-    trainer.on_epoch_start()
-    trainer.on_train_epoch_start()
+    trainer = started_trainer("nnUNetTrainerZeroSSL", synthetic_dataset)
     try:
         assert trainer.teacher is not None and trainer.dataloader_unlabeled is not None
         for p in (0.0, 0.5, 1.0):
