@@ -5,6 +5,7 @@ Stage two: teacher reset to the student, then bidirectional copy-paste of labele
 with the teacher's confidence-gated pseudo labels, L = L_sup(ground-truth regions) + 0.5 · L_pseudo, EMA
 0.99 rescaled to the run. ``BCPConfig.paper()`` is the paper's ungated form. Inference: nnU-Net's own head.
 Tensor logic: nnunet_proto/methods/bcp.py and nnunet_proto/ops/copy_paste.py; see docs/methods/bcp.md.
+nnUNetTrainerBCP_paper: that form as a trainer.
 Short variants: nnUNetTrainerBCP_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from typing import Dict, Tuple
@@ -15,7 +16,7 @@ from nnunet_proto.methods.bcp import BCP, BCPConfig, BCPStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
 from nnunet_proto.training.precision import float32_fields, float32_math
-from nnunet_proto.training.variants import schedule_variants
+from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
 class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
@@ -65,3 +66,4 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
 
 
 globals().update(schedule_variants(nnUNetTrainerBCP))
+globals().update(literal_variant(nnUNetTrainerBCP, BCPConfig.paper()))

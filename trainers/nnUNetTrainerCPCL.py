@@ -1,12 +1,14 @@
 """nnUNetTrainerCPCL: cyclic prototype consistency learning (Xu et al., JBHI 2022).
 
-Paper defaults: α = 20, β = 10, w_max = 0.1 with a Gaussian ramp over the whole run, EMA teacher 0.99,
-features from the last decoder stage. See nnunet_proto/methods/cpcl.py and docs/methods/cpcl.md.
+α = 20, β = 10, w_max = 0.1 with a Gaussian ramp over the whole run, EMA teacher 0.99 rescaled to the run
+length, features from the last decoder stage; for nnU-Net the student also sees the unlabeled patches and the
+U2L pseudo labels are confidence-gated (0.9). See nnunet_proto/methods/cpcl.py and docs/methods/cpcl.md.
+nnUNetTrainerCPCL_paper: the paper's literal form (``CPCLConfig.paper()``).
 Short variants: nnUNetTrainerCPCL_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from nnunet_proto.methods.cpcl import CPCL, CPCLConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import schedule_variants
+from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
 class nnUNetTrainerCPCL(nnUNetTrainerSemiSupervised):
@@ -15,3 +17,4 @@ class nnUNetTrainerCPCL(nnUNetTrainerSemiSupervised):
 
 
 globals().update(schedule_variants(nnUNetTrainerCPCL))
+globals().update(literal_variant(nnUNetTrainerCPCL, CPCLConfig.paper()))

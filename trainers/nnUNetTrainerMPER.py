@@ -6,7 +6,8 @@ nnU-Net's validation cases in two consecutive epochs, between 10 % and 50 % of t
 labeled embeddings, teacher reset to the student (skipped if the cap forced an unready switch), then
 bidirectional copy-paste with gated teacher pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont),
 K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative), α = 0.9, γ 0.1 (2D) / 0.02 (3D), w_max 0.5.
-Inference: nnU-Net's own head. All tensor logic is in nnunet_proto/methods/mper.py; see
+nnUNetTrainerMPER_paper: the literal form (``MPERConfig.paper()``). Inference: nnU-Net's own head.
+All tensor logic is in nnunet_proto/methods/mper.py; see
 docs/methods/mper.md. Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs,
 _100epochs, _250epochs.
 """
@@ -20,7 +21,7 @@ from nnunet_proto.methods.mper import MPER, MPERConfig, MPERStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
 from nnunet_proto.training.compat import pseudo_dice_history
-from nnunet_proto.training.variants import schedule_variants
+from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
 class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
@@ -124,3 +125,4 @@ def _fmt(dice: Optional[Sequence[float]]) -> str:
 
 
 globals().update(schedule_variants(nnUNetTrainerMPER))
+globals().update(literal_variant(nnUNetTrainerMPER, MPERConfig.paper()))

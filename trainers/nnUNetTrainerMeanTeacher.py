@@ -1,12 +1,14 @@
 """nnUNetTrainerMeanTeacher: the classic Mean Teacher baseline (SSL4MIS settings).
 
-Softmax MSE between student and EMA teacher (0.99, warm-up) on unlabeled patches, teacher input noise
-N(0, 0.1²) clipped to ±0.2, w_max = 0.1 with a Gaussian ramp. See nnunet_proto/methods/mean_teacher.py.
+Softmax MSE between student and EMA teacher (0.99 rescaled to the run length, warm-up) on unlabeled patches,
+teacher input noise N(0, 0.65²) clipped to ±1.3 in nnU-Net's z-units (SSL4MIS's 0.1 / 0.2 on [0, 1] images),
+w_max = 0.1 with a Gaussian ramp. See nnunet_proto/methods/mean_teacher.py and docs/methods/mean_teacher.md.
+nnUNetTrainerMeanTeacher_paper: SSL4MIS's literal settings (``MeanTeacherConfig.ssl4mis()``).
 Short variants: nnUNetTrainerMeanTeacher_smoke, _1epoch, _5epochs, ... _250epochs.
 """
 from nnunet_proto.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import schedule_variants
+from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
@@ -15,3 +17,4 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSemiSupervised):
 
 
 globals().update(schedule_variants(nnUNetTrainerMeanTeacher))
+globals().update(literal_variant(nnUNetTrainerMeanTeacher, MeanTeacherConfig.ssl4mis()))

@@ -6,11 +6,12 @@ loss (0.01), a teacher prototype memory (K = 2 per class, Sinkhorn-balanced, mom
 code's 15k iterations, applied run-relative) with a pixel-prototype CE (0.3, ramped, confidence-gated),
 and consistency to the teacher's prototype prediction plus entropy minimisation (λ(t) = 0.1·ramp,
 0.1·λ(t)). See nnunet_proto/methods/pccs.py and docs/methods/pccs.md.
-Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
+nnUNetTrainerPCCS_paper: L_aux at full weight from ~3 % of the run, ungated, per-step memory momentum
+(``PCCSConfig.paper()``). Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
 """
 from nnunet_proto.methods.pccs import PCCS, PCCSConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import schedule_variants
+from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
 class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
@@ -25,3 +26,4 @@ class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
 
 
 globals().update(schedule_variants(nnUNetTrainerPCCS))
+globals().update(literal_variant(nnUNetTrainerPCCS, PCCSConfig.paper()))

@@ -216,6 +216,13 @@ class PCCSConfig(SemiSupervisedConfig):
                     detach_contrastive_weights=False, entropy_reduction="frobenius", **CODE_SCHEDULE)
         return cls(**{**code, **changes})
 
+    @classmethod
+    def paper(cls, **changes: Any) -> "PCCSConfig":
+        """The paper's and code's literal schedule where our nnU-Net defaults differ (docs/methods/pccs.md):
+        L_aux at its full 0.3 from ``prototype_start`` (~3 % of the run) on every unlabeled pixel (no ramp,
+        no confidence gate) and per-step memory/EMA rates as written (not rescaled to the run length)."""
+        return cls(**{**CODE_SCHEDULE, **changes})
+
     def aux_ramp(self, progress: float) -> float:
         """Factor of aux_coefficient at ``progress``: 0 before prototype_start, then the Gaussian ramp."""
         if progress < self.prototype_start:

@@ -1,7 +1,8 @@
-"""Short-schedule trainer variants in nnU-Net's naming style (``<Trainer>_5epochs``, ``<Trainer>_smoke``)."""
+"""Trainer variants in nnU-Net's naming style: short schedules (``<Trainer>_5epochs``, ``<Trainer>_smoke``) and
+the paper's literal settings (``<Trainer>_paper``)."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -46,3 +47,21 @@ def schedule_variants(base: type) -> Dict[str, type]:
     """All short variants of ``base`` as {class name: class}, for a trainers/ module's globals()."""
     classes = [schedule_variant(base, suffix, *spec) for suffix, spec in SCHEDULES.items()]
     return {c.__name__: c for c in classes}
+
+
+#: suffix of the variant that runs a method with its paper's literal settings instead of our nnU-Net defaults
+LITERAL_SUFFIX = "paper"
+
+
+def literal_variant(base: type, config: Any) -> Dict[str, type]:
+    """``{"<base>_paper": class}``: ``base`` with ``config`` (the method config's ``paper()`` form).
+
+    Our defaults differ from the papers where nnU-Net's regime needs it (docs/methods/<method>.md, "Changes
+    for nnU-Net's regime"); this variant keeps the literal form one ``-tr`` away, for ablations and for users
+    who want to reproduce a paper's setting. Schedule: nnU-Net's (the benchmark sets its own).
+    """
+    name = f"{base.__name__}_{LITERAL_SUFFIX}"
+    doc = (f"{base.__name__} with the paper's literal settings ({type(config).__name__}.paper() or the "
+           f"method's literal constructor) instead of the nnU-Net defaults.")
+    cls = type(name, (base,), {"config": config, "__doc__": doc, "__module__": base.__module__, "__qualname__": name})
+    return {name: cls}
