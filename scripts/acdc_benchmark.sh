@@ -4,13 +4,22 @@
 #
 #   bash scripts/acdc_benchmark.sh setup   LABELED_H5_DIR UNLABELED_H5_DIR   # convert, plan, preprocess
 #   bash scripts/acdc_benchmark.sh screen                                    # all trainers, labeled 4, seed 0
+#   bash scripts/acdc_benchmark.sh ablate                                    # + each method's _paper variant, same runs
+#   bash scripts/acdc_benchmark.sh best [K]                                  # the K (3) best of the screening on validation
+#   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: WORK (default ./nnunet_proto_work/acdc)
 # holds nnUNet_raw/preprocessed/results unless those variables are set; reports go to $WORK/reports/<stage>. CPU settings: 2 threads,
-# 2 augmentation workers, no torch.compile; fp32 for every trainer, plain included.
+# 2 augmentation workers, no torch.compile; fp32 for every trainer, plain included (stage bf16: bf16 for both).
+# Choices are made on the fold's nnU-Net validation cases only ("best" reads validation_ranking of the
+# screening's summary.json), never on the test frames.
 set -euo pipefail
+case "${1:-}" in
+  setup|screen|ablate|best|bf16|confirm) ;;
+  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$repo/scripts/setup_env.sh")"
 work="${WORK:-$repo/nnunet_proto_work/acdc}"
@@ -23,6 +32,7 @@ np="$(dirname "$py")"
 cli=("$py" -m nnunet_proto.cli)
 # one budget per stage (steps = epochs x 100 iterations); the CPU plan of plans/acdc_2d_cpu.json
 common=(-d 27 -c 2d -p nnUNetPlans_cpu --iterations 100 --group-regex '(patient\d+)' --disable-tta)
+screen=(nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA nnUNetTrainerMPER nnUNetTrainerPCCS nnUNetTrainerBCP)
 stage="${1:-}"
 shift || true
 case "$stage" in
@@ -42,8 +52,26 @@ case "$stage" in
     ;;
   screen)
     "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 15 --name acdc_screen \
-      -o "$work/reports/acdc_screen" -tr nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA \
-      nnUNetTrainerMPER nnUNetTrainerPCCS nnUNetTrainerBCP "$@"
+      -o "$work/reports/acdc_screen" -tr "${screen[@]}" "$@"
+    ;;
+  ablate)
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 15 --name acdc_screen \
+      -o "$work/reports/acdc_screen" -tr "${screen[@]}" "${screen[@]/%/_paper}" "$@"
+    ;;
+  best)
+    summary="$work/reports/acdc_screen/summary.json"
+    "${cli[@]}" benchmark --report-only --name acdc_screen -o "$work/reports/acdc_screen" >/dev/null
+    "$py" - "$summary" "${1:-3}" <<'PY'
+import json, sys
+ranking = json.load(open(sys.argv[1]))["validation_ranking"]["4"]
+for r in ranking:
+    print(f"{r['trainer']}: validation Dice {100 * r['validation_dice']:.1f}", file=sys.stderr)
+print(" ".join(r["trainer"] for r in ranking[:int(sys.argv[2])]))
+PY
+    ;;
+  bf16)
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 15 --name acdc_bf16 --precision bf16 \
+      --no-control -o "$work/reports/acdc_bf16" -tr nnUNetTrainerCPCL "$@"
     ;;
   confirm)
     [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
@@ -51,7 +79,7 @@ case "$stage" in
       -o "$work/reports/acdc_confirm" -tr "$@"
     ;;
   *)
-    sed -n '2,12p' "$0" >&2
+    sed -n '2,17p' "$0" >&2
     exit 2
     ;;
 esac

@@ -65,7 +65,7 @@ def test_undefined_values_are_dropped_and_nothing_is_an_error():
 CLASSES = {"1": "RV", "2": "MYO"}
 
 
-def _write_run(root, trainer, amount, seed, dice, pp_dice=None, pp_status=None, empty_class2=0, sec=0.1):
+def _write_run(root, trainer, amount, seed, dice, pp_dice=None, pp_status=None, empty_class2=0, sec=0.1, val=0.5):
     """One finished run folder: per-case Dice (both classes alike) and, optionally, post-processed metrics."""
     d = root / "runs" / Run(trainer, amount, seed, 0).tag
     d.mkdir(parents=True)
@@ -82,7 +82,7 @@ def _write_run(root, trainer, amount, seed, dice, pp_dice=None, pp_status=None, 
 
     (d / "metrics.json").write_text(json.dumps(metrics(dice)))
     (d / "run_info.json").write_text(json.dumps({"seconds_per_iteration_median": sec, "seconds_per_epoch_median":
-                                                 sec * 10, "validation_foreground_dice": 0.5}))
+                                                 sec * 10, "validation_foreground_dice": val}))
     if pp_status is not None:
         (d / "postprocessing.json").write_text(json.dumps(pp_status))
     elif pp_dice is not None:
@@ -106,7 +106,7 @@ def _bench(tmp_path, trainers, shifts, seeds=(0, 1, 2), n=12, pp=True, **kw):
             shift = shifts.get(t, 0.0)
             dice = np.clip(plain + (shift(s) if callable(shift) else shift), 0, 1)
             _write_run(tmp_path, t, "2", s, list(dice), pp_dice=list(np.clip(dice + 0.02, 0, 1)) if pp else None,
-                       sec=0.1 if t == PLAIN else 0.25)
+                       sec=0.1 if t == PLAIN else 0.25, val=0.5 + 0.01 * s + (0.1 if t.endswith("X") else 0))
     return spec
 
 
@@ -125,6 +125,8 @@ def test_report_rows_control_and_summary_json(tmp_path):
     x = rows["nnUNetTrainerX"]
     assert x["labeled_amount"] == "2" and x["seeds"] == [0, 1, 2] and x["total_steps_per_run"] == 10
     assert x["s_per_step_vs_plain"] == pytest.approx(2.5)
+    assert x["validation_dice"] == pytest.approx(0.61) and x["plain_validation_dice"] == pytest.approx(0.51)
+    assert [r["trainer"] for r in summary["validation_ranking"]["2"]] == ["nnUNetTrainerX"]  # control excluded
     for kind in ("raw", "postprocessed"):
         r = x[kind]
         assert r["n_pairs"] == 36 and r["dice_delta"] == pytest.approx(0.05)
@@ -251,3 +253,13 @@ def test_plots_one_amount_same_x_points_for_few_cases_one_y_scale(tmp_path, monk
     assert "**Few pairs (6):**" in (tmp_path / "report" / "README.md").read_text()
     for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "paired_difference.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+def test_validation_ranking_orders_trainers_by_validation_dice_not_test(tmp_path):
+    # Y is better on the test cases, X on the validation cases: the ranking follows validation only
+    spec = _bench(tmp_path, ["nnUNetTrainerX", "nnUNetTrainerY"], {"nnUNetTrainerX": 0.0, "nnUNetTrainerY": 0.1},
+                  control=None, pp=False)
+    write_report(spec, tmp_path, tmp_path / "report")
+    ranking = json.loads((tmp_path / "report" / "summary.json").read_text())["validation_ranking"]["2"]
+    assert [r["trainer"] for r in ranking] == ["nnUNetTrainerX", "nnUNetTrainerY"]
+    assert ranking[0]["validation_dice"] == pytest.approx(0.61) and ranking[1]["validation_dice"] == pytest.approx(0.51)

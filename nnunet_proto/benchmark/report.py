@@ -172,6 +172,13 @@ class Results:
         v = [x for x in v if x]
         return float(np.median(v)) if v else math.nan
 
+    def validation_dice(self, trainer: str, amount: str) -> float:
+        """Mean over the trainer's runs at this amount of nnU-Net's foreground Dice on the fold's validation
+        cases (the number to choose trainers and defaults on; never the test cases)."""
+        v = [i.get("validation_foreground_dice") for k, i in self.info.items() if k[:2] == (trainer, amount)]
+        v = [x for x in v if x is not None]
+        return float(np.mean(v)) if v else math.nan
+
     def compare(self, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
         """Every paired statistic of one row (trainer vs plain at one labeled amount), or None without pairs."""
         dice = self.seed_differences(trainer, amount, "Dice", "fg", kind)
@@ -458,6 +465,8 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
             row = {"trainer": trainer, "labeled_amount": amount, "is_control": trainer == res.control,
                    "seeds": sorted(k[2] for k in res.cases if k[:2] == (trainer, amount)),
                    "total_steps_per_run": steps,
+                   "validation_dice": _none(res.validation_dice(trainer, amount)),
+                   "plain_validation_dice": _none(res.validation_dice(PLAIN, amount)),
                    "s_per_step": _none(res.seconds_per_step(trainer, amount)),
                    "s_per_step_vs_plain": _none(res.seconds_per_step(trainer, amount)
                                                 / res.seconds_per_step(PLAIN, amount))}
@@ -498,7 +507,17 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                  "without_postprocessing": [{"trainer": t, "labeled_amount": a, "seed": s, "reason": r}
                                             for t, a, s, r in res.missing_postprocessing()]},
         "means": means,
+        "validation_ranking": {a: _validation_ranking(res, a) for a in res.amounts},
     }
+
+
+def _validation_ranking(res: Results, amount: str) -> List[dict]:
+    """Semi-supervised trainers (control excluded) by nnU-Net's validation Dice, best first: how the
+    screening chooses what to confirm, on the fold's validation cases only."""
+    rows = [{"trainer": t, "validation_dice": res.validation_dice(t, amount)} for t in res.trainers()
+            if t not in (PLAIN, res.control) and res.has(t, amount)]
+    rows = [r for r in rows if not math.isnan(r["validation_dice"])]
+    return sorted(rows, key=lambda r: -r["validation_dice"])
 
 
 def _none(x):
