@@ -263,3 +263,24 @@ def test_validation_ranking_orders_trainers_by_validation_dice_not_test(tmp_path
     ranking = json.loads((tmp_path / "report" / "summary.json").read_text())["validation_ranking"]["2"]
     assert [r["trainer"] for r in ranking] == ["nnUNetTrainerX", "nnUNetTrainerY"]
     assert ranking[0]["validation_dice"] == pytest.approx(0.61) and ranking[1]["validation_dice"] == pytest.approx(0.51)
+
+
+def test_report_shows_stray_islands_of_the_raw_test_predictions(tmp_path):
+    import SimpleITK as sitk
+
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, seeds=(0,), control=None, pp=False)
+    for trainer, islands in ((PLAIN, 0), ("nnUNetTrainerX", 2)):
+        pred = tmp_path / "runs" / Run(trainer, "2", 0, 0).tag / "test_predictions"
+        pred.mkdir()
+        seg = np.zeros((3, 16, 16), dtype=np.uint8)
+        seg[1, 2:6, 2:6] = 1  # 16 voxels of RV
+        seg[1, 10:12, 10:12] = 2  # MYO
+        for i in range(islands):  # isolated single voxels of RV far from it
+            seg[2, 14, 4 + 4 * i] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(seg), str(pred / "c0.nii.gz"))
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "## Stray islands" in text
+    assert "| nnUNetTrainer | 2 | 1.0 / 0.0 % | 1.0 / 0.0 % |" in text
+    assert "| nnUNetTrainerX | 2 | 3.0 / 11.1 % | 1.0 / 0.0 % |" in text  # 2 of 18 RV voxels are islands
+    islands = json.loads((tmp_path / "report" / "summary.json").read_text())["islands"]
+    assert islands["nnUNetTrainerX|2"]["RV"] == {"components": 3.0, "outside_largest": pytest.approx(2 / 18)}

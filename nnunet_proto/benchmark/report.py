@@ -13,7 +13,9 @@ Statistics:
   from a hierarchical bootstrap over seeds, then test cases (stats.py); the Wilcoxon signed-rank p over
   the pooled (case, seed) pairs for reference; wins/losses; HD95 Δ; per-class Dice Δ; s/step ratio;
 * the A/A control (spec.control) must match plain: its Dice Δ CI must contain 0, else a loud warning;
-* no class lost: every class predicted in >= 95 % of the test frames whose reference contains it.
+* no class lost: every class predicted in >= 95 % of the test frames whose reference contains it;
+* stray islands of the raw test predictions (evaluation/islands.py): connected components per class and the
+  share of predicted voxels outside the largest one, what nnU-Net's postprocessing removes.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from nnunet_proto.benchmark.stats import (
     hierarchical_bootstrap,
     wilcoxon_p,
 )
+from nnunet_proto.evaluation.islands import CACHE_NAME as ISLANDS_CACHE
+from nnunet_proto.evaluation.islands import cached_folder_islands
 from nnunet_proto.evaluation.metrics import RULE_BOTH_PRESENT as RULE_PRESENT
 from nnunet_proto.evaluation.metrics import RULE_PREDICTION_EMPTY as RULE_PRED_EMPTY
 
@@ -106,6 +110,18 @@ class Results:
             if (d / "curves.json").is_file():
                 self.curves[key] = json.loads((d / "curves.json").read_text())
         self.classes = sorted(self.label_names, key=int)
+        self.islands: Dict[tuple, dict] = {}  # raw test predictions' stray islands, per run (cached in the run dir)
+        for run in self.runs:
+            d, key = run.dir(results_root / "runs"), (run.trainer, run.amount, run.seed)
+            pred = d / "test_predictions"
+            if key in self.cases and pred.is_dir():
+                ds = pred / "dataset.json"
+                ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds.is_file() else ".nii.gz"
+                try:
+                    self.islands[key] = cached_folder_islands(pred, [int(c) for c in self.classes],
+                                                              d / ISLANDS_CACHE, ending)["mean"]
+                except FileNotFoundError:  # predictions deleted to save space: the section says so
+                    pass
         self.labels = self.classes + ["fg"]
         self.label_names["fg"] = "mean"
         # runs.json accumulates every invocation of this benchmark (more seeds or trainers later)
@@ -178,6 +194,12 @@ class Results:
         v = [i.get("validation_foreground_dice") for k, i in self.info.items() if k[:2] == (trainer, amount)]
         v = [x for x in v if x is not None]
         return float(np.mean(v)) if v else math.nan
+
+    def island_means(self, trainer: str, amount: str) -> Dict[str, Dict[str, float]]:
+        """Per class, the mean over seeds of each run's mean components per case and share outside the largest."""
+        runs = [v for k, v in self.islands.items() if k[:2] == (trainer, amount)]
+        return {c: {m: _nanmean([r[c][m] for r in runs]) for m in ("components", "outside_largest")}
+                for c in self.classes} if runs else {}
 
     def compare(self, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
         """Every paired statistic of one row (trainer vs plain at one labeled amount), or None without pairs."""
@@ -406,6 +428,25 @@ def presence_section(res: Results, rows: List[dict]) -> List[str]:
     return lines + [""]
 
 
+def islands_section(res: Results) -> List[str]:
+    if not res.islands:
+        return ["No test predictions to inspect (run folders without `test_predictions/`).", ""]
+    names = [res.label_names[c] for c in res.classes]
+    lines = ["Raw test predictions, before postprocessing: per class, the mean number of connected components "
+             "per case (1 = a single blob) / the share of the class' predicted voxels outside its largest "
+             "component (the stray islands that keeping the largest component removes). Mean over seeds.", "",
+             "| trainer | labeled | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for amount in res.amounts:
+        for trainer in res.trainers():
+            m = res.island_means(trainer, amount)
+            if m:
+                cells = [f"{m[c]['components']:.1f} / {100 * m[c]['outside_largest']:.1f} %"
+                         if not math.isnan(m[c]['outside_largest']) else f"{m[c]['components']:.1f} / –"
+                         for c in res.classes]
+                lines.append(f"| {trainer} | {amount} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def postprocessing_section(res: Results) -> List[str]:
     lines = ["nnU-Net's `determine_postprocessing` (as `nnUNetv2_determine_postprocessing`) on each run's own "
              "validation predictions: keep only the largest foreground component, then the largest component per "
@@ -508,6 +549,8 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                                             for t, a, s, r in res.missing_postprocessing()]},
         "means": means,
         "validation_ranking": {a: _validation_ranking(res, a) for a in res.amounts},
+        "islands": {f"{t}|{a}": {res.label_names[c]: v for c, v in res.island_means(t, a).items()}
+                    for t in res.trainers() for a in res.amounts if res.island_means(t, a)},
     }
 
 
@@ -564,6 +607,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     lines += ["## No class lost", ""] + presence_section(res, presence)
     lines += ["## Test results", ""] + tables(res)
     lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))
+    lines += ["## Stray islands", ""] + islands_section(res)
     lines += ["## Postprocessing", ""] + postprocessing_section(res)
     lines += ["## Cost", "", "Seconds per epoch from nnU-Net's epoch timestamps (training + its validation "
               "iterations), peak memory of the training process. Runs ran one after another on the same machine; "

@@ -1,0 +1,87 @@
+"""Stray islands in a segmentation: connected components per class and the share of voxels outside the largest.
+
+Semi-supervised trainers can predict more small false-positive islands far from the organ than plain
+nnU-Net (pseudo labels on background-only unlabeled crops are one suspect). nnU-Net's postprocessing
+(keep the largest component) removes them, but the raw predictions show how often they occur. For one
+class c of one case, with P = prediction == c:
+
+- ``components``: number of connected components of P (full connectivity: 8 neighbours in 2D, 26 in 3D,
+  as nnU-Net's ``remove_all_but_largest_component``);
+- ``outside_largest``: voxels of P outside its largest component / voxels of P, in [0, 1]; NaN when P is
+  empty (nothing predicted, no island).
+
+Images are read as stored (ACDC thick-slice stacks are 3D arrays); spacing plays no role.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List
+
+import numpy as np
+from scipy import ndimage
+
+from nnunet_proto.evaluation.metrics import read_segmentation
+
+CACHE_NAME = "islands.json"
+
+
+def class_islands(segmentation: np.ndarray, label: int) -> Dict[str, float]:
+    """``{"components": n, "outside_largest": share}`` of one class in one segmentation array."""
+    mask = np.asarray(segmentation) == label
+    total = int(mask.sum())
+    if total == 0:
+        return {"components": 0, "outside_largest": math.nan}
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    components, n = ndimage.label(mask, structure=structure)
+    sizes = np.bincount(components.ravel())[1:]
+    return {"components": int(n), "outside_largest": float(1.0 - sizes.max() / total)}
+
+
+def folder_islands(folder: Path, labels: Iterable[int], file_ending: str = ".nii.gz") -> Dict[str, dict]:
+    """Per case and class island statistics of every ``*<file_ending>`` in ``folder``, plus the per-class mean.
+
+    Returns ``{"per_case": {case: {label: stats}}, "mean": {label: {"components": mean, "outside_largest":
+    mean over cases that predict the class}}}`` with labels as strings (JSON keys).
+    """
+    labels = [int(lab) for lab in labels]
+    files = sorted(Path(folder).glob(f"*{file_ending}"))
+    if not files:
+        raise FileNotFoundError(f"no {file_ending} segmentations in {folder}")
+    per_case = {}
+    for f in files:
+        seg, _ = read_segmentation(f)
+        per_case[f.name[: -len(file_ending)]] = {str(lab): class_islands(seg, lab) for lab in labels}
+    mean = {}
+    for lab in map(str, labels):
+        comps = [c[lab]["components"] for c in per_case.values()]
+        shares = [c[lab]["outside_largest"] for c in per_case.values() if not math.isnan(c[lab]["outside_largest"])]
+        mean[lab] = {"components": float(np.mean(comps)),
+                     "outside_largest": float(np.mean(shares)) if shares else math.nan}
+    return {"per_case": per_case, "mean": mean}
+
+
+def cached_folder_islands(folder: Path, labels: List[int], cache: Path, file_ending: str = ".nii.gz") -> dict:
+    """``folder_islands`` stored in ``cache`` (JSON, NaN as null); recomputed when the labels or the files changed."""
+    files = sorted(p.name for p in Path(folder).glob(f"*{file_ending}"))
+    key = {"labels": [int(lab) for lab in labels], "files": files}
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return _nan_back(stored["islands"])
+    result = folder_islands(folder, labels, file_ending)
+    cache.write_text(json.dumps({"key": key, "islands": _null(result)}, indent=1))
+    return result
+
+
+def _null(obj):
+    if isinstance(obj, dict):
+        return {k: _null(v) for k, v in obj.items()}
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def _nan_back(obj):
+    if isinstance(obj, dict):
+        return {k: (math.nan if k == "outside_largest" and v is None else _nan_back(v)) for k, v in obj.items()}
+    return obj
