@@ -7,18 +7,20 @@
 #   bash scripts/acdc_benchmark.sh ablate                                    # + each method's _paper variant, same runs
 #   bash scripts/acdc_benchmark.sh best [K]                                  # the K (3) best of the screening on validation
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
-#   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2
+#   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
+#                                                                            # CPU bf16 for all (PRECISION=fp32 to change)
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: WORK (default ./nnunet_proto_work/acdc)
 # holds nnUNet_raw/preprocessed/results unless those variables are set; reports go to $WORK/reports/<stage>. CPU settings: 2 threads,
-# 2 augmentation workers, no torch.compile; fp32 for every trainer, plain included (stage bf16: bf16 for both).
+# 2 augmentation workers, no torch.compile; one precision for every trainer, plain included: fp32 for the
+# screening, bf16 for the confirmation (parity measured by stage bf16: docs/benchmarks/gpu_readiness_cpu.md).
 # Choices are made on the fold's nnU-Net validation cases only ("best" reads validation_ranking of the
 # screening's summary.json), never on the test frames.
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm) ;;
-  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
 esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$repo/scripts/setup_env.sh")"
@@ -75,11 +77,12 @@ PY
     ;;
   confirm)
     [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
-    "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --name acdc_confirm \
-      -o "$work/reports/acdc_confirm" -tr "$@"
+    precision="${PRECISION:-bf16}"
+    "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision "$precision" \
+      --name "acdc_confirm_$precision" -o "$work/reports/acdc_confirm_$precision" -tr "$@"
     ;;
   *)
-    sed -n '2,17p' "$0" >&2
+    sed -n '2,19p' "$0" >&2
     exit 2
     ;;
 esac
