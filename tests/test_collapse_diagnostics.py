@@ -87,9 +87,9 @@ def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results,
     assert "method diagnostics: student_confidence" in text
     assert "time constants for this run of 8 steps: mode run_relative" in text and "ema_decay 0.9," in text
 
-    assert "class 1: teacher pseudo labels (unlabeled)" in labels and "kept by the gate" in labels
+    assert "class 1: pseudo labels (unlabeled)" in labels and "kept by the gate" in labels
     assert "class 1: labeled patches" in labels and "student_confidence" in labels
-    assert "background: teacher pseudo labels (right axis)" in labels
+    assert "background: pseudo labels (right axis)" in labels
     config = json.load(open(f"{trainer.output_folder}/nnunet_proto_config.json"))
     assert config["time_constants"]["run_steps"] == 8
 
@@ -113,3 +113,31 @@ def test_undeclared_diagnostic_is_refused(synthetic_dataset, fresh_results):
             trainer.train_step(next(trainer.dataloader_train))
     finally:
         trainer.on_train_end()
+
+
+def test_single_network_method_logs_its_own_pseudo_label_shares_and_warns(synthetic_dataset, fresh_results):
+    """MSPA has no teacher: the collapse diagnostics come from the network's own unlabeled predictions, so a
+    class the network stops predicting (MSPA lost the RV in the ACDC screening) is logged and warned about."""
+    trainer = build_trainer("nnUNetTrainerMSPA", synthetic_dataset, "2d")
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 3, 2, 1
+    assert trainer.method.config.use_teacher is False
+    trainer.initialize()
+    real = trainer.network.forward
+
+    def background_only(x):  # the network predicts background everywhere (a collapsed single network)
+        out = real(x)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        fixed = []
+        for o in outs:
+            bias = torch.zeros_like(o)
+            bias[:, 0] = 50.0
+            fixed.append(o + bias)
+        return fixed if isinstance(out, (list, tuple)) else fixed[0]
+
+    trainer.network.forward = background_only
+    trainer.run_training()
+    log = trainer.logger.local_logger.my_fantastic_logging
+    assert len(log[f"{PREFIX}pl_share_c1"]) == 3 and all(v == 0.0 for v in log[f"{PREFIX}pl_share_c1"])
+    text = open(trainer.log_file).read()
+    assert "network's own (no teacher) pseudo labels (unlabeled patches): class share c1 0.0000" in text
+    assert "WARNING: pseudo-label collapse" in text and "The network is losing these classes" in text

@@ -151,7 +151,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         num_classes = self.label_manager.num_segmentation_heads
         self.diagnostic_keys = tuple(self.method.diagnostic_keys(num_classes))
         self.logger.local_logger = SemiSupervisedLogger(
-            self.method.term_names, num_classes=num_classes if self.method.uses_teacher else 0,
+            self.method.term_names,
+            num_classes=num_classes if (self.method.uses_teacher or self.method.student_sees_unlabeled) else 0,
             diagnostic_names=self.diagnostic_keys)
 
     # ------------------------------------------------------------------ configuration
@@ -398,7 +399,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         return out
 
     def record_pseudo_label_diagnostics(self, teacher_logits_u: Optional[torch.Tensor], target_l: torch.Tensor) -> None:
-        """Collapse diagnostics of this step from the teacher's logits on the *un-mixed* unlabeled patches.
+        """Collapse diagnostics of this step from the teacher's logits on the *un-mixed* unlabeled patches
+        (single-network methods: the student's own logits on them, detached).
 
         Called by the shared ``compute_loss`` and by every trainer with its own step (copy-paste), so that all
         trainers log the same numbers; the gate is the method's ``gate_teacher`` (config ``pseudo_label_threshold``
@@ -464,6 +466,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if self.teacher is not None:
             t_logits, t_features = self.teacher_forward(method.teacher_input(data_u))
             self.record_pseudo_label_diagnostics(t_logits, target_full)
+        elif sees_u:  # single-network methods (MSPA): the network's own predictions are the pseudo-label source
+            self.record_pseudo_label_diagnostics(outs[0][n_l:].detach(), target_full)
         primary = method.feature_layers[0] if method.feature_layers else None
         feats = features.get(primary)
         inputs = StepInputs(
@@ -530,8 +534,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         num_classes = self.logger.local_logger.num_classes
         if num_classes and np.isfinite(means.get("pl_confidence", float("nan"))):
             fg = range(1, num_classes)
+            source = "teacher" if self.teacher is not None else "network's own (no teacher)"
             self.print_to_log_file(
-                "teacher pseudo labels (unlabeled patches): class share "
+                f"{source} pseudo labels (unlabeled patches): class share "
                 + " ".join(f"c{c} {means[f'pl_share_c{c}']:.4f}" for c in fg)
                 + " | labeled patches " + " ".join(f"c{c} {means[f'labeled_share_c{c}']:.4f}" for c in fg)
                 + f" | mean confidence {means['pl_confidence']:.3f}, kept by the gate "
@@ -544,7 +549,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.print_to_log_file(
                 f"WARNING: pseudo-label collapse: class(es) {collapsed} made up less than {COLLAPSE_RATIO:g} x their "
                 f"share of the labeled patches in the teacher's pseudo labels for the last {COLLAPSE_EPOCHS} epochs. "
-                f"The teacher is losing these classes; see the collapse panel of progress.png.")
+                f"The {'teacher' if self.teacher is not None else 'network'} is losing these classes; see the "
+                f"collapse panel of progress.png.")
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> Dict[str, Any]:

@@ -5,7 +5,8 @@ registers extra keys (one value per epoch, like nnU-Net's own) and draws more pa
 unweighted loss terms with the supervised loss, the term weights λ(t), the time the network spent
 waiting for labeled and unlabeled batches (in the epoch-time panel), the collapse diagnostics (per
 foreground class, the share of the teacher's pseudo labels on unlabeled patches next to its share in
-the labeled patches, with the teacher's mean confidence and the gate's kept fraction) and the
+the labeled patches, with the teacher's mean confidence and the gate's kept fraction; for single-network
+methods such as MSPA the network's own predictions on the unlabeled patches) and the
 method's own diagnostics. Everything is stored in the checkpoint's ``logging`` entry, so curves
 continue across ``--c`` resumes.
 """
@@ -154,20 +155,20 @@ class SemiSupervisedLogger(LocalLogger):
         for c in range(1, self.num_classes):
             col = colors[(c - 1) % len(colors)]
             ax.plot(x, log[f"{PREFIX}pl_share_c{c}"][:epoch + 1], color=col, linewidth=4,
-                    label=f"class {c}: teacher pseudo labels (unlabeled)")
+                    label=f"class {c}: pseudo labels (unlabeled)")
             ax.plot(x, log[f"{PREFIX}pl_share_kept_c{c}"][:epoch + 1], color=col, ls="dotted", linewidth=3,
                     label=f"class {c}: kept pseudo labels")
             ax.plot(x, log[f"{PREFIX}labeled_share_c{c}"][:epoch + 1], color=col, ls="--", linewidth=3,
                     label=f"class {c}: labeled patches")
         if self.num_classes:  # background on the right axis: its share (~0.9) would flatten the others
             ax2.plot(x, log[f"{PREFIX}pl_share_c0"][:epoch + 1], color="tab:brown", linewidth=3,
-                     label="background: teacher pseudo labels (right axis)")
+                     label="background: pseudo labels (right axis)")
             ax2.plot(x, log[f"{PREFIX}pl_share_kept_c0"][:epoch + 1], color="tab:brown", ls="dotted", linewidth=3,
                      label="background: kept pseudo labels (right axis)")
             ax2.plot(x, log[f"{PREFIX}labeled_share_c0"][:epoch + 1], color="tab:brown", ls="--", linewidth=3,
                      label="background: labeled patches (right axis)")
             ax2.plot(x, log[PREFIX + "pl_confidence"][:epoch + 1], color="k", linewidth=3,
-                     label="mean teacher confidence")
+                     label="mean confidence of the pseudo-label source")
             ax2.plot(x, log[PREFIX + "pl_kept"][:epoch + 1], color="grey", ls="--", linewidth=3,
                      label="kept by the gate")
         ax.set_ylim(bottom=0)
