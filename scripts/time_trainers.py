@@ -93,6 +93,8 @@ def ideal_step(trainer, batch: dict, data_u, student_on_unlabeled: bool) -> floa
     """Only the network passes (+ clipping and optimizer step) a semi-supervised step needs; seconds."""
     import torch
 
+    from nnunet_proto.training.precision import cpu_precision, step_autocast
+
     device = trainer.device
     data_l = batch["data"].to(device)
     target = batch["target"]
@@ -103,14 +105,15 @@ def ideal_step(trainer, batch: dict, data_u, student_on_unlabeled: bool) -> floa
     trainer.optimizer.zero_grad(set_to_none=True)
     n = data_l.shape[0]
     x = torch.cat([data_l, data_u]) if student_on_unlabeled else data_l
-    out = trainer.network(x)
-    outs = out if isinstance(out, (list, tuple)) else [out]
-    loss = trainer.loss([o[:n] for o in outs] if isinstance(out, (list, tuple)) else outs[0][:n], target)
-    if student_on_unlabeled:
-        loss = loss + 1e-3 * outs[0][n:].float().mean()
-    if trainer.teacher is not None:
-        with torch.no_grad():
-            trainer.teacher.module(data_u)
+    with step_autocast(device, cpu_precision()):  # the same precision as the real step it is compared with
+        out = trainer.network(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        loss = trainer.loss([o[:n] for o in outs] if isinstance(out, (list, tuple)) else outs[0][:n], target)
+        if student_on_unlabeled:
+            loss = loss + 1e-3 * outs[0][n:].float().mean()
+        if trainer.teacher is not None:
+            with torch.no_grad():
+                trainer.teacher.module(data_u)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
     trainer.optimizer.step()
