@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 from scipy import ndimage
 
-from nnunet_proto.evaluation.metrics import read_segmentation
+from nnunet_proto.evaluation.metrics import _nan_to_none, read_segmentation
 
 CACHE_NAME = "islands.json"
 
@@ -39,18 +39,24 @@ def class_islands(segmentation: np.ndarray, label: int) -> Dict[str, float]:
     return {"components": int(n), "outside_largest": float(1.0 - sizes.max() / total)}
 
 
-def folder_islands(folder: Path, labels: Iterable[int], file_ending: str = ".nii.gz") -> Dict[str, dict]:
-    """Per case and class island statistics of every ``*<file_ending>`` in ``folder``, plus the per-class mean.
-
-    Returns ``{"per_case": {case: {label: stats}}, "mean": {label: {"components": mean, "outside_largest":
-    mean over cases that predict the class}}}`` with labels as strings (JSON keys).
-    """
-    labels = [int(lab) for lab in labels]
+def _segmentation_files(folder: Path, file_ending: str) -> List[Path]:
     files = sorted(Path(folder).glob(f"*{file_ending}"))
     if not files:
         raise FileNotFoundError(f"no {file_ending} segmentations in {folder}")
+    return files
+
+
+def folder_islands(folder: Path, labels: Iterable[int], file_ending: str = ".nii.gz",
+                   files: Optional[List[Path]] = None) -> Dict[str, dict]:
+    """Per case and class island statistics of every ``*<file_ending>`` in ``folder``, plus the per-class mean.
+
+    Returns ``{"per_case": {case: {label: stats}}, "mean": {label: {"components": mean, "outside_largest":
+    mean over cases that predict the class}}}`` with labels as strings (JSON keys). ``files``: the folder's
+    segmentations when the caller has already listed them.
+    """
+    labels = [int(lab) for lab in labels]
     per_case = {}
-    for f in files:
+    for f in files if files is not None else _segmentation_files(folder, file_ending):
         seg, _ = read_segmentation(f)
         per_case[f.name[: -len(file_ending)]] = {str(lab): class_islands(seg, lab) for lab in labels}
     mean = {}
@@ -64,24 +70,19 @@ def folder_islands(folder: Path, labels: Iterable[int], file_ending: str = ".nii
 
 def cached_folder_islands(folder: Path, labels: List[int], cache: Path, file_ending: str = ".nii.gz") -> dict:
     """``folder_islands`` stored in ``cache`` (JSON, NaN as null); recomputed when the labels or the files changed."""
-    files = sorted(p.name for p in Path(folder).glob(f"*{file_ending}"))
-    key = {"labels": [int(lab) for lab in labels], "files": files}
+    files = _segmentation_files(folder, file_ending)
+    key = {"labels": [int(lab) for lab in labels], "files": [f.name for f in files]}
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
             return _nan_back(stored["islands"])
-    result = folder_islands(folder, labels, file_ending)
-    cache.write_text(json.dumps({"key": key, "islands": _null(result)}, indent=1))
+    result = folder_islands(folder, labels, file_ending, files)
+    cache.write_text(json.dumps({"key": key, "islands": _nan_to_none(result)}, indent=1))
     return result
 
 
-def _null(obj):
-    if isinstance(obj, dict):
-        return {k: _null(v) for k, v in obj.items()}
-    return None if isinstance(obj, float) and math.isnan(obj) else obj
-
-
 def _nan_back(obj):
+    """Inverse of ``_nan_to_none`` for this file's one nullable field."""
     if isinstance(obj, dict):
         return {k: (math.nan if k == "outside_largest" and v is None else _nan_back(v)) for k, v in obj.items()}
     return obj
