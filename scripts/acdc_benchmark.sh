@@ -5,7 +5,8 @@
 #   bash scripts/acdc_benchmark.sh setup   LABELED_H5_DIR UNLABELED_H5_DIR   # convert, plan, preprocess
 #   bash scripts/acdc_benchmark.sh screen                                    # all trainers, labeled 4, seed 0
 #   bash scripts/acdc_benchmark.sh ablate                                    # + each method's _paper variant, same runs
-#   bash scripts/acdc_benchmark.sh best [K]                                  # the K (3) best of the screening on validation
+#   bash scripts/acdc_benchmark.sh best [K]                                  # the K (3) best methods of the screening on
+#                                                                            # validation (a method's default or _paper form)
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
 #                                                                            # CPU bf16 for all (PRECISION=fp32 to change)
@@ -20,18 +21,10 @@
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm) ;;
-  *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="$("$repo/scripts/setup_env.sh")"
-work="${WORK:-$repo/nnunet_proto_work/acdc}"
-# nnU-Net's folders: yours if exported, else under $WORK
-export nnUNet_raw="${nnUNet_raw:-$work/raw}" nnUNet_preprocessed="${nnUNet_preprocessed:-$work/preprocessed}"
-export nnUNet_results="${nnUNet_results:-$work/results}"
-export nnUNet_compile=f OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}"
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
-np="$(dirname "$py")"
-cli=("$py" -m nnunet_proto.cli)
+work_default="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/nnunet_proto_work/acdc"
+. "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
 # one budget per stage (steps = epochs x 100 iterations); the CPU plan of plans/acdc_2d_cpu.json
 common=(-d 27 -c 2d -p nnUNetPlans_cpu --iterations 100 --group-regex '(patient\d+)' --disable-tta)
 screen=(nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA nnUNetTrainerMPER nnUNetTrainerPCCS nnUNetTrainerBCP)
@@ -66,9 +59,11 @@ case "$stage" in
     "$py" - "$summary" "${1:-3}" <<'PY'
 import json, sys
 ranking = json.load(open(sys.argv[1]))["validation_ranking"]["4"]
+best = {}  # one entry per method: its default or its _paper variant, whichever validates better
 for r in ranking:
     print(f"{r['trainer']}: validation Dice {100 * r['validation_dice']:.1f}", file=sys.stderr)
-print(" ".join(r["trainer"] for r in ranking[:int(sys.argv[2])]))
+    best.setdefault(r["trainer"].removesuffix("_paper"), r["trainer"])
+print(" ".join(list(best.values())[:int(sys.argv[2])]))
 PY
     ;;
   bf16)
@@ -82,7 +77,7 @@ PY
       --name "acdc_confirm_$precision" -o "$work/reports/acdc_confirm_$precision" -tr "$@"
     ;;
   *)
-    sed -n '2,19p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
     ;;
 esac

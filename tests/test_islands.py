@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_proto.evaluation.islands import CACHE_NAME, cached_folder_islands, class_islands, folder_islands
+from nnunet_proto.evaluation.islands import (
+    CACHE_NAME,
+    cached_folder_islands,
+    class_islands,
+    folder_island_locations,
+    folder_islands,
+    island_locations,
+    island_mask,
+)
 
 
 def _seg():
@@ -50,3 +58,45 @@ def test_folder_means_skip_cases_without_the_class_and_the_cache_follows_the_fil
     assert set(cached_folder_islands(pred, [1, 2], cache)["per_case"]) == {"a", "b", "c"}
     with pytest.raises(FileNotFoundError, match="no .nii.gz segmentations"):
         folder_islands(tmp_path / "empty_dir_that_does_not_exist", [1])
+
+
+def test_island_locations_split_islands_by_distance_to_the_reference_foreground(tmp_path):
+    pred = _seg()  # class 1: organ 72 voxels + islands at (0,15,15) and (3,18:20,0:2); class 2: one blob
+    ref = np.zeros_like(pred)
+    ref[1:3, 2:8, 2:8] = 1
+    ref[0, 14:17, 14:17] = 3  # the 1-voxel island lies on reference foreground (of another class)
+    ref[3, 18:20, 2] = 2  # the 4-voxel island: 1 or 2 voxels (x = 1, 0) from it, 1 mm spacing in-plane
+    assert island_mask(pred, 1).sum() == 5 and not island_mask(pred, 3).any()
+    spacing = (10.0, 1.0, 1.0)
+    near = island_locations(pred, ref, [1, 2, 3], spacing, near_mm=1.5)
+    assert near == {"predicted": 82, "islands": 5, "in_reference": 1, "near": 2, "far": 2}
+    assert island_locations(pred, ref, [1, 2, 3], spacing, near_mm=10)["near"] == 4
+    # no reference foreground: every island is far; shapes must agree
+    assert island_locations(pred, np.zeros_like(pred), [1, 2], spacing)["far"] == 5
+    with pytest.raises(ValueError, match="shape"):
+        island_locations(pred, ref[:2], [1], spacing)
+    _write(tmp_path / "pred", "a", pred)
+    _write(tmp_path / "pred", "b", pred)
+    _write(tmp_path / "ref", "a", ref)
+    with pytest.raises(FileNotFoundError, match="no reference"):
+        folder_island_locations(tmp_path / "pred", tmp_path / "ref", [1, 2, 3])
+    _write(tmp_path / "ref", "b", ref)
+    total = folder_island_locations(tmp_path / "pred", tmp_path / "ref", [1, 2, 3], near_mm=1.5)
+    assert total == {k: 2 * v for k, v in near.items()}
+
+
+def test_island_locations_script_prints_one_row_per_prediction_folder(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "island_locations.py"
+    spec = importlib.util.spec_from_file_location("island_locations_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pred, ref = _seg(), np.zeros((4, 20, 20), dtype=np.uint8)
+    ref[1:3, 2:8, 2:8] = 1
+    _write(tmp_path / "pred", "a", pred)
+    _write(tmp_path / "labelsTs", "a", ref)
+    script.main([str(tmp_path / "labelsTs"), str(tmp_path / "pred"), "-l", "1", "2"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(f"| {tmp_path / 'pred'}")]
+    assert rows == [f"| {tmp_path / 'pred'} | {5 / 82:.3f} | 0.00 | 0.00 | 1.00 |"]

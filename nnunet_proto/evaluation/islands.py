@@ -1,8 +1,9 @@
 """Stray islands in a segmentation: connected components per class and the share of voxels outside the largest.
 
 Semi-supervised trainers can predict more small false-positive islands far from the organ than plain
-nnU-Net (pseudo labels on background-only unlabeled crops are one suspect). nnU-Net's postprocessing
-(keep the largest component) removes them, but the raw predictions show how often they occur. For one
+nnU-Net. nnU-Net's postprocessing (keep the largest component) removes them, but the raw predictions
+show how often they occur, and ``island_locations`` where they lie relative to the reference
+(``scripts/island_locations.py``). For one
 class c of one case, with P = prediction == c:
 
 - ``components``: number of connected components of P (full connectivity: 8 neighbours in 2D, 26 in 3D,
@@ -27,16 +28,58 @@ from nnunet_proto.evaluation.metrics import _nan_to_none, read_segmentation
 CACHE_NAME = "islands.json"
 
 
+def _components(mask: np.ndarray):
+    """(component map, count) of a boolean mask with full connectivity, as nnU-Net's postprocessing."""
+    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+
+
 def class_islands(segmentation: np.ndarray, label: int) -> Dict[str, float]:
     """``{"components": n, "outside_largest": share}`` of one class in one segmentation array."""
     mask = np.asarray(segmentation) == label
     total = int(mask.sum())
     if total == 0:
         return {"components": 0, "outside_largest": math.nan}
-    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    components, n = ndimage.label(mask, structure=structure)
+    components, n = _components(mask)
     sizes = np.bincount(components.ravel())[1:]
     return {"components": int(n), "outside_largest": float(1.0 - sizes.max() / total)}
+
+
+def island_mask(segmentation: np.ndarray, label: int) -> np.ndarray:
+    """Voxels of class ``label`` outside its largest connected component (what postprocessing removes)."""
+    mask = np.asarray(segmentation) == label
+    if not mask.any():
+        return mask
+    components, _ = _components(mask)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return mask & (components != sizes.argmax())
+
+
+def island_locations(prediction: np.ndarray, reference: np.ndarray, labels: Iterable[int],
+                     spacing: Iterable[float], near_mm: float = 10.0) -> Dict[str, int]:
+    """Where one case's islands (all ``labels``) lie relative to the reference foreground (every label > 0).
+
+    Counts voxels: ``predicted`` (of the labels), ``islands`` (outside each class' largest component),
+    and the islands ``in_reference`` (on reference foreground of any class: a fragment on the organ),
+    ``near`` (outside it but within ``near_mm`` of it, distance with the image spacing) and ``far``
+    (farther, or no reference foreground at all). Counts, so that cases add up.
+    """
+    prediction, reference = np.asarray(prediction), np.asarray(reference)
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != reference shape {reference.shape}")
+    labels = [int(lab) for lab in labels]
+    islands = np.zeros(prediction.shape, bool)
+    for lab in labels:
+        islands |= island_mask(prediction, lab)
+    organ = reference > 0
+    if organ.any():
+        distance = ndimage.distance_transform_edt(~organ, sampling=tuple(spacing))
+    else:
+        distance = np.full(prediction.shape, np.inf)
+    return {"predicted": int(np.isin(prediction, labels).sum()), "islands": int(islands.sum()),
+            "in_reference": int((islands & organ).sum()),
+            "near": int((islands & ~organ & (distance <= near_mm)).sum()),
+            "far": int((islands & (distance > near_mm)).sum())}
 
 
 def _segmentation_files(folder: Path, file_ending: str) -> List[Path]:
@@ -66,6 +109,21 @@ def folder_islands(folder: Path, labels: Iterable[int], file_ending: str = ".nii
         mean[lab] = {"components": float(np.mean(comps)),
                      "outside_largest": float(np.mean(shares)) if shares else math.nan}
     return {"per_case": per_case, "mean": mean}
+
+
+def folder_island_locations(predictions: Path, references: Path, labels: Iterable[int], near_mm: float = 10.0,
+                            file_ending: str = ".nii.gz") -> Dict[str, int]:
+    """``island_locations`` summed over every case of ``predictions`` (each must have its reference)."""
+    total: Dict[str, int] = {}
+    for f in _segmentation_files(predictions, file_ending):
+        ref_file = Path(references) / f.name
+        if not ref_file.is_file():
+            raise FileNotFoundError(f"no reference {ref_file} for prediction {f}: pass the folder of the test labels")
+        pred, _ = read_segmentation(f)
+        ref, spacing = read_segmentation(ref_file)
+        for k, v in island_locations(pred, ref, labels, spacing, near_mm).items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def cached_folder_islands(folder: Path, labels: List[int], cache: Path, file_ending: str = ".nii.gz") -> dict:
