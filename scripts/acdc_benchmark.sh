@@ -4,9 +4,10 @@
 #
 #   bash scripts/acdc_benchmark.sh setup   LABELED_H5_DIR UNLABELED_H5_DIR   # convert, plan, preprocess
 #   bash scripts/acdc_benchmark.sh screen                                    # all trainers, labeled 4, seed 0
-#   bash scripts/acdc_benchmark.sh ablate                                    # + each method's _paper variant, same runs
+#   bash scripts/acdc_benchmark.sh ablate [TRAINER ...]                      # + each method's _paper variant (and these
+#                                                                            # ablations, e.g. nnUNetTrainerMSPA_noSPA), same runs
 #   bash scripts/acdc_benchmark.sh best [K]                                  # the K (3) best methods of the screening on
-#                                                                            # validation (a method's default or _paper form)
+#                                                                            # validation (a method's default or a variant)
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
 #                                                                            # CPU bf16 for all (PRECISION=fp32 to change)
@@ -21,7 +22,7 @@
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm) ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,21p' "$0" >&2; exit 2 ;;
 esac
 work_default="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/nnunet_proto_work/acdc"
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
@@ -59,10 +60,10 @@ case "$stage" in
     "$py" - "$summary" "${1:-3}" <<'PY'
 import json, sys
 ranking = json.load(open(sys.argv[1]))["validation_ranking"]["4"]
-best = {}  # one entry per method: its default or its _paper variant, whichever validates better
+best = {}  # one entry per method: its default or a variant (_paper, ablations), whichever validates better
 for r in ranking:
     print(f"{r['trainer']}: validation Dice {100 * r['validation_dice']:.1f}", file=sys.stderr)
-    best.setdefault(r["trainer"].removesuffix("_paper"), r["trainer"])
+    best.setdefault(r["trainer"].split("_")[0], r["trainer"])
 print(" ".join(list(best.values())[:int(sys.argv[2])]))
 PY
     ;;
@@ -77,7 +78,7 @@ PY
       --name "acdc_confirm_$precision" -o "$work/reports/acdc_confirm_$precision" -tr "$@"
     ;;
   *)
-    sed -n '2,20p' "$0" >&2
+    sed -n '2,21p' "$0" >&2
     exit 2
     ;;
 esac

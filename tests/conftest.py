@@ -142,3 +142,20 @@ def labeled_batch(trainer):
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # let tests import helpers from conftest
+
+
+@pytest.fixture
+def plot_labels(monkeypatch) -> List[str]:
+    """The ``label=`` of every ``Axes.plot`` call while the test runs (what progress.png draws)."""
+    import matplotlib.axes
+
+    labels: List[str] = []
+    plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    return labels
+

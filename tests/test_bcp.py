@@ -43,15 +43,21 @@ def test_stage_one_is_labeled_copy_paste_only():
     assert batch.images.shape[0] == data_l.shape[0] and not batch.from_pseudo.any()
     inputs = _inputs(m, batch)
     sup = m.supervised_loss(inputs)
-    full = mixed_deep_supervision_loss(inputs.outputs, batch, (0.6, 0.4))
+    # our Dice convention (MPER's): foreground classes present in the region
+    full = mixed_deep_supervision_loss(inputs.outputs, batch, (0.6, 0.4), include_background=False, present_only=True)
     torch.testing.assert_close(sup, BCP_LOSS_SCALE * full)
+    bcp = _method(dice_include_background=True, dice_present_only=False)  # BCP's: all classes incl. background
+    torch.testing.assert_close(bcp.supervised_loss(inputs),
+                               BCP_LOSS_SCALE * mixed_deep_supervision_loss(inputs.outputs, batch, (0.6, 0.4)))
+    assert not torch.allclose(bcp.supervised_loss(inputs), sup)
     assert m.losses(inputs)["pseudo"].item() == 0.0 and m.weights(0.1) == {"pseudo": 0.0}
 
 
 @pytest.mark.parametrize("spatial", [(8, 10), (4, 8, 10)])
 def test_stage_two_terms_add_up_to_bcp_mix_loss(spatial):
     """Paper form (ungated): L_sup + 0.5 L_pseudo == BCP's mix_loss with u_weight 0.5, halved (CE + Dice)/2."""
-    m = _method(len(spatial), **{"pseudo_label_threshold": 0.0})
+    m = _method(len(spatial), **{"pseudo_label_threshold": 0.0, "dice_include_background": True,
+                                 "dice_present_only": False})
     m.begin_self_training(0.25)
     data_l, targets, data_u, t_logits = _data(3, spatial)
     batch = m.make_batch(data_l, targets, data_u, t_logits, generator=_gen(5))
@@ -109,16 +115,26 @@ def test_ema_reduces_to_the_paper_value_at_the_paper_run_length(dims, run_steps)
 
 
 def test_schedule_and_state():
-    m = _method(2)
+    m = _method(2, stage_switch="fixed")
     assert m.stage_one_epochs(100) == 25 and m.stage_one_epochs(2) == 1 and m.stage_one_epochs(1) == 0
     assert _method(3).stage_one_epochs(17) == 2
-    assert m.needs_switch(25, 100) and not m.needs_switch(24, 100)
-    m.begin_self_training(0.25)
+    assert m.switch_decision(25, 100)["reason"] == "fixed" and m.switch_decision(24, 100) is None
+    assert BCPConfig.paper().stage_switch == "fixed" and BCPConfig().stage_switch == "ready"
+    ready = _method(2)  # floor 10 %, cap 50 %, two consecutive validations with every class >= 0.5
+    assert ready.switch_decision(9, 100, [[0.9, 0.9]] * 9) is None  # before the floor
+    assert ready.switch_decision(10, 100, [[0.9, 0.9], [0.9, 0.4]]) is None
+    assert ready.switch_decision(10, 100, [[0.6, 0.5], [0.9, 0.7]])["reason"] == "ready"
+    cap = ready.switch_decision(50, 100, [[0.9, 0.0]] * 2)
+    assert cap["reason"] == "cap" and cap["reset_teacher"] is False
+    m.begin_self_training(0.25, m.switch_decision(25, 100))
     with pytest.raises(RuntimeError, match="once"):
         m.begin_self_training(0.3)
     other = _method(2)
     other.load_state_dict(m.state_dict())
-    assert other.stage == 2 and other.stage_two_start == 0.25
+    assert other.stage == 2 and other.stage_two_start == 0.25 and other.switch_report["reason"] == "fixed"
+    old = {"stage": 2, "stage_two_start": 0.25}  # a checkpoint from before the readiness switch
+    other.load_state_dict(old)
+    assert other.switch_report == {}
     with pytest.raises(ValueError, match="lacks"):
         other.load_state_dict({"stage": 1})
     with pytest.raises(ValueError, match="pretrain_fraction"):
@@ -126,8 +142,10 @@ def test_schedule_and_state():
 
 
 def test_trainer_switch_resets_teacher_and_trains_on_pseudo_labels(synthetic_dataset, fresh_results):
+    from nnunet_proto.training.compat import PSEUDO_DICE_KEY
+
     trainer = build_trainer("nnUNetTrainerBCP", synthetic_dataset, "2d")
-    trainer.num_epochs, trainer.num_iterations_per_epoch = 4, 2
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 4, 2  # readiness floor epoch 1, cap epoch 2
     trainer.on_train_start()
     try:
         trainer.on_epoch_start()
@@ -137,9 +155,35 @@ def test_trainer_switch_resets_teacher_and_trains_on_pseudo_labels(synthetic_dat
         assert out["ssl_weight_pseudo"] == 0.0 and "ssl_pl_kept" not in out
         trainer.train_step(next(trainer.dataloader_train))
         trainer.on_train_epoch_end([out])
-        trainer.current_epoch = 1  # stage_one_epochs(4) == 1
+        trainer.logger.log(PSEUDO_DICE_KEY, [0.2, 0.6], 0)  # what nnU-Net's validation of epoch 0 logged
+        trainer.current_epoch = 1
         trainer.on_train_epoch_start()
-        assert trainer.method.stage == 2
+        assert trainer.method.stage == 1  # a class below 0.5: not ready
+        trainer.logger.log(PSEUDO_DICE_KEY, [0.7, 0.6], 1)
+        trainer.current_epoch = 2  # the cap: ready once only, so the teacher is not handed the student...
+        trainer.train_step(next(trainer.dataloader_train))  # (the EMA teacher now lags the student)
+        teacher = {k: v.clone() for k, v in trainer.teacher.module.state_dict().items()}
+        trainer.on_train_epoch_start()
+        assert trainer.method.stage == 2 and trainer.method.switch_report["reason"] == "cap"
+        assert "the teacher is NOT reset" in open(trainer.log_file).read()
+        for k, v in trainer.teacher.module.state_dict().items():
+            torch.testing.assert_close(v, teacher[k])
+        assert trainer.resolved_config()["switch"]["reason"] == "cap"
+    finally:
+        trainer.on_train_end()
+
+    trainer = build_trainer("nnUNetTrainerBCP", synthetic_dataset, "2d")
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 4, 2
+    trainer.on_train_start()
+    try:
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        trainer.train_step(next(trainer.dataloader_train))
+        for epoch in (0, 1):
+            trainer.logger.log(PSEUDO_DICE_KEY, [0.7, 0.6], epoch)
+        trainer.current_epoch = 1  # at the floor, ready in two consecutive validations
+        trainer.on_train_epoch_start()
+        assert trainer.method.stage == 2 and trainer.method.switch_report["reason"] == "ready"
         student = unwrap_network(trainer.network).state_dict()
         for k, v in trainer.teacher.module.state_dict().items():
             torch.testing.assert_close(v, student[k])  # teacher := pre-trained student

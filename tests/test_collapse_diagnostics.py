@@ -4,7 +4,6 @@ logged and plotted."""
 import json
 import math
 
-import matplotlib.axes
 import pytest
 import torch
 from conftest import build_trainer
@@ -50,21 +49,14 @@ def _collapsing_teacher(trainer):
     return forward
 
 
-def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results, monkeypatch):
+def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results, plot_labels):
     base = build_trainer("nnUNetTrainerMeanTeacher", synthetic_dataset, "2d")
     cls = type("nnUNetTrainerMeanTeacherDiag", (type(base),), {"method_class": _ReportingMeanTeacher})
     trainer = cls(plans=_plans(synthetic_dataset), configuration="2d", fold=synthetic_dataset.fold,
                   dataset_json=synthetic_dataset.dataset_json(), device=torch.device("cpu"))
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 4, 2, 1
     trainer.teacher_forward = _collapsing_teacher(trainer)
-    labels = []
-    plot = matplotlib.axes.Axes.plot
-
-    def spy(self, *args, **kwargs):
-        labels.append(kwargs.get("label"))
-        return plot(self, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    labels = plot_labels
     trainer.run_training()
 
     log = trainer.logger.local_logger.my_fantastic_logging

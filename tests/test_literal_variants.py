@@ -35,7 +35,21 @@ def test_every_method_trainer_has_a_literal_variant():
 def test_literal_variants_are_not_top_level_trainers():
     from nnunet_proto.training.discovery import semi_supervised_trainer_names as scan
 
-    assert not [n for n in scan(TRAINERS_DIR) if n.endswith("_paper")]
+    names = scan(TRAINERS_DIR)
+    assert not [n for n in names if n.endswith("_paper")]
+    assert "nnUNetTrainerMSPA_noSPA" not in names and "nnUNetTrainerMSPA" in names
+
+
+def test_mspa_spa_ablation_variant_zeroes_only_the_spa_weight(synthetic_dataset, fresh_results):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    cls = recursive_find_trainer_class_by_name("nnUNetTrainerMSPA_noSPA")
+    assert cls.__mro__[1].__name__ == "nnUNetTrainerMSPA"
+    assert cls.config == MSPAConfig(spa_weight=0.0)
+    trainer = build_trainer("nnUNetTrainerMSPA_noSPA", synthetic_dataset)
+    trainer.initialize()
+    weights = trainer.method.weights(1.0)
+    assert weights["spa"] == 0.0 and weights["lpa"] == weights["upa"] > 0
 
 
 @pytest.mark.parametrize("name", sorted(LITERAL))

@@ -1,14 +1,16 @@
 """nnUNetTrainerBCP: bidirectional copy-paste with a mean teacher (Bai et al., CVPR 2023, arXiv 2305.00673).
 
-Stage one (first 25 % of the epochs in 2D, 2/17 in 3D, the paper's iteration counts): labeled copy-paste.
-Stage two: teacher reset to the student, then bidirectional copy-paste of labeled and unlabeled patches
+Stage one: labeled copy-paste until the student is ready (every foreground class at pseudo-Dice ≥ 0.5 on
+nnU-Net's validation cases in two consecutive epochs, between 10 % and 50 % of the run; ``stage_switch="fixed"``:
+the paper's 25 % in 2D, 2/17 in 3D). Stage two: teacher reset to the student (not if the cap forced an unready
+switch), then bidirectional copy-paste of labeled and unlabeled patches
 with the teacher's confidence-gated pseudo labels, L = L_sup(ground-truth regions) + 0.5 · L_pseudo, EMA
 0.99 rescaled to the run. ``BCPConfig.paper()`` is the paper's ungated form. Inference: nnU-Net's own head.
 Tensor logic: nnunet_proto/methods/bcp.py and nnunet_proto/ops/copy_paste.py; see docs/methods/bcp.md.
 nnUNetTrainerBCP_paper: that form as a trainer.
 Short variants: nnUNetTrainerBCP_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -16,6 +18,7 @@ from nnunet_proto.methods.bcp import BCP, BCPConfig, BCPStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
 from nnunet_proto.training.precision import float32_fields, float32_math
+from nnunet_proto.training.stage_switch import fmt_dice, maybe_switch_stage
 from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
@@ -25,22 +28,44 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
 
     def on_train_start(self):
         super().on_train_start()
-        self.print_to_log_file(f"BCP: stage {self.method.stage} at epoch {self.current_epoch}; "
-                               f"{self.method.stage_one_epochs(self.num_epochs)} pre-training epoch(s)")
+        if self.config.stage_switch == "fixed":
+            plan = f"{self.method.stage_one_epochs(self.num_epochs)} pre-training epoch(s)"
+        else:
+            floor, cap = self.method.stage_one_bounds(self.num_epochs)
+            plan = (f"stage two when every foreground class reaches validation pseudo-Dice {self.config.ready_dice:g} "
+                    f"(epochs {floor}..{cap})")
+        self.print_to_log_file(f"BCP: stage {self.method.stage} at epoch {self.current_epoch}; {plan}")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.method.needs_switch(self.current_epoch, self.num_epochs):
-            self.start_self_training()
+        maybe_switch_stage(self, "BCP")
 
-    def start_self_training(self) -> None:
-        """Stage switch (once): teacher := the pre-trained student, then bidirectional copy-paste."""
-        self.method.begin_self_training(self.progress)
-        self.reset_teacher()
-        self.print_to_log_file(f"BCP stage two from epoch {self.current_epoch}: teacher reset to the student "
-                               f"(EMA {self.teacher.decay:.5g})")
+    def start_self_training(self, decision: Optional[Dict] = None) -> None:
+        """Stage switch (once): teacher := the pre-trained student, unless the cap forced an unready switch; then
+        bidirectional copy-paste."""
+        decision = decision if decision is not None else {"epoch": self.current_epoch, "reason": "forced",
+                                                          "reset_teacher": True}
+        self.method.begin_self_training(self.progress, decision)
+        if decision["reset_teacher"]:
+            self.reset_teacher()
+            teacher = "teacher reset to the student"
+        else:
+            self._ensure_teacher()  # the stage-two length is known now: the EMA decay follows it
+            teacher = ("WARNING: the student is not ready (pseudo-Dice below the threshold), so the teacher is NOT "
+                       "reset to it; the EMA teacher of stage one continues")
+        self.print_to_log_file(
+            f"BCP stage two from epoch {self.current_epoch} ({decision['reason']}; validation pseudo-Dice "
+            f"{fmt_dice(decision.get('pseudo_dice'))}): {teacher} (EMA {self.teacher.decay:.5g})")
+        self.write_resolved_config()  # the switch and the resolved EMA decay go into nnunet_proto_config.json
+
+    def resolved_config(self) -> Dict:
+        cfg = super().resolved_config()
+        if self.method.switch_report:
+            cfg["switch"] = dict(self.method.switch_report)
+        return cfg
 
     def enter_last_stage(self) -> None:
+        """Switch to stage two now, whatever the readiness (for tests and tools; logged as ``forced``)."""
         if self.method.stage == 1:
             self.start_self_training()
 

@@ -12,7 +12,7 @@ docs/methods/mper.md. Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs
 _100epochs, _250epochs.
 """
 from contextlib import nullcontext
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import autocast
@@ -20,7 +20,7 @@ from torch import autocast
 from nnunet_proto.methods.mper import MPER, MPERConfig, MPERStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.compat import pseudo_dice_history
+from nnunet_proto.training.stage_switch import fmt_dice, maybe_switch_stage
 from nnunet_proto.training.variants import literal_variant, schedule_variants
 
 
@@ -41,18 +41,7 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.method.stage != 1:
-            return
-        history = pseudo_dice_history(self)
-        dice = history[-1] if history else None
-        decision = self.method.switch_decision(self.current_epoch, self.num_epochs, history)
-        if decision is not None:
-            self.start_self_training(decision)
-        elif self.config.stage_switch == "ready":
-            floor, cap = self.method.stage_one_bounds(self.num_epochs)
-            self.print_to_log_file(f"MPER stage one at epoch {self.current_epoch}: validation pseudo-Dice per "
-                                   f"foreground class {_fmt(dice)}, switch when all >= {self.config.ready_dice:g} "
-                                   f"in {self.config.ready_epochs} consecutive validations (epochs {floor}..{cap})")
+        maybe_switch_stage(self, "MPER")
 
     def start_self_training(self, decision: Optional[Dict] = None) -> None:
         """Stage switch (once): k-means bank from labeled embeddings of the pre-trained student, then
@@ -71,7 +60,7 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
                        "reset to it; the EMA teacher of stage one continues")
         self.print_to_log_file(
             f"MPER stage two from epoch {self.current_epoch} ({decision['reason']}; validation pseudo-Dice "
-            f"{_fmt(decision.get('pseudo_dice'))}, threshold {self.config.ready_dice:g}): k-means bank from "
+            f"{fmt_dice(decision.get('pseudo_dice'))}, threshold {self.config.ready_dice:g}): k-means bank from "
             f"{self.config.kmeans_batches} labeled batches {report}; {teacher}; prototype momentum "
             f"{self.method.prototype_momentum:.6g} over {self.method.stage_two_steps()} stage-two steps")
         self.write_resolved_config()  # the switch decision and the resolved η go into nnunet_proto_config.json
@@ -118,10 +107,6 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
         terms = self.method_losses(inputs)
         method.update_prototypes(inputs)  # no gradient; a no-op in stage one
         return self.combine(sup, terms)
-
-
-def _fmt(dice: Optional[Sequence[float]]) -> str:
-    return "none yet" if not dice else "[" + ", ".join(f"{d:.3f}" for d in dice) + "]"
 
 
 globals().update(schedule_variants(nnUNetTrainerMPER))

@@ -3,7 +3,8 @@ Semi-Supervised Medical Image Segmentation", CVPR 2023, arXiv 2305.00673).
 
 Two stages inside one nnU-Net run:
 
-1. **Pre-training** (the first ``pretrain_fraction`` of the epochs): labeled-only copy-paste. Labeled
+1. **Pre-training** (until the student is ready, ``stage_switch="ready"``, or the first ``pretrain_fraction``
+   of the epochs, ``"fixed"``; ``methods/stage_switch.py``): labeled-only copy-paste. Labeled
    patch i is the context for a box cut from labeled patch (i + 1) mod B; loss = ½ Σ_regions (CE + Dice)
    of nnU-Net's head against the mixed ground truth, with nnU-Net's deep supervision.
 2. **Self-training**: at the switch the EMA teacher is reset to the pre-trained student (BCP: both start
@@ -27,20 +28,24 @@ Changes for nnU-Net's regime (docs/methods/bcp.md; ``BCPConfig.paper()`` restore
 * the EMA decay 0.99 is rescaled to this run (``time_constants``): BCP used it over its self-training
   iterations (ACDC 30k, LA 15k), so the reference is the paper's self-training length and the run length
   is this run's self-training stage;
-* pre-training and self-training split the run in the paper's proportion (ACDC 10k + 30k, LA 2k + 15k).
+* the switch waits until every foreground class reaches pseudo-Dice 0.5 on nnU-Net's validation cases in two
+  consecutive epochs, between 10 % and 50 % of the run (BCP: after a fixed 10k of 40k / 2k of 17k iterations;
+  ``stage_switch="fixed"``); unready at the cap, the teacher is not reset to the student;
+* the region Dice averages over the foreground classes present in each region's labels (MPER's convention
+  here; BCP: all classes incl. background, where absent classes add a constant ~1 that dilutes the gradient).
 
 Batches of any size: labeled patch i pairs with unlabeled patch i (``ops.copy_paste.partner``), so B = 1,
 2 or odd all work. The shared copy-paste pieces are in ``nnunet_proto/ops/copy_paste.py`` (also used by MPER).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
+from nnunet_proto.methods.stage_switch import epochs_for, stage_one_bounds, switch_decision, validate_switch_config
 from nnunet_proto.ops.copy_paste import (
     BCP_BOX_FRACTION,
     MixedBatch,
@@ -72,11 +77,18 @@ class BCPConfig(SemiSupervisedConfig):
             the EMA horizon is rescaled to this run's self-training stage.
 
     BCP fields:
-        pretrain_fraction: fraction of the epochs spent in labeled-only pre-training; ``None`` = the paper's
-            10k / 40k = 0.25 (2D) and 2k / 17k ≈ 0.118 (3D). At most epochs − 1 epochs, so stage two runs.
+        stage_switch / ready_dice / ready_epochs / min_pretrain_fraction / max_pretrain_fraction: when
+            stage two starts (``nnunet_proto/methods/stage_switch.py``): ``"ready"`` (ours, as MPER: every
+            foreground class at validation pseudo-Dice ≥ 0.5 in 2 consecutive epochs, between 10 % and 50 % of
+            the run) or ``"fixed"`` (paper) at ``pretrain_fraction``.
+        pretrain_fraction: stage-one share of the ``"fixed"`` switch; ``None`` = the paper's 10k / 40k = 0.25
+            (2D) and 2k / 17k ≈ 0.118 (3D). At most epochs − 1 epochs, so stage two runs.
         box_fraction: edge of the pasted box as a fraction of each patch edge; 2/3.
         dice_smooth: smoothing of the region Dice (BCP 3D ``mask_DiceLoss`` 1e-5).
-        dice_include_background: the region Dice averages over all classes incl. background (BCP).
+        dice_include_background / dice_present_only: which classes the region Dice averages over. Ours
+            (as MPER): foreground classes present in the region's labels (False / True). BCP: all classes
+            including background (True / False); a class absent from a region then adds a near-constant
+            Dice loss of ~1 that dilutes the gradient of the present ones.
     """
 
     ema_decay: float = 0.99
@@ -85,21 +97,28 @@ class BCPConfig(SemiSupervisedConfig):
     rampup_length: float = 0.0
     reference_steps: Optional[int] = None
     pretrain_fraction: Optional[float] = None
+    stage_switch: str = "ready"
+    ready_dice: float = 0.5
+    ready_epochs: int = 2
+    min_pretrain_fraction: float = 0.1
+    max_pretrain_fraction: float = 0.5
     box_fraction: float = BCP_BOX_FRACTION
     dice_smooth: float = 1e-5
-    dice_include_background: bool = True
+    dice_include_background: bool = False
+    dice_present_only: bool = True
 
     @classmethod
     def paper(cls, **changes) -> "BCPConfig":
-        """The paper's form: ungated argmax pseudo labels, EMA 0.99 as written."""
-        return cls(**{"pseudo_label_threshold": 0.0, "time_constants": "paper", **changes})
+        """The paper's form: ungated argmax pseudo labels, EMA 0.99 as written, the switch after a fixed share
+        of the run, the region Dice over all classes including background."""
+        return cls(**{"pseudo_label_threshold": 0.0, "time_constants": "paper", "stage_switch": "fixed",
+                      "dice_include_background": True, "dice_present_only": False, **changes})
 
     def validate(self) -> None:
         super().validate()
         if not self.use_teacher:
             raise ValueError("BCP needs use_teacher=True (pseudo labels come from the EMA teacher)")
-        if self.pretrain_fraction is not None and not 0.0 <= self.pretrain_fraction < 1.0:
-            raise ValueError(f"pretrain_fraction must be in [0, 1) or None (paper value), got {self.pretrain_fraction}")
+        validate_switch_config(self)
         if not 0.0 < self.box_fraction < 1.0:
             raise ValueError(f"box_fraction must be in (0, 1), got {self.box_fraction}; BCP uses 2/3")
         if self.dice_smooth <= 0:
@@ -119,7 +138,8 @@ class BCPStepInputs(StepInputs):
 class BCP(SemiSupervisedMethod):
     """BCP term ``pseudo`` (pseudo-labeled regions); the ground-truth regions are the trainer's supervised loss.
 
-    State (saved in checkpoints): ``stage`` (1 or 2) and ``stage_two_start`` (training progress at the switch).
+    State (saved in checkpoints): ``stage`` (1 or 2), ``stage_two_start`` (training progress at the switch) and
+    ``switch_report`` (the switch decision).
     """
 
     config_class = BCPConfig
@@ -131,6 +151,7 @@ class BCP(SemiSupervisedMethod):
         self.spatial_dims: Optional[int] = None
         self.stage = 1
         self.stage_two_start: Optional[float] = None
+        self.switch_report: Dict[str, Any] = {}
 
     def build_modules(self, feature_channels: Dict[str, int], num_classes: int, dim: int) -> None:
         """No trainable modules; records the dimensionality (paper schedule: 2D ACDC or 3D LA)."""
@@ -149,20 +170,27 @@ class BCP(SemiSupervisedMethod):
         return PAPER_PRETRAIN_STEPS[dim] / (PAPER_PRETRAIN_STEPS[dim] + PAPER_SELF_TRAINING_STEPS[dim])
 
     def stage_one_epochs(self, num_epochs: int) -> int:
-        """⌈fraction · num_epochs⌉ epochs of pre-training, capped at num_epochs − 1 (stage two always runs)."""
-        if num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-        return min(math.ceil(self.pretrain_fraction * num_epochs - 1e-9), num_epochs - 1)
+        """The ``"fixed"`` switch: ⌈fraction · num_epochs⌉ epochs of pre-training, at most num_epochs − 1."""
+        return epochs_for(self.pretrain_fraction, num_epochs)
 
-    def needs_switch(self, epoch: int, num_epochs: int) -> bool:
-        """True exactly when stage two must start now."""
-        return self.stage == 1 and epoch >= self.stage_one_epochs(num_epochs)
+    def stage_one_bounds(self, num_epochs: int) -> Tuple[int, int]:
+        """(first, last) epoch at which the readiness switch may / must start stage two (floor and cap)."""
+        return stage_one_bounds(self.config, num_epochs)
 
-    def begin_self_training(self, progress: float) -> None:
-        """Switch to stage two (once); the trainer resets the teacher to the student."""
+    def switch_decision(self, epoch: int, num_epochs: int,
+                        history: Optional[Sequence[Sequence[float]]] = None) -> Optional[Dict[str, Any]]:
+        """Whether stage two starts at the beginning of ``epoch`` (``methods.stage_switch.switch_decision``
+        with nnU-Net's validation pseudo-Dice ``history``); None = not yet, or already switched."""
+        if self.stage != 1:
+            return None
+        return switch_decision(self.config, epoch, num_epochs, self.pretrain_fraction, history)
+
+    def begin_self_training(self, progress: float, decision: Optional[Mapping[str, Any]] = None) -> None:
+        """Switch to stage two (once); the trainer resets the teacher to the student if the decision says so."""
         if self.stage != 1:
             raise RuntimeError("BCP is already in stage two; the switch (teacher reset) must happen once")
         self.stage, self.stage_two_start = 2, float(progress)
+        self.switch_report = {**(dict(decision) if decision else {}), "progress": float(progress)}
 
     def time_constants(self) -> Dict[str, Any]:
         """EMA decay rescaled from the paper's self-training length to this run's self-training stage."""
@@ -171,12 +199,14 @@ class BCP(SemiSupervisedMethod):
         if reference is None and dim is not None:
             reference = PAPER_SELF_TRAINING_STEPS[dim]
         stage_two = None
-        if self.run_steps is not None:
-            stage_two = max(1, round(self.run_steps * (1.0 - self.pretrain_fraction)))
+        if self.run_steps is not None:  # this run's self-training stage: known at the switch, else the plan
+            start = self.stage_two_start if self.stage_two_start is not None else self.pretrain_fraction
+            stage_two = max(1, round(self.run_steps * (1.0 - start)))
         decay = self.resolve_decay(self.config.ema_decay, reference, stage_two) if reference else self.config.ema_decay
         out = super().time_constants()
-        out.update({"reference_steps": reference, "pretrain_fraction": self.pretrain_fraction,
-                    "stage_two_steps": stage_two, "ema_decay": decay, "ema_horizon_steps": 1.0 / (1.0 - decay)})
+        out.update({"reference_steps": reference, "stage_switch": self.config.stage_switch,
+                    "pretrain_fraction": self.pretrain_fraction, "stage_two_steps": stage_two,
+                    "ema_decay": decay, "ema_horizon_steps": 1.0 / (1.0 - decay)})
         if stage_two:
             out["ema_horizon_fraction"] = out["ema_horizon_steps"] / stage_two  # of the self-training stage
         return out
@@ -203,7 +233,7 @@ class BCP(SemiSupervisedMethod):
         cfg = self.config
         return BCP_LOSS_SCALE * mixed_deep_supervision_loss(inputs.outputs, inputs.batch, inputs.scale_weights,
                                                             inputs.ignore_index, groups, cfg.dice_smooth,
-                                                            cfg.dice_include_background)
+                                                            cfg.dice_include_background, cfg.dice_present_only)
 
     def _check(self, inputs: StepInputs) -> BCPStepInputs:
         if not isinstance(inputs, BCPStepInputs) or inputs.batch is None or not inputs.outputs:
@@ -235,7 +265,7 @@ class BCP(SemiSupervisedMethod):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        return {"stage": self.stage, "stage_two_start": self.stage_two_start}
+        return {"stage": self.stage, "stage_two_start": self.stage_two_start, "switch_report": dict(self.switch_report)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = {"stage", "stage_two_start"} - set(state)
@@ -246,3 +276,4 @@ class BCP(SemiSupervisedMethod):
             raise ValueError(f"BCP stage must be 1 or 2, got {state['stage']!r}")
         self.stage = int(state["stage"])
         self.stage_two_start = state["stage_two_start"]
+        self.switch_report = dict(state.get("switch_report", {}))  # absent in checkpoints before the readiness switch

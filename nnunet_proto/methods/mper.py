@@ -49,13 +49,13 @@ gradient; their stage-one values are meaningless and the bank is not updated.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
+from nnunet_proto.methods.stage_switch import epochs_for, stage_one_bounds, switch_decision, validate_switch_config
 from nnunet_proto.ops.copy_paste import (  # MixGroup/MixedBatch live in ops (shared with BCP), re-exported here
     BCP_BOX_FRACTION,
     MixedBatch,
@@ -86,7 +86,6 @@ PAPER_GAMMA = {2: 0.1, 3: 0.02}
 UPDATE_MODES = ("pooled", "per_region")
 SIMILARITIES = ("cosine", "dot")
 CONTRAST_POSITIVES = ("class", "any")
-STAGE_SWITCHES = ("ready", "fixed")
 
 
 @dataclass(frozen=True)
@@ -244,20 +243,9 @@ class MPERConfig(SemiSupervisedConfig):
             raise ValueError(f"contrast_ignore must be one of {CONTRAST_IGNORE_MODES}, got {self.contrast_ignore!r}")
         if self.contrast_similarity not in SIMILARITIES:
             raise ValueError(f"contrast_similarity must be one of {SIMILARITIES}, got {self.contrast_similarity!r}")
-        if self.pretrain_fraction is not None and not 0.0 <= self.pretrain_fraction < 1.0:
-            raise ValueError(f"pretrain_fraction must be in [0, 1) or None (paper value), got {self.pretrain_fraction}")
         if self.contrast_positive not in CONTRAST_POSITIVES:
             raise ValueError(f"contrast_positive must be one of {CONTRAST_POSITIVES}, got {self.contrast_positive!r}")
-        if self.stage_switch not in STAGE_SWITCHES:
-            raise ValueError(f"stage_switch must be one of {STAGE_SWITCHES}, got {self.stage_switch!r}")
-        if not 0.0 <= self.ready_dice <= 1.0:
-            raise ValueError(f"ready_dice is a pseudo-Dice in [0, 1], got {self.ready_dice}")
-        if self.ready_epochs < 1:
-            raise ValueError(f"ready_epochs must be >= 1, got {self.ready_epochs}")
-        if not 0.0 <= self.min_pretrain_fraction <= self.max_pretrain_fraction < 1.0:
-            raise ValueError(f"need 0 <= min_pretrain_fraction <= max_pretrain_fraction < 1, got "
-                             f"min_pretrain_fraction={self.min_pretrain_fraction}, "
-                             f"max_pretrain_fraction={self.max_pretrain_fraction}")
+        validate_switch_config(self)
         if not 0.0 < self.box_fraction < 1.0:
             raise ValueError(f"box_fraction must be in (0, 1), got {self.box_fraction}; BCP uses 2/3")
         if self.unlabeled_weight < 0:
@@ -361,22 +349,13 @@ class MPER(SemiSupervisedMethod):
         """Stage-one fraction: the config value, or the paper's 0.25 (2D) / 2/17 (3D)."""
         return self._config_or_paper(self.config.pretrain_fraction, PAPER_PRETRAIN_FRACTION)
 
-    @staticmethod
-    def _epochs_for(fraction: float, num_epochs: int) -> int:
-        """⌈fraction · num_epochs⌉ epochs, capped at num_epochs − 1 (stage two always runs)."""
-        if num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
-        return min(math.ceil(fraction * num_epochs - 1e-9), num_epochs - 1)
-
     def stage_one_epochs(self, num_epochs: int) -> int:
         """Paper's fixed stage one: ⌈pretrain_fraction · num_epochs⌉ epochs, at most num_epochs − 1."""
-        return self._epochs_for(self.pretrain_fraction, num_epochs)
+        return epochs_for(self.pretrain_fraction, num_epochs)
 
     def stage_one_bounds(self, num_epochs: int) -> Tuple[int, int]:
         """(first, last) epoch at which the readiness switch may / must start stage two (floor and cap)."""
-        cfg = self.config
-        return self._epochs_for(cfg.min_pretrain_fraction, num_epochs), \
-            self._epochs_for(cfg.max_pretrain_fraction, num_epochs)
+        return stage_one_bounds(self.config, num_epochs)
 
     def resolved(self, num_epochs: int) -> Dict[str, Any]:
         """Values that depend on the dimensionality or the schedule, for logs and nnunet_proto_config.json."""
@@ -439,42 +418,11 @@ class MPER(SemiSupervisedMethod):
     # ------------------------------------------------------------------ stage switch
     def switch_decision(self, epoch: int, num_epochs: int,
                         history: Optional[Sequence[Sequence[float]]] = None) -> Optional[Dict[str, Any]]:
-        """Whether stage two starts at the beginning of ``epoch``; None = not yet (or already switched).
-
-        Args:
-            epoch: the epoch about to start; num_epochs: epochs of the run.
-            history: nnU-Net's per-foreground-class pseudo-Dice on its validation cases, one list per
-                finished epoch, oldest first (``dice_per_class_or_region``); None / empty before the first.
-                Ready = every class ≥ ``ready_dice`` in each of the last ``ready_epochs`` entries.
-        Returns: ``{"epoch", "reason", "reset_teacher", "pseudo_dice", "ready_dice", "floor_epoch",
-        "cap_epoch"}`` where reason is ``"fixed"`` (paper schedule), ``"ready"`` (every foreground class
-        ≥ ready_dice, at or after the floor) or ``"cap"`` (not ready at the cap: switch without the
-        teacher reset, ``reset_teacher=False``).
-        """
+        """Whether stage two starts at the beginning of ``epoch`` (``methods.stage_switch.switch_decision``);
+        None = not yet, or already switched."""
         if self.stage != 1:
             return None
-        cfg = self.config
-        history = [[float(d) for d in entry] for entry in (history or [])]
-        dice = history[-1] if history else []
-        report: Dict[str, Any] = {"epoch": int(epoch), "pseudo_dice": dice, "ready_dice": cfg.ready_dice}
-        if cfg.stage_switch == "fixed":
-            if epoch >= self.stage_one_epochs(num_epochs):
-                return {**report, "reason": "fixed", "reset_teacher": True}
-            return None
-        floor, cap = self.stage_one_bounds(num_epochs)
-        report.update(floor_epoch=floor, cap_epoch=cap)
-        if epoch < floor:
-            return None
-        # NaN (a class neither predicted nor present in the validation patches) counts as not ready
-        recent = history[-cfg.ready_epochs:]
-        ready = len(recent) == cfg.ready_epochs and all(
-            entry and all(math.isfinite(d) and d >= cfg.ready_dice for d in entry) for entry in recent)
-        report["ready_epochs"] = cfg.ready_epochs
-        if ready:
-            return {**report, "reason": "ready", "reset_teacher": True}
-        if epoch >= cap:
-            return {**report, "reason": "cap", "reset_teacher": False}
-        return None
+        return switch_decision(self.config, epoch, num_epochs, self.pretrain_fraction, history)
 
     def new_reservoir(self, ignore_index: Optional[int]) -> ClassReservoir:
         """An empty bounded, seeded sample of labeled embeddings for ``begin_self_training``."""

@@ -20,6 +20,7 @@ Leaf trainers (``trainers/``) set ``method_class`` and ``config`` and nothing el
 from __future__ import annotations
 
 import json
+import math
 import os
 from time import time
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
@@ -49,6 +50,7 @@ from nnunet_proto.training.precision import (
     step_autocast,
 )
 from nnunet_proto.training.progress import (
+    CLIP_NORM,
     COLLAPSE_EPOCHS,
     COLLAPSE_RATIO,
     DIAG_PREFIX,
@@ -56,6 +58,7 @@ from nnunet_proto.training.progress import (
     SemiSupervisedLogger,
     collapse_keys,
     collapsing_classes,
+    gradnorm_keys,
 )
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
@@ -148,6 +151,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.precision = cpu_precision()  # NNUNET_PROTO_CPU_PRECISION (bf16 autocast on CPU, opt-in)
         self._start_epoch = 0
         self._step_collapse: Dict[str, torch.Tensor] = {}
+        self._probe_terms: Optional[Dict[str, torch.Tensor]] = None  # weighted terms of a gradient-probe step
         num_classes = self.label_manager.num_segmentation_heads
         self.diagnostic_keys = tuple(self.method.diagnostic_keys(num_classes))
         self.logger.local_logger = SemiSupervisedLogger(
@@ -368,19 +372,27 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
+        probe = self.grad_probe and self._iter_in_epoch == 0 and not self.is_ddp
+        self._probe_terms = {} if probe else None
         with step_autocast(self.device, self.precision):
             total, logs = self.compute_loss(data_l, target, data_u)
+        if probe:
+            logs.update(self.probe_gradient_norms(self._probe_terms))
+        else:  # nnU-Net collates every step's keys: NaN where not probed, skipped in the epoch mean
+            logs.update({f"gradnorm_{n}": float("nan") for n in ("sup", *self.method.term_names)})
+        self._probe_terms = None
 
         if self.grad_scaler is not None:
             self.grad_scaler.scale(total).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            self._sync_and_clip()
+            grad_norm = self._sync_and_clip()
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             total.backward()
-            self._sync_and_clip()
+            grad_norm = self._sync_and_clip()
             self.optimizer.step()
+        logs["gradnorm_total"] = grad_norm
         self.after_optimizer_step()
         self._iter_in_epoch += 1
         out = {"loss": total.detach().cpu().numpy()}
@@ -412,10 +424,36 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             teacher_logits_u, target_l, self.label_manager.num_segmentation_heads,
             ignore_index=self.label_manager.ignore_label, pseudo=self.method.gate_teacher(teacher_logits_u))
 
-    def _sync_and_clip(self) -> None:
+    def _sync_and_clip(self) -> torch.Tensor:
+        """Average method-module gradients across ranks, clip like nnU-Net; returns the norm before clipping."""
         if self.method_modules is not None:  # DDP averages only self.network's gradients
             all_reduce_gradients_(self.method_modules.parameters())
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), 12)
+        return torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), CLIP_NORM).detach()
+
+    #: measure each weighted term's gradient norm on the first step of every epoch (a few extra backward
+    #: passes per epoch; off in DDP, where autograd.grad bypasses the gradient reducer)
+    grad_probe: ClassVar[bool] = True
+
+    def probe_gradient_norms(self, terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``{"gradnorm_<name>": ‖∂term/∂θ‖}`` over the trainable parameters for the weighted terms of this step.
+
+        Shows which term drives the network: a term whose weighted gradient dwarfs the supervised one
+        decides the direction of every step, and nnU-Net's clipping (norm 12) then also shrinks the
+        supervised update. Under a GradScaler the terms are scaled before and the norms unscaled after, as in
+        the real backward pass. A term outside the graph (weight exactly 0 with a detached value) gives 0.
+        """
+        params = [p for p in self.trainable_parameters() if p.requires_grad]
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        norms = {}
+        for name, value in terms.items():
+            if not value.requires_grad:
+                norms[f"gradnorm_{name}"] = torch.zeros((), device=value.device)
+                continue
+            grads = torch.autograd.grad(value * scale, params, retain_graph=True, allow_unused=True)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            norm = torch.stack(squares).sum().sqrt() / scale if squares else torch.zeros((), device=value.device)
+            norms[f"gradnorm_{name}"] = norm.detach()
+        return norms
 
     def after_optimizer_step(self) -> None:
         if self.teacher is not None:
@@ -498,6 +536,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             raise RuntimeError(f"{type(self.method).__name__} did not return loss terms {sorted(missing)}")
         total = sup
         logs: Dict[str, float] = {"loss_sup": sup.detach()}
+        if self._probe_terms is not None:  # a gradient-probe step (train_step): keep the attached terms
+            self._probe_terms["sup"] = sup
+            self._probe_terms.update({name: weights[name] * terms[name] for name in self.method.term_names})
         for name in self.method.term_names:
             total = total + weights[name] * terms[name]
             logs[f"loss_{name}"] = terms[name].detach()
@@ -510,8 +551,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         values.update({f"weight_{n}": [] for n in self.method.term_names})
         values.update({k[len(PREFIX):]: [] for k in self.logger.local_logger.extra_keys()
                        if k.startswith(DIAG_PREFIX) or k in collapse_keys(self.logger.local_logger.num_classes)})
+        values.update({k[len(PREFIX):]: [] for k in gradnorm_keys(self.method.term_names)})
         for key in values:
             values[key] = [o[PREFIX + key] for o in train_outputs if PREFIX + key in o]
+            if key.startswith("gradnorm_"):  # probed on one step per epoch, NaN on the others
+                values[key] = [v for v in values[key] if not math.isnan(v)]
         means = {k: float(np.mean(v)) if v else float("nan") for k, v in values.items()}
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
@@ -527,6 +571,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.print_to_log_file("semi-supervised terms: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
                                + f"; waited for data {waits['labeled']:.2f} s labeled, "
                                  f"{waits['unlabeled']:.2f} s unlabeled")
+        self.print_to_log_file("gradient norms (weighted terms, first step): " + ", ".join(
+            f"{k[len('gradnorm_'):]} {means[k]:.3g}" for k in (key[len(PREFIX):] for key in gradnorm_keys(
+                self.method.term_names)) if k != "gradnorm_total")
+            + f"; total before clipping at {CLIP_NORM:g} (epoch mean) {means['gradnorm_total']:.3g}")
         self.log_collapse_diagnostics(means)
 
     def log_collapse_diagnostics(self, means: Dict[str, float]) -> None:

@@ -24,6 +24,7 @@ def semi_supervised_trainer_names(trainers_dir: Path, module_prefix: str = "_sca
         for name, obj in vars(module).items():
             if (isinstance(obj, type) and issubclass(obj, nnUNetTrainerSemiSupervised)
                     and obj is not nnUNetTrainerSemiSupervised and obj.__name__ == name
-                    and obj.__module__ == module.__name__ and name.rsplit("_", 1)[-1] not in suffixes):
+                    and obj.__module__ == module.__name__ and name.rsplit("_", 1)[-1] not in suffixes
+                    and "variant_of" not in vars(obj)):
                 names.append(name)
     return names

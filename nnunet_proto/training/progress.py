@@ -6,9 +6,10 @@ unweighted loss terms with the supervised loss, the term weights λ(t), the time
 waiting for labeled and unlabeled batches (in the epoch-time panel), the collapse diagnostics (per
 foreground class, the share of the teacher's pseudo labels on unlabeled patches next to its share in
 the labeled patches, with the teacher's mean confidence and the gate's kept fraction; for single-network
-methods such as MSPA the network's own predictions on the unlabeled patches) and the
-method's own diagnostics. Everything is stored in the checkpoint's ``logging`` entry, so curves
-continue across ``--c`` resumes.
+methods such as MSPA the network's own predictions on the unlabeled patches), the gradient norms (the
+weighted gradient of each term against the supervised one, probed on the first step of every epoch, and
+the total norm before nnU-Net's clipping at 12) and the method's own diagnostics. Everything is stored
+in the checkpoint's ``logging`` entry, so curves continue across ``--c`` resumes.
 """
 from __future__ import annotations
 
@@ -32,6 +33,13 @@ COLLAPSE_RATIO = 0.1
 #: an average over all steps of its epoch. The labeled share is inflated by nnU-Net's foreground oversampling
 #: (a third of the labeled patches are centred on foreground), which the factor 10 leaves room for.
 COLLAPSE_EPOCHS = 3
+#: nnU-Net clips the gradient norm of every step at this value (nnUNetTrainer.train_step)
+CLIP_NORM = 12.0
+
+
+def gradnorm_keys(term_names: Iterable[str]) -> List[str]:
+    """Logged gradient norms: per term (weighted, as it acts), supervised, and the total before clipping."""
+    return [PREFIX + "gradnorm_sup", *(f"{PREFIX}gradnorm_{t}" for t in term_names), PREFIX + "gradnorm_total"]
 
 
 def collapse_keys(num_classes: int) -> List[str]:
@@ -72,6 +80,7 @@ class SemiSupervisedLogger(LocalLogger):
         keys += [f"{PREFIX}weight_{t}" for t in self.term_names]
         keys += [PREFIX + "wait_labeled_s", PREFIX + "wait_unlabeled_s"]
         keys += collapse_keys(self.num_classes)
+        keys += gradnorm_keys(self.term_names)
         keys += [DIAG_PREFIX + d for d in self.diagnostic_names]
         return keys
 
@@ -89,7 +98,7 @@ class SemiSupervisedLogger(LocalLogger):
         if epoch < 0:
             return
         x = list(range(epoch + 1))
-        panels = 6 + bool(self.diagnostic_names)
+        panels = 7 + bool(self.diagnostic_names)
         fig, axes = plt.subplots(panels, 1, figsize=(30, 16 * panels))
         plt.rcParams.update({"font.size": 24})
 
@@ -181,9 +190,24 @@ class SemiSupervisedLogger(LocalLogger):
         if handles or handles2:  # one legend for both axes (two would overlap above the panel)
             ax.legend(handles + handles2, names + names2, loc=(0, 1), ncol=3)
 
-        # 7: the method's own diagnostics
+        # 7: gradient norms (log scale): which term drives the network, and how often nnU-Net's clipping bites
+        ax = axes[6]
+        ax.plot(x, log[PREFIX + "gradnorm_sup"][:epoch + 1], color="k", ls="--", linewidth=3,
+                label="supervised (probe, first step of the epoch)")
+        for name in self.term_names:
+            ax.plot(x, log[f"{PREFIX}gradnorm_{name}"][:epoch + 1], linewidth=4, label=f"weight x {name} (probe)")
+        ax.plot(x, log[PREFIX + "gradnorm_total"][:epoch + 1], color="grey", linewidth=3,
+                label="total before clipping (epoch mean)")
+        ax.axhline(CLIP_NORM, color="r", ls="dotted", linewidth=2, label=f"nnU-Net's clipping norm {CLIP_NORM:g}")
+        if any(v > 0 for k in gradnorm_keys(self.term_names) for v in log[k][:epoch + 1] if v == v):
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("gradient norm")
+        ax.legend(loc=(0, 1), ncol=3)
+
+        # 8: the method's own diagnostics
         if self.diagnostic_names:
-            ax = axes[6]
+            ax = axes[7]
             for name in self.diagnostic_names:
                 ax.plot(x, log[DIAG_PREFIX + name][:epoch + 1], label=name, linewidth=4)
             ax.set_xlabel("epoch")

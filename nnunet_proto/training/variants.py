@@ -53,6 +53,18 @@ def schedule_variants(base: type) -> Dict[str, type]:
 LITERAL_SUFFIX = "paper"
 
 
+def config_variant(base: type, suffix: str, config: Any, doc: str) -> Dict[str, type]:
+    """``{"<base>_<suffix>": class}``: ``base`` with another method config, same schedule (nnU-Net's).
+
+    For ablations one ``-tr`` away (``nnUNetTrainerMSPA_noSPA``). The class records ``variant_of = base``,
+    so trainer discovery does not count it as a top-level trainer.
+    """
+    name = f"{base.__name__}_{suffix}"
+    cls = type(name, (base,), {"config": config, "variant_of": base, "__doc__": doc, "__module__": base.__module__,
+                               "__qualname__": name})
+    return {name: cls}
+
+
 def literal_variant(base: type, config: Any) -> Dict[str, type]:
     """``{"<base>_paper": class}``: ``base`` with ``config`` (the method config's ``paper()`` form).
 
@@ -60,8 +72,6 @@ def literal_variant(base: type, config: Any) -> Dict[str, type]:
     for nnU-Net's regime"); this variant keeps the literal form one ``-tr`` away, for ablations and for users
     who want to reproduce a paper's setting. Schedule: nnU-Net's (the benchmark sets its own).
     """
-    name = f"{base.__name__}_{LITERAL_SUFFIX}"
-    doc = (f"{base.__name__} with the paper's literal settings ({type(config).__name__}.paper() or the "
-           f"method's literal constructor) instead of the nnU-Net defaults.")
-    cls = type(name, (base,), {"config": config, "__doc__": doc, "__module__": base.__module__, "__qualname__": name})
-    return {name: cls}
+    return config_variant(base, LITERAL_SUFFIX, config,
+                          f"{base.__name__} with the paper's literal settings ({type(config).__name__}.paper() or "
+                          f"the method's literal constructor) instead of the nnU-Net defaults.")
