@@ -38,6 +38,7 @@ def test_literal_variants_are_not_top_level_trainers():
     names = scan(TRAINERS_DIR)
     assert not [n for n in names if n.endswith("_paper")]
     assert "nnUNetTrainerMSPA_noSPA" not in names and "nnUNetTrainerMSPA" in names
+    assert "nnUNetTrainerPCCS_noAuxEncoder" not in names and "nnUNetTrainerPCCS" in names
 
 
 def test_mspa_spa_ablation_variant_zeroes_only_the_spa_weight(synthetic_dataset, fresh_results):
@@ -50,6 +51,8 @@ def test_mspa_spa_ablation_variant_zeroes_only_the_spa_weight(synthetic_dataset,
     trainer.initialize()
     weights = trainer.method.weights(1.0)
     assert weights["spa"] == 0.0 and weights["lpa"] == weights["upa"] > 0
+    pccs = recursive_find_trainer_class_by_name("nnUNetTrainerPCCS_noAuxEncoder")
+    assert pccs.config == PCCSConfig(aux_encoder_gradient=False) and PCCSConfig().aux_encoder_gradient
 
 
 @pytest.mark.parametrize("name", sorted(LITERAL))

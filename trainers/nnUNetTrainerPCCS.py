@@ -7,11 +7,12 @@ code's 15k iterations, applied run-relative) with a pixel-prototype CE (0.3, ram
 and consistency to the teacher's prototype prediction plus entropy minimisation (λ(t) = 0.1·ramp,
 0.1·λ(t)). See nnunet_proto/methods/pccs.py and docs/methods/pccs.md.
 nnUNetTrainerPCCS_paper: L_aux at full weight from ~3 % of the run, ungated, per-step memory momentum
-(``PCCSConfig.paper()``). Short variants: nnUNetTrainerPCCS_smoke, _1epoch, _5epochs, ... _250epochs.
+(``PCCSConfig.paper()``). nnUNetTrainerPCCS_noAuxEncoder: the defaults with L_aux training only the projection
+branch (``aux_encoder_gradient=False``), an ablation. Short variants: nnUNetTrainerPCCS_smoke, _1epoch, ...
 """
 from nnunet_proto.methods.pccs import PCCS, PCCSConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import literal_variant, schedule_variants
+from nnunet_proto.training.variants import config_variant, literal_variant, schedule_variants
 
 
 class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
@@ -27,3 +28,5 @@ class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
 
 globals().update(schedule_variants(nnUNetTrainerPCCS))
 globals().update(literal_variant(nnUNetTrainerPCCS, PCCSConfig.paper()))
+globals().update(config_variant(nnUNetTrainerPCCS, "noAuxEncoder", PCCSConfig(aux_encoder_gradient=False),
+                                "nnUNetTrainerPCCS with L_aux kept out of the encoder: the aux-gradient ablation."))
