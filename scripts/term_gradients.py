@@ -15,6 +15,7 @@ to a temporary folder). Export nnUNet_extTrainer as for nnUNetv2_train; set nnUN
 import argparse
 import os
 import tempfile
+from typing import Dict, List
 
 
 def main(argv=None) -> None:
@@ -28,76 +29,81 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=4, help="labeled + unlabeled batches averaged over")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        raise SystemExit("nnUNet_results is not set: point it at the results folder that holds the model")
+    with tempfile.TemporaryDirectory() as scratch:
+        # the trainer writes logs from its constructor on: give it a scratch results folder (nnU-Net reads
+        # nnUNet_results when it builds the output folder) and read the checkpoint from the real one
+        os.environ["nnUNet_results"] = scratch
+        try:
+            rows = probe(a, results)
+        finally:
+            os.environ["nnUNet_results"] = results
+    print("\n".join(rows))
 
+
+def probe(a: argparse.Namespace, results: str) -> List[str]:
+    """The report lines for ``main``; ``results`` holds the model, nnUNet_results points at a scratch folder."""
     import numpy as np
     import torch
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    with tempfile.TemporaryDirectory() as scratch:
-        # the trainer writes logs from its constructor on: give it a scratch results folder (nnunetv2 reads
-        # nnUNet_results when first imported) and read the checkpoint from the real one
-        results = os.environ.get("nnUNet_results")
-        if not results:
-            raise SystemExit("nnUNet_results is not set: point it at the results folder that holds the model")
-        os.environ["nnUNet_results"] = scratch
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunet_proto.training.base_trainer import CHECKPOINT_KEY, _finish, nnUNetTrainerSemiSupervised
+    from nnunet_proto.training.compat import get_trainer_from_args
+    from nnunet_proto.training.precision import step_autocast
+    from nnunet_proto.training.progress import CLIP_NORM
 
-        from nnunet_proto.training.base_trainer import CHECKPOINT_KEY, _finish, nnUNetTrainerSemiSupervised
-        from nnunet_proto.training.compat import get_trainer_from_args
-        from nnunet_proto.training.precision import step_autocast
-        from nnunet_proto.training.progress import CLIP_NORM
-
-        checkpoint = os.path.join(results, maybe_convert_to_dataset_name(a.dataset),
-                                  f"{a.trainer}__{a.plans}__{a.configuration}", f"fold_{a.fold}", a.checkpoint)
-        if not os.path.isfile(checkpoint):
-            raise SystemExit(f"no checkpoint {checkpoint}: train the fold first, or set nnUNet_results / --checkpoint")
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if CHECKPOINT_KEY not in saved:
-            raise SystemExit(f"{checkpoint} was not written by an nnunet_proto semi-supervised trainer")
-        torch.manual_seed(0)
-        trainer = get_trainer_from_args(str(a.dataset), a.configuration, a.fold, a.trainer, a.plans,
-                                        device=torch.device(a.device))
-        if not isinstance(trainer, nnUNetTrainerSemiSupervised):
-            raise SystemExit(f"{a.trainer} is not a semi-supervised trainer of nnunet_proto: it has no loss terms")
-        # the schedule the model was trained with (benchmarks set their own): time constants and weights follow it
-        trainer.num_epochs = saved[CHECKPOINT_KEY]["num_epochs"]
-        trainer.num_iterations_per_epoch = saved[CHECKPOINT_KEY]["num_iterations_per_epoch"]
-        trainer.on_train_start()
-        norms = {}
-        try:
-            trainer.load_checkpoint(checkpoint)
-            if hasattr(trainer, "enter_last_stage") and trainer.current_epoch >= trainer.num_epochs:
-                trainer.enter_last_stage()
-            for _ in range(a.batches):
-                batch = next(trainer.dataloader_train)
-                dev = trainer.device
-                data_l, target = batch["data"].to(dev), batch["target"]
-                target = [t.to(dev) for t in target] if isinstance(target, list) else target.to(dev)
-                data_u = next(trainer.dataloader_unlabeled)["data"].to(dev)
-                trainer.network.zero_grad(set_to_none=True)
-                trainer._probe_terms = {}
-                with step_autocast(trainer.device, trainer.precision):
-                    total, logs = trainer.compute_loss(data_l, target, data_u)
-                terms = {**trainer._probe_terms, "total": total}
-                trainer._probe_terms = None
-                for k, v in trainer.probe_gradient_norms(terms).items():
-                    norms.setdefault(k[len("gradnorm_"):], []).append(float(v))
-                for k, v in logs.items():
-                    if k.startswith(("loss_", "weight_")):
-                        norms.setdefault(k, []).append(float(v))
-        finally:
-            for loader in (trainer.dataloader_train, trainer.dataloader_unlabeled, trainer.dataloader_val):
-                _finish(getattr(loader, "loader", loader))
-    names = ["sup", *trainer.method.term_names]
-    print(f"{a.trainer} fold {a.fold}, {a.checkpoint} (epoch {trainer.current_epoch}, progress "
-          f"{trainer.progress:.2f}), {a.batches} batches; nnU-Net clips the total at {CLIP_NORM:g}")
-    print("| term | weight | loss value | gradient norm of weight x term | x supervised |")
-    print("|---|---|---|---|---|")
-    sup = np.mean(norms["sup"])
-    for n in names:
-        w = "1" if n == "sup" else f"{np.mean(norms['weight_' + n]):.4g}"
-        print(f"| {n} | {w} | {np.mean(norms['loss_' + n]):.4g} | {np.mean(norms[n]):.3g} | "
-              f"{np.mean(norms[n]) / max(sup, 1e-12):.2f} |")
-    print(f"| total | | | {np.mean(norms['total']):.3g} | {np.mean(norms['total']) / max(sup, 1e-12):.2f} |")
+    checkpoint = os.path.join(results, maybe_convert_to_dataset_name(a.dataset),
+                              f"{a.trainer}__{a.plans}__{a.configuration}", f"fold_{a.fold}", a.checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise SystemExit(f"no checkpoint {checkpoint}: train the fold first, or set nnUNet_results / --checkpoint")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if CHECKPOINT_KEY not in saved:
+        raise SystemExit(f"{checkpoint} was not written by an nnunet_proto semi-supervised trainer")
+    torch.manual_seed(0)
+    trainer = get_trainer_from_args(str(a.dataset), a.configuration, a.fold, a.trainer, a.plans,
+                                    device=torch.device(a.device))
+    if not isinstance(trainer, nnUNetTrainerSemiSupervised):
+        raise SystemExit(f"{a.trainer} is not a semi-supervised trainer of nnunet_proto: it has no loss terms")
+    # the schedule the model was trained with (benchmarks set their own): time constants and weights follow it
+    trainer.num_epochs = saved[CHECKPOINT_KEY]["num_epochs"]
+    trainer.num_iterations_per_epoch = saved[CHECKPOINT_KEY]["num_iterations_per_epoch"]
+    trainer.on_train_start()
+    values: Dict[str, List[float]] = {}
+    try:
+        trainer.load_checkpoint(checkpoint)
+        if hasattr(trainer, "enter_last_stage") and trainer.current_epoch >= trainer.num_epochs:
+            trainer.enter_last_stage()
+        dev = trainer.device
+        for _ in range(a.batches):
+            batch = next(trainer.dataloader_train)
+            data_l, target = batch["data"].to(dev), batch["target"]
+            target = [t.to(dev) for t in target] if isinstance(target, list) else target.to(dev)
+            data_u = next(trainer.dataloader_unlabeled)["data"].to(dev)
+            trainer.network.zero_grad(set_to_none=True)
+            trainer._probe_terms = {}  # compute_loss keeps the attached weighted terms (as a probe step does)
+            with step_autocast(dev, trainer.precision):
+                total, logs = trainer.compute_loss(data_l, target, data_u)
+            terms, trainer._probe_terms = {**trainer._probe_terms, "total": total}, None
+            for k, v in trainer.probe_gradient_norms(terms).items():
+                values.setdefault(k[len("gradnorm_"):], []).append(float(v))
+            for k, v in logs.items():
+                if k.startswith(("loss_", "weight_")):
+                    values.setdefault(k, []).append(float(v))
+    finally:
+        for loader in (trainer.dataloader_train, trainer.dataloader_unlabeled, trainer.dataloader_val):
+            _finish(getattr(loader, "loader", loader))
+    mean = {k: float(np.mean(v)) for k, v in values.items()}
+    sup = max(mean["sup"], 1e-12)
+    rows = [f"{a.trainer} fold {a.fold}, {a.checkpoint} (epoch {trainer.current_epoch}, progress "
+            f"{trainer.progress:.2f}), {a.batches} batches; nnU-Net clips the total at {CLIP_NORM:g}",
+            "| term | weight | loss value | gradient norm of weight x term | x supervised |", "|---|---|---|---|---|"]
+    for n in ["sup", *trainer.method.term_names]:
+        w = "1" if n == "sup" else f"{mean['weight_' + n]:.4g}"
+        rows.append(f"| {n} | {w} | {mean['loss_' + n]:.4g} | {mean[n]:.3g} | {mean[n] / sup:.2f} |")
+    rows.append(f"| total | | | {mean['total']:.3g} | {mean['total'] / sup:.2f} |")
+    return rows
 
 
 if __name__ == "__main__":

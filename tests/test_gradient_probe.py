@@ -69,8 +69,30 @@ def test_weighted_term_has_a_gradient_and_the_probe_leaves_the_step_unchanged(sy
         assert torch.allclose(v, after_probe[k], atol=1e-6), k
 
 
-def test_probe_is_one_value_per_epoch_over_several_steps(synthetic_dataset, fresh_results):
-    _, log = _run("nnUNetTrainerMeanTeacher", synthetic_dataset, epochs=2, iterations=3)
+def test_probe_per_epoch_over_several_steps_and_term_gradients_script(synthetic_dataset, fresh_results, capsys):
+    """One probe value per epoch over several steps; then scripts/term_gradients.py on the finished checkpoint:
+    one row per term, nothing written to the results folder."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    trainer, log = _run("nnUNetTrainerMeanTeacher", synthetic_dataset, epochs=2, iterations=3)
     for key in (f"{PREFIX}gradnorm_sup", f"{PREFIX}gradnorm_consistency", f"{PREFIX}gradnorm_total"):
         assert len(log[key]) == 2 and all(math.isfinite(v) and v >= 0 for v in log[key]), key
     assert all(v > 0 for v in log[f"{PREFIX}gradnorm_sup"])
+    fold_dir = Path(trainer.output_folder)
+    before = sorted(p.name for p in fold_dir.iterdir())
+    path = Path(__file__).resolve().parents[1] / "scripts" / "term_gradients.py"
+    spec = importlib.util.spec_from_file_location("term_gradients_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["-d", str(synthetic_dataset.id), "-c", "2d", "-p", synthetic_dataset.plans, "-f",
+                 str(synthetic_dataset.fold), "-tr", "nnUNetTrainerMeanTeacher", "--batches", "2"])
+    out = capsys.readouterr().out.splitlines()  # nnU-Net's own prints first, then the report
+    header = [r for r in out if r.startswith("nnUNetTrainerMeanTeacher fold")]
+    assert len(header) == 1 and "(epoch 2, progress 1.00)" in header[0]
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in out if r.startswith("| ") and "---" not in r}
+    assert set(rows) >= {"sup", "consistency", "total"}
+    assert float(rows["sup"][3]) > 0 and float(rows["sup"][4].strip(" |")) == 1.0
+    assert sorted(p.name for p in fold_dir.iterdir()) == before  # no log or debug file added
+    assert os.environ["nnUNet_results"] == str(fresh_results)  # restored
