@@ -35,11 +35,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         # the trainer writes logs from its constructor on: give it a scratch results folder (nnU-Net reads
         # nnUNet_results when it builds the output folder) and read the checkpoint from the real one
+        compile_setting = os.environ.get("nnUNet_compile")
         os.environ["nnUNet_results"] = scratch
+        os.environ["nnUNet_compile"] = "f"  # a compiled backward cannot be retained for one gradient per term
         try:
             rows = probe(a, results)
         finally:
             os.environ["nnUNet_results"] = results
+            if compile_setting is None:
+                os.environ.pop("nnUNet_compile")
+            else:
+                os.environ["nnUNet_compile"] = compile_setting
     print("\n".join(rows))
 
 

@@ -20,7 +20,6 @@ Leaf trainers (``trainers/``) set ``method_class`` and ``config`` and nothing el
 from __future__ import annotations
 
 import json
-import math
 import os
 from time import time
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
@@ -152,6 +151,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self._start_epoch = 0
         self._step_collapse: Dict[str, torch.Tensor] = {}
         self._probe_terms: Optional[Dict[str, torch.Tensor]] = None  # weighted terms of a gradient-probe step
+        self._epoch_probe: Dict[str, float] = {}  # this epoch's probed gradient norms
         num_classes = self.label_manager.num_segmentation_heads
         self.diagnostic_keys = tuple(self.method.diagnostic_keys(num_classes))
         self.logger.local_logger = SemiSupervisedLogger(
@@ -372,14 +372,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
-        probe = self.grad_probe and self._iter_in_epoch == 0 and not self.is_ddp
+        probe = self.grad_probe and self._iter_in_epoch == 0 and not self.is_ddp and not self._compiled()
         self._probe_terms = {} if probe else None
         with step_autocast(self.device, self.precision):
             total, logs = self.compute_loss(data_l, target, data_u)
-        if probe:
-            logs.update(self.probe_gradient_norms(self._probe_terms))
-        else:  # nnU-Net collates every step's keys: NaN where not probed, skipped in the epoch mean
-            logs.update({f"gradnorm_{n}": float("nan") for n in ("sup", *self.method.term_names)})
+        if probe:  # kept aside: nnU-Net collates the same keys from every step's output
+            self._epoch_probe = {k: float(v) for k, v in self.probe_gradient_norms(self._probe_terms).items()}
         self._probe_terms = None
 
         if self.grad_scaler is not None:
@@ -431,8 +429,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         return torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), CLIP_NORM).detach()
 
     #: measure each weighted term's gradient norm on the first step of every epoch (a few extra backward
-    #: passes per epoch; off in DDP, where autograd.grad bypasses the gradient reducer)
+    #: passes per epoch). Off in DDP, where autograd.grad bypasses the gradient reducer, and under torch.compile,
+    #: whose compiled backward donates its buffers and cannot be run with retain_graph.
     grad_probe: ClassVar[bool] = True
+
+    def _compiled(self) -> bool:
+        from torch._dynamo import OptimizedModule
+
+        return isinstance(self.network, OptimizedModule)
 
     def probe_gradient_norms(self, terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``{"gradnorm_<name>": ‖∂term/∂θ‖}`` over the trainable parameters for the weighted terms of this step.
@@ -551,11 +555,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         values.update({f"weight_{n}": [] for n in self.method.term_names})
         values.update({k[len(PREFIX):]: [] for k in self.logger.local_logger.extra_keys()
                        if k.startswith(DIAG_PREFIX) or k in collapse_keys(self.logger.local_logger.num_classes)})
-        values.update({k[len(PREFIX):]: [] for k in gradnorm_keys(self.method.term_names)})
         for key in values:
             values[key] = [o[PREFIX + key] for o in train_outputs if PREFIX + key in o]
-            if key.startswith("gradnorm_"):  # probed on one step per epoch, NaN on the others
-                values[key] = [v for v in values[key] if not math.isnan(v)]
+        total_key = PREFIX + "gradnorm_total"
+        values["gradnorm_total"] = [o[total_key] for o in train_outputs if total_key in o]
+        for name in ("sup", *self.method.term_names):  # probed on the epoch's first step (none: NaN)
+            key = f"gradnorm_{name}"
+            values[key] = [self._epoch_probe[key]] if key in self._epoch_probe else []
+        self._epoch_probe = {}
         means = {k: float(np.mean(v)) if v else float("nan") for k, v in values.items()}
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
