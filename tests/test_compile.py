@@ -4,14 +4,23 @@ nnU-Net compiles ``self.network`` in ``initialize`` (by default on CUDA); our fe
 registered on submodules of the *uncompiled* network after that, and the teacher is a deep copy of it. nnU-Net
 2.8.1 refuses to compile on CPU (its 2D CPU compile crashed), so these tests lift that refusal for the tiny 3D
 plan only, where inductor compiles the network on CPU: each trainer runs a few optimiser steps compiled and
-eagerly from the same weights and batches, and the logged loss terms and the updated weights must agree.
+eagerly, every step from the same state (weights, teacher, method state, SGD momentum) and batch, and the
+logged loss terms and each tensor's weight update must agree.
 
-Tolerance: inductor fuses and reorders float32 reductions, so the two runs differ by rounding only
-(measured: < 1e-5 relative after three steps); we allow ``rtol=2e-3, atol=2e-4`` on every term and
-``rtol=1e-2, atol=1e-4`` on the weights after the steps (Adam/SGD steps amplify rounding slightly).
+Tolerance: inductor fuses and reorders float32 reductions, so the two runs differ by rounding. We allow
+``rtol=2e-3, atol=2e-4`` on every term and, per weight tensor, ``|update_compiled - update_eager| <= rtol
+|update_eager| + 1e-6 sqrt(numel)``. The absolute part covers the conv biases in front of InstanceNorm, whose
+true gradient is zero and whose update is rounding alone, and the unused lowest deep-supervision head, which the
+compiled backward gives a zero gradient (so SGD weight decay moves it) where eager gives none. ``rtol`` is 2e-2;
+measured here (largest relative update difference of any tensor over the steps, every trainer): 2e-5 for plain,
+MT, ZeroSSL and BCP, 2.5-3.6e-4 for CPCL, MPER and MSPA. PCCS measured 2.3e-2 on its first step, because its SDM
+layers come from the argmax of the *student*, where a compiled kernel's rounding flips a few voxels near a tie
+and moves them to another layer prototype; PCCS gets ``rtol=0.1``. A missing gradient path or a stale feature
+tap changes an update by far more than either.
 
 CPCL runs by default (about a minute of inductor compilation on 2 cores); every trainer runs under ``slow``.
 """
+import copy
 import os
 import random
 
@@ -26,7 +35,8 @@ from nnunet_proto.training.progress import PREFIX
 
 STEPS = 3
 TERM_TOL = {"rtol": 2e-3, "atol": 2e-4}
-WEIGHT_TOL = {"rtol": 1e-2, "atol": 1e-4}
+UPDATE_ATOL = 1e-6  # per tensor: |update_c - update_e| <= rtol |update_e| + atol sqrt(n)
+UPDATE_RTOL = {"nnUNetTrainerPCCS": 1e-1}  # others: 2e-2 (see the module docstring)
 
 
 @pytest.fixture
@@ -83,11 +93,32 @@ def _terms(out: dict) -> dict:
     return {k: v for k, v in out.items() if k.startswith(PREFIX + "loss_") or k == "loss"}
 
 
+def _weights(trainer) -> dict:
+    return {k: v.detach().clone() for k, v in unwrap_network(trainer.network).state_dict().items()
+            if v.is_floating_point()}
+
+
+def _sync(compiled, eager) -> None:
+    """Start ``eager``'s next step from exactly ``compiled``'s state: networks, teacher, method, SGD momentum."""
+    _copy_state(compiled, eager)
+    eager.optimizer.load_state_dict(copy.deepcopy(compiled.optimizer.state_dict()))  # no shared buffers
+
+
 def _compare_steps(compiled, eager, steps, tag):
+    """Each step starts both trainers from the same state (re-synced), so rounding cannot compound.
+
+    Without the re-sync, the teacher EMA weights of the two runs drift apart by rounding after the first
+    step, and from then on a teacher argmax near a tie or a class present in one pseudo label and absent in
+    the other gives different prototypes: a real, discontinuous difference that has nothing to do with
+    compilation (seen twice in CI, on an InstanceNorm bias, on a CPU other than ours). Re-synced, the teacher
+    (never compiled) sees identical weights and inputs in both runs, and only the compiled student differs.
+    """
     ssl = hasattr(compiled, "method")
     if ssl and not hasattr(compiled, "_real_unlabeled"):
         compiled._real_unlabeled = compiled.dataloader_unlabeled  # _seeded_step swaps in one fixed batch
     for step in range(steps):
+        _sync(compiled, eager)
+        before = _weights(eager)
         batch = next(compiled.dataloader_train)
         batch_u = next(compiled._real_unlabeled)["data"] if ssl else None
         out_c = _terms(_seeded_step(compiled, batch, batch_u, step))
@@ -97,9 +128,17 @@ def _compare_steps(compiled, eager, steps, tag):
             assert np.isfinite(out_c[key]), f"{tag} step {step}: {key} is not finite when compiled"
             np.testing.assert_allclose(out_c[key], value, **TERM_TOL,
                                        err_msg=f"{tag} step {step}: {key} compiled vs eager")
-    student_e = unwrap_network(eager.network).state_dict()
-    for k, v in unwrap_network(compiled.network).state_dict().items():
-        torch.testing.assert_close(v, student_e[k], **WEIGHT_TOL, msg=f"{tag}: weight {k} after {steps} steps")
+        after_c, after_e = _weights(compiled), _weights(eager)
+        rtol = UPDATE_RTOL.get(type(compiled).__name__, 2e-2)
+        moved = 0
+        for k, w0 in before.items():
+            upd_e, upd_c = after_e[k] - w0, after_c[k] - w0
+            err, size = (upd_c - upd_e).norm().item(), upd_e.norm().item()
+            assert err <= rtol * size + UPDATE_ATOL * upd_e.numel() ** 0.5, (
+                f"{tag} step {step}: update of {k} compiled vs eager: |difference| {err:.3e}, "
+                f"|eager update| {size:.3e}, max abs difference {(upd_c - upd_e).abs().max().item():.3e}")
+            moved += size > 0
+        assert moved > len(before) // 2, f"{tag} step {step}: the step moved only {moved} of {len(before)} tensors"
 
 
 def _check_checkpoints(trainer, tmp_path) -> None:
