@@ -5,7 +5,7 @@
 #   bash scripts/acdc_benchmark.sh setup   LABELED_H5_DIR UNLABELED_H5_DIR   # convert, plan, preprocess
 #   bash scripts/acdc_benchmark.sh screen                                    # all trainers, labeled 4, seed 0
 #   bash scripts/acdc_benchmark.sh ablate [TRAINER ...]                      # + each method's _paper variant (and these
-#                                                                            # ablations, e.g. nnUNetTrainerMSPA_noSPA), same runs
+#                                                                            # ablations, e.g. nnUNetTrainerMSPA_SPA), same runs
 #   bash scripts/acdc_benchmark.sh best [K]                                  # the K (3) best methods of the screening on
 #                                                                            # validation (a method's default or a variant)
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget

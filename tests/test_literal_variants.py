@@ -37,20 +37,20 @@ def test_literal_variants_are_not_top_level_trainers():
 
     names = scan(TRAINERS_DIR)
     assert not [n for n in names if n.endswith("_paper")]
-    assert "nnUNetTrainerMSPA_noSPA" not in names and "nnUNetTrainerMSPA" in names
+    assert "nnUNetTrainerMSPA_SPA" not in names and "nnUNetTrainerMSPA" in names
     assert "nnUNetTrainerPCCS_noAuxEncoder" not in names and "nnUNetTrainerPCCS" in names
 
 
-def test_mspa_spa_ablation_variant_zeroes_only_the_spa_weight(synthetic_dataset, fresh_results):
+def test_mspa_spa_ablation_variant_changes_only_the_spa_weight(synthetic_dataset, fresh_results):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    cls = recursive_find_trainer_class_by_name("nnUNetTrainerMSPA_noSPA")
+    cls = recursive_find_trainer_class_by_name("nnUNetTrainerMSPA_SPA")
     assert cls.__mro__[1].__name__ == "nnUNetTrainerMSPA"
-    assert cls.config == MSPAConfig(spa_weight=0.0)
-    trainer = build_trainer("nnUNetTrainerMSPA_noSPA", synthetic_dataset)
+    assert cls.config == MSPAConfig(spa_weight=1.0) and MSPAConfig().spa_weight == 0.0
+    trainer = build_trainer("nnUNetTrainerMSPA_SPA", synthetic_dataset)
     trainer.initialize()
     weights = trainer.method.weights(1.0)
-    assert weights["spa"] == 0.0 and weights["lpa"] == weights["upa"] > 0
+    assert weights["spa"] == weights["lpa"] == weights["upa"] > 0
     pccs = recursive_find_trainer_class_by_name("nnUNetTrainerPCCS_noAuxEncoder")
     assert pccs.config == PCCSConfig(aux_encoder_gradient=False) and PCCSConfig().aux_encoder_gradient
 

@@ -488,10 +488,11 @@ def test_method_interface_weights_and_config():
     m = MSPA(MSPAConfig())
     assert m.term_names == ("lpa", "upa", "spa") and m.needs_features and m.student_sees_unlabeled
     assert not m.uses_teacher
-    assert m.weights(1.0) == {"lpa": pytest.approx(0.1), "upa": pytest.approx(0.1), "spa": pytest.approx(0.1)}
+    assert m.weights(1.0) == {"lpa": pytest.approx(0.1), "upa": pytest.approx(0.1), "spa": 0.0}  # spa_weight 0
     assert m.weights(0.0)["lpa"] == pytest.approx(0.1 * math.exp(-5))
-    ablation = MSPA(MSPAConfig(spa_weight=0.0))
-    assert ablation.weights(1.0)["spa"] == 0.0
+    with_spa = MSPA(MSPAConfig(spa_weight=1.0))
+    assert with_spa.weights(1.0)["spa"] == pytest.approx(0.1)
+    assert MSPAConfig.paper().spa_weight == 1.0
     c = 2
     logits = torch.randn(2, c, 4, 4, requires_grad=True)
     inputs = StepInputs(c, None, torch.randint(0, c, (2, 1, 4, 4)), logits, feats_l=torch.randn(2, 3, 4, 4),

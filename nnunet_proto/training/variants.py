@@ -56,7 +56,7 @@ LITERAL_SUFFIX = "paper"
 def config_variant(base: type, suffix: str, config: Any, doc: str) -> Dict[str, type]:
     """``{"<base>_<suffix>": class}``: ``base`` with another method config, same schedule (nnU-Net's).
 
-    For ablations one ``-tr`` away (``nnUNetTrainerMSPA_noSPA``). The class records ``variant_of = base``,
+    For ablations one ``-tr`` away (``nnUNetTrainerMSPA_SPA``). The class records ``variant_of = base``,
     so trainer discovery does not count it as a top-level trainer.
     """
     name = f"{base.__name__}_{suffix}"
