@@ -13,9 +13,10 @@ to a temporary folder). Export nnUNet_extTrainer as for nnUNetv2_train; set nnUN
 `<results-dir>/nnUNet_results` to probe its runs.
 """
 import argparse
+import contextlib
 import os
 import tempfile
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 
 def main(argv=None) -> None:
@@ -35,18 +36,25 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         # the trainer writes logs from its constructor on: give it a scratch results folder (nnU-Net reads
         # nnUNet_results when it builds the output folder) and read the checkpoint from the real one
-        compile_setting = os.environ.get("nnUNet_compile")
-        os.environ["nnUNet_results"] = scratch
-        os.environ["nnUNet_compile"] = "f"  # a compiled backward cannot be retained for one gradient per term
-        try:
+        # (uncompiled: a compiled backward cannot be retained for one gradient per term)
+        with environment(nnUNet_results=scratch, nnUNet_compile="f"):
             rows = probe(a, results)
-        finally:
-            os.environ["nnUNet_results"] = results
-            if compile_setting is None:
-                os.environ.pop("nnUNet_compile")
-            else:
-                os.environ["nnUNet_compile"] = compile_setting
     print("\n".join(rows))
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set these environment variables for the body, then restore each one (or remove it if it was unset)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def probe(a: argparse.Namespace, results: str) -> List[str]:

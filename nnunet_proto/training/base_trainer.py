@@ -36,6 +36,7 @@ from nnunet_proto.training.compat import (
     SingleThreadedAugmenter,
     checkpoint_payload,
     get_allowed_n_proc_DA,
+    is_compiled,
     nnUNetTrainer,
     unwrap_network,
 )
@@ -57,7 +58,6 @@ from nnunet_proto.training.progress import (
     SemiSupervisedLogger,
     collapse_keys,
     collapsing_classes,
-    gradnorm_keys,
 )
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
@@ -372,7 +372,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
-        probe = self.grad_probe and self._iter_in_epoch == 0 and not self.is_ddp and not self._compiled()
+        probe = self.grad_probe and self._iter_in_epoch == 0 and not self.is_ddp and not is_compiled(self.network)
         self._probe_terms = {} if probe else None
         with step_autocast(self.device, self.precision):
             total, logs = self.compute_loss(data_l, target, data_u)
@@ -432,11 +432,6 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     #: passes per epoch). Off in DDP, where autograd.grad bypasses the gradient reducer, and under torch.compile,
     #: whose compiled backward donates its buffers and cannot be run with retain_graph.
     grad_probe: ClassVar[bool] = True
-
-    def _compiled(self) -> bool:
-        from torch._dynamo import OptimizedModule
-
-        return isinstance(self.network, OptimizedModule)
 
     def probe_gradient_norms(self, terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``{"gradnorm_<name>": ‖∂term/∂θ‖}`` over the trainable parameters for the weighted terms of this step.
@@ -555,11 +550,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         values.update({f"weight_{n}": [] for n in self.method.term_names})
         values.update({k[len(PREFIX):]: [] for k in self.logger.local_logger.extra_keys()
                        if k.startswith(DIAG_PREFIX) or k in collapse_keys(self.logger.local_logger.num_classes)})
+        values["gradnorm_total"] = []
         for key in values:
             values[key] = [o[PREFIX + key] for o in train_outputs if PREFIX + key in o]
-        total_key = PREFIX + "gradnorm_total"
-        values["gradnorm_total"] = [o[total_key] for o in train_outputs if total_key in o]
-        for name in ("sup", *self.method.term_names):  # probed on the epoch's first step (none: NaN)
+        probed = ("sup", *self.method.term_names)
+        for name in probed:  # probed on the epoch's first step (none: NaN)
             key = f"gradnorm_{name}"
             values[key] = [self._epoch_probe[key]] if key in self._epoch_probe else []
         self._epoch_probe = {}
@@ -579,8 +574,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                + f"; waited for data {waits['labeled']:.2f} s labeled, "
                                  f"{waits['unlabeled']:.2f} s unlabeled")
         self.print_to_log_file("gradient norms (weighted terms, first step): " + ", ".join(
-            f"{k[len('gradnorm_'):]} {means[k]:.3g}" for k in (key[len(PREFIX):] for key in gradnorm_keys(
-                self.method.term_names)) if k != "gradnorm_total")
+            f"{name} {means[f'gradnorm_{name}']:.3g}" for name in probed)
             + f"; total before clipping at {CLIP_NORM:g} (epoch mean) {means['gradnorm_total']:.3g}")
         self.log_collapse_diagnostics(means)
 

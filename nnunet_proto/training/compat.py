@@ -47,7 +47,7 @@ __all__ = [
     "get_trainer_from_args", "infer_dataset_class", "pseudo_dice_history", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",
     "nnUNetTrainer", "nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results", "nnunet_version",
-    "recursive_find_trainer_class_by_name", "require_env_path", "save_json", "unwrap_network",
+    "recursive_find_trainer_class_by_name", "require_env_path", "save_json", "is_compiled", "unwrap_network",
 ]
 
 
@@ -63,6 +63,11 @@ def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
     if isinstance(mod, OptimizedModule):
         mod = mod._orig_mod
     return mod
+
+
+def is_compiled(network: torch.nn.Module) -> bool:
+    """Whether ``network`` (inside DDP or not) is wrapped by torch.compile."""
+    return isinstance(network.module if isinstance(network, DDP) else network, OptimizedModule)
 
 
 def checkpoint_payload(trainer: nnUNetTrainer) -> Dict[str, Any]:
