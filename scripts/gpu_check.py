@@ -110,7 +110,7 @@ def worker(args) -> dict:
     import numpy as np
     import torch
 
-    from nnunet_proto.training.compat import get_trainer_from_args, nnUNetTrainer
+    from nnunet_proto.training.compat import get_trainer_from_args, is_compiled, nnUNetTrainer
 
     device = torch.device(args.device)
     args.compile = args.compile[0] if isinstance(args.compile, list) else args.compile
@@ -123,7 +123,7 @@ def worker(args) -> dict:
     trainer.num_epochs, trainer.num_iterations_per_epoch = 1, args.steps
     trainer.num_val_iterations_per_epoch = 1
     trainer.on_train_start()
-    compiled = type(trainer.network).__name__ == "OptimizedModule"
+    compiled = is_compiled(trainer.network)
     trainer.on_epoch_start()
     trainer.on_train_epoch_start()
     from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb, rss_mb
