@@ -839,3 +839,21 @@ def test_ready_switch_waits_for_validation_pseudo_dice_and_survives_resume(synth
         assert math.isfinite(float(out["loss"])) and out["ssl_diag_stage"] == 2.0
     finally:
         resumed.on_train_end()
+
+
+
+def test_mper_defaults_leave_the_global_rng_alone():
+    """MPER seeds only its own generators (``prototype_seed``). The base ``seed`` (which makes the trainer
+    reseed torch, NumPy and Python at initialisation) stays None, so the benchmark's --seeds decide the
+    network initialisation; an MPER field named ``seed`` with default 0 once gave every seed the same start."""
+    from nnunet_proto.methods.base import SemiSupervisedConfig
+
+    for cfg in (MPERConfig(), MPERConfig.paper()):
+        assert cfg.seed is None and cfg.prototype_seed == 0
+        assert cfg.seed == SemiSupervisedConfig().seed
+    banks = []
+    for prototype_seed in (0, 0, 1):  # ...and prototype_seed still makes MPER's own draws reproducible
+        m = MPER(MPERConfig(prototype_seed=prototype_seed))
+        m.setup(num_classes=3, embed_dim=4, spatial_dims=2)
+        banks.append(m.bank)
+    assert torch.equal(banks[0], banks[1]) and not torch.equal(banks[0], banks[2])

@@ -180,7 +180,9 @@ class MPERConfig(SemiSupervisedConfig):
             paper or code; our option). Default False (raw embeddings, code).
         kmeans_batch_size / kmeans_n_init: MiniBatchKMeans settings (its default batch 1024; n_init 3,
             its default before scikit-learn 1.4, which the official code ran with defaults).
-        seed: seeds the reservoir, k-means, the fallback noise and the random stage-one bank.
+        prototype_seed: seeds the reservoir, k-means, the fallback noise and the random stage-one bank
+            (MPER's own generators only; the base config's ``seed``, None, leaves the global RNGs to
+            nnU-Net or the benchmark, so runs with different seeds start differently).
     """
 
     ema_decay: float = 0.99
@@ -217,7 +219,7 @@ class MPERConfig(SemiSupervisedConfig):
     kmeans_spherical: bool = False
     kmeans_batch_size: int = 1024
     kmeans_n_init: int = 3
-    seed: int = 0
+    prototype_seed: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -325,7 +327,7 @@ class MPER(SemiSupervisedMethod):
         self.num_classes, self.embed_dim, self.spatial_dims = num_classes, embed_dim, spatial_dims
         shape = (num_classes, self.config.num_prototypes, embed_dim)
         if self.bank is None or tuple(self.bank.shape) != shape:
-            gen = torch.Generator(device="cpu").manual_seed(self.config.seed)
+            gen = torch.Generator(device="cpu").manual_seed(self.config.prototype_seed)
             self.bank = torch.randn(*shape, generator=gen)
 
     def _require_setup(self) -> None:
@@ -427,7 +429,8 @@ class MPER(SemiSupervisedMethod):
     def new_reservoir(self, ignore_index: Optional[int]) -> ClassReservoir:
         """An empty bounded, seeded sample of labeled embeddings for ``begin_self_training``."""
         self._require_setup()
-        return ClassReservoir(self.num_classes, self.config.kmeans_samples_per_class, self.config.seed, ignore_index)
+        return ClassReservoir(self.num_classes, self.config.kmeans_samples_per_class, self.config.prototype_seed,
+                              ignore_index)
 
     def begin_self_training(self, reservoir: ClassReservoir, progress: float,
                             device: Optional[torch.device] = None,
@@ -442,7 +445,7 @@ class MPER(SemiSupervisedMethod):
             raise RuntimeError("MPER is already in stage two; the stage switch (k-means + teacher reset) must happen "
                                "once. Was the method state restored from a checkpoint?")
         cfg = self.config
-        bank, report = kmeans_bank(reservoir.samples(), cfg.num_prototypes, self.bank, cfg.seed,
+        bank, report = kmeans_bank(reservoir.samples(), cfg.num_prototypes, self.bank, cfg.prototype_seed,
                                    cfg.kmeans_batch_size, cfg.kmeans_n_init, cfg.kmeans_spherical)
         device = device if device is not None else self.bank.device
         self.bank = broadcast_from_rank0_(bank.to(device))
