@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _add(sub, "benchmark", "train every trainer and plain nnU-Net on the same label-scarce folds, predict and "
              "evaluate a test set, write a report (resumable)",
-             "nnunet_proto benchmark -d 27 -c 2d -p nnUNetPlans_acdc_2d_cpu -tr nnUNetTrainerCPCL --labeled 2 4 "
+             "nnunet_proto benchmark -d 27 -c 2d -p nnUNetPlans_cpu -tr nnUNetTrainerCPCL --labeled 2 4 "
              "--epochs 20 --iterations 50 --name acdc", cmd_benchmark)
     s.add_argument("-d", "--dataset", help="dataset id or name (required unless --report-only/--forget reuse the "
                                            "saved benchmark)")
