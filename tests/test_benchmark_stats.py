@@ -7,7 +7,7 @@ import pytest
 
 from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, write_report
 from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
-from nnunet_proto.benchmark.stats import BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, wilcoxon_p
+from nnunet_proto.benchmark.stats import BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, seeds_for_power, wilcoxon_p
 
 # ---------------------------------------------------------------------------------------------- bootstrap
 
@@ -137,6 +137,30 @@ def test_report_rows_control_and_summary_json(tmp_path):
     assert summary["control"]["ok"] is True and summary["class_presence"]["ok"] is True
     assert summary["runs"]["without_postprocessing"] == []
     assert (tmp_path / "report" / "paired_difference.png").stat().st_size > 1000
+
+
+def test_seeds_for_power():
+    # ((1.96 + 0.84) * sd / effect)^2: sd = effect -> 7.85 -> 8 seeds; sd = 2 * effect -> 31.4 -> 32
+    assert seeds_for_power(0.03) == 8 and seeds_for_power(0.06) == 32 and seeds_for_power(0.0) == 1
+    assert seeds_for_power(0.01, effect=0.01, power=0.5) == 4  # z_0.975 + z_0.5 = 1.96 -> 3.84 -> 4
+    assert math.isnan(seeds_for_power(math.nan))
+    with pytest.raises(ValueError, match="effect > 0"):
+        seeds_for_power(0.03, effect=0)
+
+
+def test_report_shows_each_seeds_delta_and_the_seeds_a_target_effect_needs(tmp_path):
+    # per-seed shifts +0.01, +0.04, +0.07: sd over seeds 0.03 -> 8 seeds for a 3-point effect
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": lambda s: 0.01 + 0.03 * s}, control=None)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "## Run-to-run spread and power" in text
+    assert "| 2 | nnUNetTrainerX | raw | s0 +1.0, s1 +4.0, s2 +7.0 | 3.0 | 8 |" in text
+    x = json.loads((tmp_path / "report" / "summary.json").read_text())["comparisons"][0]
+    sp = x["raw"]["seed_spread"]
+    assert sp["seed_deltas"] == {"0": pytest.approx(0.01), "1": pytest.approx(0.04), "2": pytest.approx(0.07)}
+    assert sp["sd_over_seeds"] == pytest.approx(0.03) and sp["seeds_for_target"] == 8
+    (tmp_path / "one").mkdir()
+    one = _bench(tmp_path / "one", ["nnUNetTrainerX"], {}, seeds=(0,), control=None)
+    assert "Needs at least two seeds" in write_report(one, tmp_path / "one", tmp_path / "one" / "r").read_text()
 
 
 def test_control_that_differs_from_plain_raises_a_loud_warning(tmp_path):

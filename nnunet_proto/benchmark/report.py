@@ -14,6 +14,9 @@ Statistics:
   the pooled (case, seed) pairs for reference; wins/losses; HD95 Δ; per-class Dice Δ; s/step ratio;
 * the A/A control (spec.control) must match plain: its Dice Δ CI must contain 0, else a loud warning;
 * no class lost: every class predicted in >= 95 % of the test frames whose reference contains it;
+* run-to-run spread: each seed's Δ, their standard deviation over seeds and the seeds a +3-point effect
+  would need (80 % power, two-sided 5 %; stats.seeds_for_power), so a null result says how far it is from
+  being able to show the target;
 * stray islands of the raw test predictions (evaluation/islands.py): connected components per class and the
   share of predicted voxels outside the largest one, what nnU-Net's postprocessing removes.
 """
@@ -32,8 +35,10 @@ from nnunet_proto.benchmark.stats import (
     BOOTSTRAP_RNG_SEED,
     CI_LEVEL,
     P_VALUE_TEXT,
+    TARGET_EFFECT,
     BootstrapResult,
     hierarchical_bootstrap,
+    seeds_for_power,
     wilcoxon_p,
 )
 from nnunet_proto.evaluation.islands import CACHE_NAME as ISLANDS_CACHE
@@ -352,6 +357,46 @@ def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[
     return lines + [""]
 
 
+def seed_spread(res: Results, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
+    """Each seed's foreground Dice Δ against plain (mean over its test cases), their sd over seeds and the
+    seeds a +TARGET_EFFECT difference would need at that sd; None with fewer than 2 paired seeds."""
+    diffs = res.seed_differences(trainer, amount, "Dice", "fg", kind)
+    per_seed = {s: float(np.nanmean(d)) for s, d in diffs.items() if not np.isnan(d).all()}
+    if len(per_seed) < 2:
+        return None
+    sd = float(np.std(list(per_seed.values()), ddof=1))
+    return {"seed_deltas": per_seed, "sd_over_seeds": sd, "seeds_for_target": seeds_for_power(sd),
+            "target_effect": TARGET_EFFECT}
+
+
+def spread_section(res: Results) -> List[str]:
+    lines = [f"Each seed's foreground Dice Δ against plain (mean over that seed's test cases, points), their "
+             f"standard deviation over seeds, and the number of seeds a true difference of "
+             f"{100 * TARGET_EFFECT:.0f} points would need to be detected with 80 % power by a two-sided test at "
+             f"5 % at that spread (normal approximation, S = ((1.96 + 0.84) · sd / {100 * TARGET_EFFECT:.0f})²; "
+             f"a lower bound, since sd comes from few seeds). The A/A control's row is the spread of two "
+             f"trainers with the same signal: the noise floor of this benchmark.", "",
+             "| labeled | trainer | predictions | Δ per seed | sd over seeds | seeds for a "
+             f"{100 * TARGET_EFFECT:.0f}-point effect |", "|---|---|---|---|---|---|"]
+    rows = 0
+    for amount in res.amounts:
+        for trainer in res.trainers():
+            if trainer == PLAIN:
+                continue
+            for kind in KINDS:
+                sp = seed_spread(res, trainer, amount, kind)
+                if sp is None:
+                    continue
+                rows += 1
+                per = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in sorted(sp["seed_deltas"].items()))
+                need = sp["seeds_for_target"]
+                lines.append(f"| {amount} | {trainer} | {kind} | {per} | {100 * sp['sd_over_seeds']:.1f} | "
+                             f"{'–' if math.isnan(need) else int(need)} |")
+    if not rows:
+        return ["Needs at least two seeds with a paired plain run.", ""]
+    return lines + [""]
+
+
 def control_status(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[dict]:
     """One entry per (amount, kind) of the A/A control: Δ, CI and whether the CI contains 0."""
     control = res.control
@@ -524,6 +569,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                     "wins": c["wins"], "losses": c["losses"],
                     "hd95_delta": h.delta if h else None, "hd95_ci95": [h.ci_low, h.ci_high] if h else None,
                     "hd95_p_bootstrap": h.p if h else None,
+                    "seed_spread": seed_spread(res, trainer, amount, kind),
                     "per_class_dice": {res.label_names[lab]: ({"delta": b.delta, "ci95": [b.ci_low, b.ci_high],
                                                                "p_bootstrap": b.p} if b else None)
                                        for lab, b in c["per_class_dice"].items()}}
@@ -604,6 +650,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
                                                                     for a, s, f in folds), ""]
     lines += ["## Against plain nnU-Net", ""] + comparison_section(res, comp)
     lines += ["## A/A control", ""] + control_section(res, control)
+    lines += ["## Run-to-run spread and power", ""] + spread_section(res)
     lines += ["## No class lost", ""] + presence_section(res, presence)
     lines += ["## Test results", ""] + tables(res)
     lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))

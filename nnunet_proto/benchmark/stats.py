@@ -113,3 +113,25 @@ def wilcoxon_p(differences: Sequence[float]) -> float:
     if np.allclose(d, 0):
         return 1.0
     return float(wilcoxon(d, zero_method="wilcox").pvalue)
+
+
+#: the effect the issue's target asks for (+3 Dice points), as a fraction; the power section sizes seeds for it
+TARGET_EFFECT = 0.03
+
+
+def seeds_for_power(sd: float, effect: float = TARGET_EFFECT, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Seeds S a paired comparison needs so that a true mean difference ``effect`` is detected with probability
+    ``power`` by a two-sided test at level ``alpha``, when the per-seed differences (each seed's mean over the
+    test cases) spread with standard deviation ``sd``: S = ((z_{1−α/2} + z_power) · sd / effect)², rounded up.
+
+    The normal approximation ignores that sd itself is estimated from a few seeds (a t-based size is larger),
+    so read S as a lower bound. NaN when sd is NaN; 1 when sd is 0.
+    """
+    if not effect > 0 or not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"need effect > 0, 0 < alpha < 1 and 0 < power < 1, got {effect}, {alpha}, {power}")
+    if math.isnan(sd):
+        return math.nan
+    from scipy.stats import norm
+
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return float(max(1, math.ceil((z * sd / effect) ** 2 - 1e-9)))
