@@ -841,7 +841,6 @@ def test_ready_switch_waits_for_validation_pseudo_dice_and_survives_resume(synth
         resumed.on_train_end()
 
 
-
 def test_mper_defaults_leave_the_global_rng_alone():
     """MPER seeds only its own generators (``prototype_seed``). The base ``seed`` (which makes the trainer
     reseed torch, NumPy and Python at initialisation) stays None, so the benchmark's --seeds decide the

@@ -220,7 +220,8 @@ class Results:
                      for lab in self.classes}
         return {"seeds": sorted(dice), "n_pairs": boot.n_pairs, "dice": boot, "p_wilcoxon": wilcoxon_p(pooled),
                 "wins": int((pooled > 0).sum()), "losses": int((pooled < 0).sum()), "hd95": hd_boot,
-                "p_wilcoxon_hd95": wilcoxon_p(np.concatenate(list(hd.values()))), "per_class_dice": per_class}
+                "p_wilcoxon_hd95": wilcoxon_p(np.concatenate(list(hd.values()))), "per_class_dice": per_class,
+                "seed_spread": seed_spread(dice)}
 
     def class_presence(self, trainer: str, amount: str, kind: str = "raw") -> Dict[str, tuple]:
         """{class: (fraction, n)}: share of the (case, seed) frames whose reference contains the class in which
@@ -357,10 +358,10 @@ def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[
     return lines + [""]
 
 
-def seed_spread(res: Results, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
-    """Each seed's foreground Dice Δ against plain (mean over its test cases), their sd over seeds and the
-    seeds a +TARGET_EFFECT difference would need at that sd; None with fewer than 2 paired seeds."""
-    diffs = res.seed_differences(trainer, amount, "Dice", "fg", kind)
+def seed_spread(diffs: Dict[int, np.ndarray]) -> Optional[dict]:
+    """From ``{seed: paired differences}`` (Results.seed_differences): each seed's Δ (mean over its test cases),
+    their sd over seeds and the seeds a +TARGET_EFFECT difference would need at that sd; None with fewer than
+    2 seeds."""
     per_seed = {s: float(np.nanmean(d)) for s, d in diffs.items() if not np.isnan(d).all()}
     if len(per_seed) < 2:
         return None
@@ -369,7 +370,7 @@ def seed_spread(res: Results, trainer: str, amount: str, kind: str = "raw") -> O
             "target_effect": TARGET_EFFECT}
 
 
-def spread_section(res: Results) -> List[str]:
+def spread_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]:
     lines = [f"Each seed's foreground Dice Δ against plain (mean over that seed's test cases, points), their "
              f"standard deviation over seeds, and the number of seeds a true difference of "
              f"{100 * TARGET_EFFECT:.0f} points would need to be detected with 80 % power by a two-sided test at "
@@ -384,7 +385,8 @@ def spread_section(res: Results) -> List[str]:
             if trainer == PLAIN:
                 continue
             for kind in KINDS:
-                sp = seed_spread(res, trainer, amount, kind)
+                c = comp.get((trainer, amount, kind))
+                sp = c["seed_spread"] if c else None
                 if sp is None:
                     continue
                 rows += 1
@@ -569,7 +571,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                     "wins": c["wins"], "losses": c["losses"],
                     "hd95_delta": h.delta if h else None, "hd95_ci95": [h.ci_low, h.ci_high] if h else None,
                     "hd95_p_bootstrap": h.p if h else None,
-                    "seed_spread": seed_spread(res, trainer, amount, kind),
+                    "seed_spread": c["seed_spread"],
                     "per_class_dice": {res.label_names[lab]: ({"delta": b.delta, "ci95": [b.ci_low, b.ci_high],
                                                                "p_bootstrap": b.p} if b else None)
                                        for lab, b in c["per_class_dice"].items()}}
@@ -650,7 +652,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
                                                                     for a, s, f in folds), ""]
     lines += ["## Against plain nnU-Net", ""] + comparison_section(res, comp)
     lines += ["## A/A control", ""] + control_section(res, control)
-    lines += ["## Run-to-run spread and power", ""] + spread_section(res)
+    lines += ["## Run-to-run spread and power", ""] + spread_section(res, comp)
     lines += ["## No class lost", ""] + presence_section(res, presence)
     lines += ["## Test results", ""] + tables(res)
     lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))
