@@ -10,11 +10,12 @@
 #                                                                            # validation (a method's default or a variant)
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
-#                                                                            # CPU bf16 for all (PRECISION=fp32 to change)
+#                                                                            # CPU bf16 for all (NNUNET_PROTO_CONFIRM_PRECISION=fp32)
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
-# patients' h5 images (labels, if any, are ignored). Folders: WORK (default ./nnunet_proto_work/acdc)
-# holds nnUNet_raw/preprocessed/results unless those variables are set; reports go to $WORK/reports/<stage>. CPU settings: 2 threads,
+# patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
+# ./nnunet_proto_work/acdc) holds raw/, preprocessed/ and results/ for nnU-Net unless nnUNet_raw,
+# nnUNet_preprocessed and nnUNet_results are set; reports go to $NNUNET_PROTO_WORK/acdc/reports/<stage>. CPU settings: 2 threads,
 # 2 augmentation workers, no torch.compile; one precision for every trainer, plain included: fp32 for the
 # screening, bf16 for the confirmation (parity measured by stage bf16: docs/benchmarks/gpu_readiness_cpu.md).
 # Choices are made on the fold's nnU-Net validation cases only ("best" reads validation_ranking of the
@@ -22,9 +23,9 @@
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm) ;;
-  *) sed -n '2,21p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac
-work_default="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/nnunet_proto_work/acdc"
+bench=acdc
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
 # one budget per stage (steps = epochs x 100 iterations); the CPU plan of plans/acdc_2d_cpu.json
 common=(-d 27 -c 2d -p nnUNetPlans_cpu --iterations 100 --group-regex '(patient\d+)' --disable-tta)
@@ -34,15 +35,17 @@ shift || true
 case "$stage" in
   setup)
     [ $# -eq 2 ] || { echo "usage: $0 setup LABELED_H5_DIR UNLABELED_H5_DIR" >&2; exit 2; }
-    if [ ! -f "$nnUNet_raw/Dataset027_ACDC/dataset.json" ]; then
-      "${cli[@]}" convert-acdc "$1" -d 27 --test-count 10 --seed 0
+    ds="$nnUNet_raw/Dataset027_ACDC"
+    convert_once "$ds" "${cli[@]}" convert-acdc "$1" -d 27 --test-count 10 --seed 0
+    # each image is written whole (temporary file, then renamed): a partial pool is completed with --overwrite
+    want=$(find "$2" -maxdepth 1 -name '*.h5' | wc -l)
+    have=$(find "$ds/imagesUnlabeled" -maxdepth 1 -name '*_0000.nii.gz' 2>/dev/null | wc -l)
+    if [ "$have" -ne "$want" ]; then
+      if [ "$have" -gt 0 ]; then "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled --overwrite
+      else "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled; fi
     fi
-    if [ ! -d "$nnUNet_raw/Dataset027_ACDC/imagesUnlabeled" ]; then
-      "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled
-    fi
-    if [ ! -f "$nnUNet_preprocessed/Dataset027_ACDC/nnUNetPlans.json" ]; then
+    preprocess_once "$nnUNet_preprocessed/Dataset027_ACDC/nnUNetPlans_2d" "$ds" \
       "$np/nnUNetv2_plan_and_preprocess" -d 27 -c 2d -np 2
-    fi
     "${cli[@]}" plans-patch -d 27 "$repo/plans/acdc_2d_cpu.json"
     "${cli[@]}" preprocess-unlabeled -d 27 -c 2d -p nnUNetPlans_cpu
     ;;
@@ -73,12 +76,12 @@ PY
     ;;
   confirm)
     [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
-    precision="${PRECISION:-bf16}"
+    precision="${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}"
     "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision "$precision" \
       --name "acdc_confirm_$precision" -o "$work/reports/acdc_confirm_$precision" -tr "$@"
     ;;
   *)
-    sed -n '2,21p' "$0" >&2
+    sed -n '2,22p' "$0" >&2
     exit 2
     ;;
 esac

@@ -1,12 +1,14 @@
-# Sourced by the benchmark scripts after they set `work_default`: the project's venv ($py, $np, $cli),
-# nnU-Net's folders (yours if exported, else under $WORK, default $work_default) and the CPU settings
-# (2 threads, 2 augmentation workers, no torch.compile).
+# Sourced by the benchmark scripts after they set `bench` (acdc, la): the project's venv ($py, $np, $cli),
+# nnU-Net's folders (yours if exported, else under $NNUNET_PROTO_WORK/$bench, default ./nnunet_proto_work/$bench)
+# and the CPU settings (2 threads, 2 augmentation workers, no torch.compile).
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$repo/scripts/setup_env.sh")"
-work="${WORK:-$work_default}"
+work="${NNUNET_PROTO_WORK:-$repo/nnunet_proto_work}/$bench"
 export nnUNet_raw="${nnUNet_raw:-$work/raw}" nnUNet_preprocessed="${nnUNet_preprocessed:-$work/preprocessed}"
 export nnUNet_results="${nnUNet_results:-$work/results}"
 export nnUNet_compile=f OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}"
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 np="$(dirname "$py")"
 cli=("$py" -m nnunet_proto.cli)
+. "$repo/scripts/bench_lib.sh"
+

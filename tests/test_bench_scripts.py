@@ -1,0 +1,47 @@
+"""The benchmark scripts' setup guards (scripts/bench_lib.sh): a foreign dataset or an interrupted conversion is
+refused with the fix named, a finished one is skipped, preprocessing reruns until every case is there."""
+import json
+import subprocess
+
+from conftest import REPO
+
+
+def guard(tmp_path, call: str) -> subprocess.CompletedProcess:
+    script = f'bench=acdc; . "{REPO / "scripts" / "bench_lib.sh"}"; {call}'
+    return subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+
+def test_convert_once_runs_skips_and_refuses(tmp_path):
+    ds = tmp_path / "raw" / "Dataset027_ACDC"
+    first = guard(tmp_path, f"convert_once {ds} echo converting")
+    assert first.returncode == 0 and first.stdout.strip() == "converting"
+
+    ds.mkdir(parents=True)
+    (ds / "imagesTr").mkdir()  # a conversion that stopped before writing dataset.json
+    partial = guard(tmp_path, f"convert_once {ds} echo converting")
+    assert partial.returncode == 1 and "converting" not in partial.stdout
+    assert "interrupted conversion" in partial.stderr and "Delete that folder" in partial.stderr
+    assert (ds / "imagesTr").is_dir()  # nothing deleted
+
+    (ds / "dataset.json").write_text(json.dumps({"name": "ACDC", "labels": {"background": 0}}))
+    foreign = guard(tmp_path, f"convert_once {ds} echo converting")
+    assert foreign.returncode == 1 and "converting" not in foreign.stdout
+    assert "not written by nnunet_proto" in foreign.stderr and "unset nnUNet_raw" in foreign.stderr
+
+    (ds / "dataset.json").write_text(json.dumps({"name": "ACDC", "nnunet_proto": {"seed": 0}}))
+    ours = guard(tmp_path, f"convert_once {ds} echo converting")
+    assert ours.returncode == 0 and ours.stdout == ""
+
+
+def test_preprocess_once_reruns_until_every_case_is_preprocessed(tmp_path):
+    ds = tmp_path / "raw"
+    (ds / "labelsTr").mkdir(parents=True)
+    for case in ("a", "b"):
+        (ds / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
+    data = tmp_path / "pre"
+    assert guard(tmp_path, f"preprocess_once {data} {ds} echo run").stdout.strip() == "run"  # nothing yet
+    data.mkdir()
+    (data / "a.pkl").write_bytes(b"")
+    assert guard(tmp_path, f"preprocess_once {data} {ds} echo run").stdout.strip() == "run"  # interrupted
+    (data / "b.pkl").write_bytes(b"")
+    assert guard(tmp_path, f"preprocess_once {data} {ds} echo run").stdout == ""  # complete
