@@ -193,6 +193,18 @@ def _profiled_step_peak_mb(trainer, outputs: list) -> float:
     return max(sum(s) for s in sizes) / 2 ** 20 if sizes else float("nan")
 
 
+def run_capped(cmd: list, env: dict, timeout: float | None) -> subprocess.CompletedProcess:
+    """subprocess.run capturing text output; a run past ``timeout`` comes back as exit code 124 with a note
+    instead of raising, so one hung trainer becomes an error row and the report is still written."""
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        return subprocess.CompletedProcess(cmd, 124, text(e.stdout),
+                                           text(e.stderr) + f"\ntimed out after {timeout} s (--run-timeout)")
+
+
 def predict(args, env: dict, trainer: str, ds: dict, checkpoint: str, out: Path) -> bool:
     """nnUNetv2_predict (its own entry point, in a subprocess) on the test images; True if every case came back."""
     raw = Path(env["nnUNet_raw"]) / ds["name"]
@@ -202,7 +214,7 @@ def predict(args, env: dict, trainer: str, ds: dict, checkpoint: str, out: Path)
             "-device", args.device, "--disable_tta", "-npp", "1", "-nps", "1"]
     code = ("import sys; from nnunetv2.inference.predict_from_raw_data import predict_entry_point; "
             f"sys.argv = {argv!r}; predict_entry_point()")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = run_capped([sys.executable, "-c", code], env, args.run_timeout)
     cases = sorted(raw.joinpath("imagesTs").glob("*_0000.nii.gz"))
     ok = proc.returncode == 0 and all((out / c.name.replace("_0000.nii.gz", ".nii.gz")).is_file() for c in cases)
     if not ok:
@@ -214,7 +226,7 @@ def run_one(args, env: dict, trainer: str, ds: dict, compile_on: str, work: Path
     cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--trainer", trainer, "--compile",
            compile_on, "--fold", str(ds["fold"]), "--plans", ds["plans"], "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--configuration", args.configuration, str(work.parent)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout)
+    proc = run_capped(cmd, env, args.run_timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout[-2000:] + "\n" + proc.stderr[-3000:]).strip()
@@ -274,8 +286,7 @@ def ddp_check(args, env: dict, ds: dict, work: Path) -> dict:
             "-p", ds["plans"], "-num_gpus", "2", "--npz"]
     code = ("import sys; from nnunetv2.run.run_training import run_training_entry; "
             f"sys.argv = {argv!r}; run_training_entry()")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=args.run_timeout)
+    proc = run_capped([sys.executable, "-c", code], env, args.run_timeout)
     results = Path(env["nnUNet_results"]) / ds["name"]
     files = sorted(results.glob(f"nnUNetTrainerCPCL_ddpcheck__{ds['plans']}__{args.configuration}/fold_{ds['fold']}/"
                                 "prototypes_rank*.json"))

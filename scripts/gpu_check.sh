@@ -6,7 +6,8 @@
 # Needs python with torch (CUDA build for a real check). If nnU-Net is not importable it is installed offline
 # from --wheels DIR (made by scripts/gpu_wheels.sh) into OUT_DIR/venv, a virtual environment that sees the
 # system's torch (--system-site-packages). This repository is used in place (PYTHONPATH), not installed.
-# Without CUDA (and without --device cpu) it prints one line and exits 0. Writes OUT_DIR/gpu_check.{json,md}.
+# Without torch or CUDA (and without --device cpu) it prints one line and exits 0; a torch that is installed
+# but fails to import exits 1 with its error. Writes OUT_DIR/gpu_check.{json,md}.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-python3}"
@@ -16,12 +17,17 @@ wheels=""; device="cuda"; rest=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels="$2"; shift 2 ;;
+    --wheels=*) wheels="${1#--wheels=}"; shift ;;
     --device) device="$2"; rest+=("$1" "$2"); shift 2 ;;
+    --device=*) device="${1#--device=}"; rest+=("$1"); shift ;;
     *) rest+=("$1"); shift ;;
   esac
 done
-if ! "$py" -c "import torch" 2>/dev/null; then
+if ! "$py" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') else 1)"; then
   echo "gpu_check: skipped, $py has no torch (install a CUDA build of torch first)"; exit 0
+fi
+if ! err="$("$py" -c "import torch" 2>&1)"; then  # installed but broken (e.g. a CUDA build without its libraries)
+  echo "gpu_check: FAILED, $py has torch but cannot import it:"; echo "$err" | tail -n 5; exit 1
 fi
 if [ "$device" = "cuda" ] && ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: skipped, no CUDA device (torch.cuda.is_available() is False)"; exit 0

@@ -19,6 +19,33 @@ def test_gpu_check_skips_without_cuda(tmp_path):
     assert proc.stdout.strip().count("\n") == 0 and "skipped" in proc.stdout
 
 
+def test_gpu_check_reports_a_broken_torch_instead_of_skipping(tmp_path):
+    """A torch that is installed but fails to import is a failure (exit 1, its error shown), not a skip."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libcudart.so.13: cannot open shared object file')\n")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(tmp_path / "site"))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "cannot import" in proc.stdout and "libcudart" in proc.stdout
+
+
+def test_gpu_check_turns_a_timeout_into_an_error_row():
+    """A hung subprocess comes back as exit code 124 with what it printed, so the report is still written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_script", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    proc = gpu_check.run_capped([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+                                dict(os.environ), 2)
+    assert proc.returncode == 124
+    assert "started" in proc.stdout and "timed out after 2 s" in proc.stderr
+    done = gpu_check.run_capped([sys.executable, "-c", "print('ok')"], dict(os.environ), 30)
+    assert done.returncode == 0 and done.stdout.strip() == "ok"
+
+
 # in the default run (issue: CI runs gpu_check --device cpu --tiny): about 2.5 min on 2 quiet CPU cores
 def test_gpu_check_cpu_tiny_writes_the_table(tmp_path):
     out = tmp_path / "gpu_check"
