@@ -62,7 +62,15 @@ def prepare_dataset(args, work: Path) -> dict:
     pre = work / "preprocessed" / name
     plans = "nnUNetPlans_tiny" if args.tiny else "nnUNetPlans"
     done = pre / "gpu_check_fold.txt"
+    shape = args.shape or ([4, 40, 40] if args.tiny else [96, 160, 160])
+    made_with = {"tiny": bool(args.tiny), "shape": [int(v) for v in shape], "labeled": args.labeled,
+                 "unlabeled": args.unlabeled}
+    recorded = pre / "gpu_check_dataset.json"
     if done.is_file():
+        before = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if before != made_with:
+            raise SystemExit(f"gpu_check: the dataset in {work} was made with {before or 'unrecorded settings'}, this "
+                             f"run asks for {made_with}. Use another OUT_DIR, or delete {work} to rebuild it.")
         if not (pre / f"nnUNetPlans_{args.configuration}").is_dir():  # another configuration of the same dataset
             from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
 
@@ -70,7 +78,6 @@ def prepare_dataset(args, work: Path) -> dict:
                        verbose=False)
             run("preprocess-unlabeled", "-d", DATASET_ID, "-c", args.configuration, "-p", plans)
         return {"plans": plans, "fold": int(done.read_text()), "name": name}
-    shape = args.shape or ([4, 40, 40] if args.tiny else [96, 160, 160])
     log(f"synthetic dataset {name}: {args.labeled} labeled, {args.unlabeled} unlabeled, 2 test, shape {shape}")
     run("synthetic", "-d", DATASET_ID, "--labeled", args.labeled, "--unlabeled", args.unlabeled, "--test", 2,
         "--shape", *shape, "--seed", 0)
@@ -100,6 +107,7 @@ def prepare_dataset(args, work: Path) -> dict:
     with contextlib.redirect_stdout(buf):
         run("make-splits", "-d", DATASET_ID, "--labeled", max(2, args.labeled // 2), "--seed", 0)
     fold = int(buf.getvalue().strip().splitlines()[-1])
+    recorded.write_text(json.dumps(made_with))
     done.write_text(str(fold))
     return {"plans": plans, "fold": fold, "name": name}
 

@@ -31,13 +31,37 @@ def test_gpu_check_reports_a_broken_torch_instead_of_skipping(tmp_path):
     assert "cannot import" in proc.stdout and "libcudart" in proc.stdout
 
 
-def test_gpu_check_turns_a_timeout_into_an_error_row():
-    """A hung subprocess comes back as exit code 124 with what it printed, so the report is still written."""
+def load_gpu_check():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check_script", REPO / "scripts" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_refuses_a_dataset_made_with_other_settings(tmp_path):
+    """Reusing OUT_DIR with another --tiny/--shape/--labeled must not silently measure the old dataset."""
+    import argparse
+
+    gpu_check = load_gpu_check()
+    pre = tmp_path / "preprocessed" / f"Dataset{gpu_check.DATASET_ID:03d}_Synthetic"
+    pre.mkdir(parents=True)
+    (pre / "gpu_check_fold.txt").write_text("5")
+    (pre / "gpu_check_dataset.json").write_text(json.dumps(
+        {"tiny": True, "shape": [4, 40, 40], "labeled": 6, "unlabeled": 4}))
+    args = argparse.Namespace(tiny=False, shape=None, labeled=6, unlabeled=4, configuration="3d_fullres")
+    with pytest.raises(SystemExit, match="Use another OUT_DIR"):
+        gpu_check.prepare_dataset(args, tmp_path)
+    (pre / "nnUNetPlans_3d_fullres").mkdir()
+    args.tiny = True
+    assert gpu_check.prepare_dataset(args, tmp_path) == {"plans": "nnUNetPlans_tiny", "fold": 5,
+                                                         "name": pre.name}
+
+
+def test_gpu_check_turns_a_timeout_into_an_error_row():
+    """A hung subprocess comes back as exit code 124 with what it printed, so the report is still written."""
+    gpu_check = load_gpu_check()
     proc = gpu_check.run_capped([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
                                 dict(os.environ), 2)
     assert proc.returncode == 124
