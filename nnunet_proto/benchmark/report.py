@@ -89,6 +89,10 @@ class Results:
     def __init__(self, spec: BenchmarkSpec, results_root: Path):
         self.spec = spec
         self.runs: List[Run] = load_runs(results_root / "runs.json")
+        # every run the spec asks for (plain, control, trainers x amounts x seeds) plus any other registered one
+        # (an earlier invocation's), so that a report of an unfinished benchmark says how much is still to come
+        self.planned = len({(t, str(a), int(s)) for t in spec.all_trainers for a in spec.amounts for s in spec.seeds}
+                           | {(r.trainer, str(r.amount), int(r.seed)) for r in self.runs})
         self.cases_by_kind: Dict[str, Dict[tuple, dict]] = {k: {} for k in KINDS}
         self.cases = self.cases_by_kind["raw"]
         self.pp_status: Dict[tuple, dict] = {}
@@ -592,7 +596,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                     "ok": all(c["matches_plain"] for c in control) if control else None},
         "class_presence": {"threshold": CLASS_PRESENCE_MIN, "rows": presence,
                            "ok": all(r["ok"] for r in presence) if presence else None},
-        "runs": {"finished": len(res.cases), "total": len(res.runs),
+        "runs": {"finished": len(res.cases), "total": len(res.runs), "planned": res.planned,
                  "without_postprocessing": [{"trainer": t, "labeled_amount": a, "seed": s, "reason": r}
                                             for t, a, s, r in res.missing_postprocessing()]},
         "means": means,
@@ -620,7 +624,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     """Write README.md, summary.json and the plots of every finished run into report_dir; returns README.md."""
     report_dir.mkdir(parents=True, exist_ok=True)
     res = Results(spec, results_root)
-    done, total = len(res.cases), len(res.runs)
+    done, total = len(res.cases), res.planned
     comp = comparisons(res)
     control = control_status(res, comp)
     presence = presence_rows(res)
