@@ -308,3 +308,30 @@ def test_report_shows_stray_islands_of_the_raw_test_predictions(tmp_path):
     assert "| nnUNetTrainerX | 2 | 3.0 / 11.1 % | 1.0 / 0.0 % |" in text  # 2 of 18 RV voxels are islands
     islands = json.loads((tmp_path / "report" / "summary.json").read_text())["islands"]
     assert islands["nnUNetTrainerX|2"]["RV"] == {"components": 3.0, "outside_largest": pytest.approx(2 / 18)}
+
+
+def test_report_of_an_unfinished_benchmark_counts_planned_runs_and_keeps_the_plot_legend(tmp_path, monkeypatch):
+    """Labeled 4 registered but not finished: the header counts every planned run, its empty panels say so, and the
+    seed legend (taken from the last panel before) is still drawn."""
+    import dataclasses
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    from matplotlib.axes import Axes
+
+    legends, texts = [], []
+    real_legend, real_text = Axes.legend, Axes.text
+    monkeypatch.setattr(Axes, "legend", lambda self, *a, **k: (legends.append(a), real_legend(self, *a, **k))[1])
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **k: (texts.append(s), real_text(self, x, y, s, *a,
+                                                                                                     **k))[1])
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.05})
+    spec = dataclasses.replace(spec, amounts=("2", "4"))
+    runs = json.loads((tmp_path / "runs.json").read_text()) + [{"trainer": PLAIN, "amount": "4", "seed": 0, "fold": 8}]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "Runs finished: 9/18." in text  # 3 trainers x 2 amounts x 3 seeds planned, 10 registered, 9 finished
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]["planned"] == 18
+    assert texts.count("no finished pairs yet") == 2  # labeled 4, raw and post-processed
+    seed_legend = [a for a in legends if a and any("seed 0" in str(lbl) for lbl in a[1])]
+    assert seed_legend, legends

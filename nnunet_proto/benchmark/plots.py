@@ -109,15 +109,19 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
                     ax.errorbar([j + 0.22], [100 * b.delta], yerr=[[100 * (b.delta - b.ci_low)],
                                                                    [100 * (b.ci_high - b.delta)]],
                                 fmt="D", color="k", capsize=5, lw=2, label="Δ, 95 % CI" if j == 0 else None)
+                if not present:  # e.g. an amount whose runs are still going
+                    ax.text(0.5, 0.5, "no finished pairs yet", transform=ax.transAxes, ha="center", va="center",
+                            color="0.4")
                 ax.set_xticks(range(len(present)))
                 ax.set_xticklabels([_short(t) for t in present], rotation=20)
                 ax.set_xlim(-0.6, max(len(present), 1) - 0.4)
                 ax.set_title(f"labeled {amount}, {KIND_TITLE[kind]}", fontsize=10)
                 ax.grid(axis="y", alpha=0.3)
             row[0].set_ylabel("Dice trainer − plain (points)")
-        handles, labels = axes[0, -1].get_legend_handles_labels()
-        if handles:
-            axes[0, -1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        # the legend from the first panel that has points (the last one may be empty), drawn beside the last
+        legend = next((h for h in (ax.get_legend_handles_labels() for ax in axes.flat) if h[0]), None)
+        if legend:
+            axes[0, -1].legend(*legend, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "paired_difference.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
