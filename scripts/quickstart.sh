@@ -27,14 +27,16 @@ plans=nnUNetPlans_demo
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 step() { echo; echo "=== $* ==="; }
 
+. "$repo/scripts/bench_lib.sh"  # preprocess_once
 if [ ! -f "$nnUNet_raw/$name/dataset.json" ]; then
   step "1/7 synthetic dataset: 24 labeled, 40 unlabeled, 10 test images"
-  "$bin/nnunet_proto" synthetic -d $id --labeled 24 --unlabeled 40 --test 10 --shape 6 64 64 --seed 0
+  # dataset.json is written last: a folder without it is an interrupted generation of this dataset, made again
+  over=(); [ -d "$nnUNet_raw/$name" ] && over=(--overwrite)
+  "$bin/nnunet_proto" synthetic -d $id --labeled 24 --unlabeled 40 --test 10 --shape 6 64 64 --seed 0 "${over[@]}"
 fi
-if [ ! -f "$nnUNet_preprocessed/$name/nnUNetPlans.json" ]; then
-  step "2/7 nnUNetv2_plan_and_preprocess (2d)"
+step "2/7 nnUNetv2_plan_and_preprocess (2d), unless an earlier run finished it"
+preprocess_once "$nnUNet_preprocessed/$name/nnUNetPlans_2d" "$nnUNet_raw/$name" \
   "$bin/nnUNetv2_plan_and_preprocess" -d $id -c 2d -np 2 --verify_dataset_integrity
-fi
 step "3/7 CPU demo plan (plans/synthetic_demo.json) and unlabeled preprocessing"
 "$bin/nnunet_proto" plans-patch -d $id "$repo/plans/synthetic_demo.json"
 "$bin/nnunet_proto" preprocess-unlabeled -d $id -c 2d -p $plans -np 2
