@@ -38,8 +38,8 @@ case "$stage" in
     ds="$nnUNet_raw/Dataset027_ACDC"
     convert_once "$ds" "${cli[@]}" convert-acdc "$1" -d 27 --test-count 10 --seed 0
     # each image is written whole (temporary file, then renamed): a partial pool is completed with --overwrite
-    want=$(find "$2" -maxdepth 1 -name '*.h5' | wc -l)
-    have=$(find "$ds/imagesUnlabeled" -maxdepth 1 -name '*_0000.nii.gz' 2>/dev/null | wc -l)
+    want=$(count_files "$2" '*.h5')
+    have=$(count_files "$ds/imagesUnlabeled" '*_0000.nii.gz')
     if [ "$have" -ne "$want" ]; then
       if [ "$have" -gt 0 ]; then "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled --overwrite
       else "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled; fi

@@ -24,8 +24,14 @@ convert_once() {
 # plans file alone does not show that an interrupted preprocessing finished).
 preprocess_once() {
   local data="$1" ds="$2" want have; shift 2
-  want=$(find "$ds/labelsTr" -maxdepth 1 -type f -name '*.nii.gz' | wc -l)
-  have=$(find "$data" -maxdepth 1 -name '*.pkl' 2>/dev/null | wc -l)
+  want=$(count_files "$ds/labelsTr" '*.nii.gz')
+  have=$(count_files "$data" '*.pkl')
   [ "$want" -gt 0 ] && [ "$have" -eq "$want" ] && return 0
   "$@"
+}
+
+# count_files DIR PATTERN: number of files in DIR (not below) matching PATTERN; 0 if DIR does not exist. Safe under
+# `set -euo pipefail` (a find on a missing folder would end the calling script there).
+count_files() {
+  if [ -d "$1" ]; then find "$1" -maxdepth 1 -type f -name "$2" | wc -l; else echo 0; fi
 }

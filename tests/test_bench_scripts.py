@@ -7,7 +7,8 @@ from conftest import REPO
 
 
 def guard(tmp_path, call: str) -> subprocess.CompletedProcess:
-    script = f'bench=acdc; . "{REPO / "scripts" / "bench_lib.sh"}"; {call}'
+    # under the scripts' own strict mode: a failing pipeline inside a guard must not end the caller
+    script = f'set -euo pipefail; bench=acdc; . "{REPO / "scripts" / "bench_lib.sh"}"; {call}'
     return subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
 
@@ -45,3 +46,11 @@ def test_preprocess_once_reruns_until_every_case_is_preprocessed(tmp_path):
     assert guard(tmp_path, f"preprocess_once {data} {ds} echo run").stdout.strip() == "run"  # interrupted
     (data / "b.pkl").write_bytes(b"")
     assert guard(tmp_path, f"preprocess_once {data} {ds} echo run").stdout == ""  # complete
+
+
+def test_count_files_is_zero_for_a_missing_folder_under_strict_mode(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("x.h5", "y.h5", "z.txt"):
+        (tmp_path / "a" / name).write_bytes(b"")
+    out = guard(tmp_path, f"echo $(count_files {tmp_path / 'a'} '*.h5') $(count_files {tmp_path / 'missing'} '*.h5')")
+    assert out.returncode == 0 and out.stdout.split() == ["2", "0"]
