@@ -20,6 +20,16 @@ TINY_PATCH = REPO / "plans" / "synthetic_tiny.json"
 DATASET_ID = 801
 PLANS = "nnUNetPlans_tiny"
 
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 NNUNET_ENV = {"nnUNet_compile": "f", "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": str(TRAINERS_DIR),
               "OMP_NUM_THREADS": "2"}
 

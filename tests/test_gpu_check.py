@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 
 
 def test_gpu_check_skips_without_cuda(tmp_path):
@@ -31,20 +31,11 @@ def test_gpu_check_reports_a_broken_torch_instead_of_skipping(tmp_path):
     assert "cannot import" in proc.stdout and "libcudart" in proc.stdout
 
 
-def load_gpu_check():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check_script", REPO / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_check_refuses_a_dataset_made_with_other_settings(tmp_path):
     """Reusing OUT_DIR with another --tiny/--shape/--labeled must not silently measure the old dataset."""
     import argparse
 
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     pre = tmp_path / "preprocessed" / f"Dataset{gpu_check.DATASET_ID:03d}_Synthetic"
     pre.mkdir(parents=True)
     (pre / "gpu_check_fold.txt").write_text("5")
@@ -61,7 +52,7 @@ def test_gpu_check_refuses_a_dataset_made_with_other_settings(tmp_path):
 
 def test_gpu_check_turns_a_timeout_into_an_error_row():
     """A hung subprocess comes back as exit code 124 with what it printed, so the report is still written."""
-    gpu_check = load_gpu_check()
+    gpu_check = load_script("gpu_check")
     proc = gpu_check.run_capped([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
                                 dict(os.environ), 2)
     assert proc.returncode == 124

@@ -7,7 +7,7 @@ one, so the two norms must agree on a one-step epoch; a method term with weight 
 import math
 
 import pytest
-from conftest import build_trainer, started_trainer
+from conftest import build_trainer, load_script, started_trainer
 
 from nnunet_proto.training.progress import PREFIX
 
@@ -75,7 +75,6 @@ def test_weighted_term_has_a_gradient_and_the_probe_leaves_the_step_unchanged(sy
 def test_probe_per_epoch_over_several_steps_and_term_gradients_script(synthetic_dataset, fresh_results, capsys):
     """One probe value per epoch over several steps; then scripts/term_gradients.py on the finished checkpoint:
     one row per term, nothing written to the results folder."""
-    import importlib.util
     import os
     from pathlib import Path
 
@@ -85,10 +84,7 @@ def test_probe_per_epoch_over_several_steps_and_term_gradients_script(synthetic_
     assert all(v > 0 for v in log[f"{PREFIX}gradnorm_sup"])
     fold_dir = Path(trainer.output_folder)
     before = sorted(p.name for p in fold_dir.iterdir())
-    path = Path(__file__).resolve().parents[1] / "scripts" / "term_gradients.py"
-    spec = importlib.util.spec_from_file_location("term_gradients_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("term_gradients")
     script.main(["-d", str(synthetic_dataset.id), "-c", "2d", "-p", synthetic_dataset.plans, "-f",
                  str(synthetic_dataset.fold), "-tr", "nnUNetTrainerMeanTeacher", "--batches", "2"])
     out = capsys.readouterr().out.splitlines()  # nnU-Net's own prints first, then the report

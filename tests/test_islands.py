@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import load_script
 
 from nnunet_proto.evaluation.islands import (
     CACHE_NAME,
@@ -86,13 +87,7 @@ def test_island_locations_split_islands_by_distance_to_the_reference_foreground(
 
 
 def test_island_locations_script_prints_one_row_per_prediction_folder(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "island_locations.py"
-    spec = importlib.util.spec_from_file_location("island_locations_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("island_locations")
     pred, ref = _seg(), np.zeros((4, 20, 20), dtype=np.uint8)
     ref[1:3, 2:8, 2:8] = 1
     _write(tmp_path / "pred", "a", pred)
