@@ -37,12 +37,10 @@ case "$stage" in
     [ $# -eq 2 ] || { echo "usage: $0 setup LABELED_H5_DIR UNLABELED_H5_DIR" >&2; exit 2; }
     ds="$nnUNet_raw/Dataset027_ACDC"
     convert_once "$ds" "${cli[@]}" convert-acdc "$1" -d 27 --test-count 10 --seed 0
-    # each image is written whole (temporary file, then renamed): a partial pool is completed with --overwrite
-    want=$(count_files "$2" '*.h5')
-    have=$(count_files "$ds/imagesUnlabeled" '*_0000.nii.gz')
-    if [ "$have" -ne "$want" ]; then
-      if [ "$have" -gt 0 ]; then "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled --overwrite
-      else "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled; fi
+    # each image is written whole (temporary file, then renamed): a partial pool is completed (--overwrite only
+    # lets the converter rewrite the images already there, it deletes nothing)
+    if [ "$(count_files "$ds/imagesUnlabeled" '*_0000.nii.gz')" -ne "$(count_files "$2" '*.h5')" ]; then
+      "${cli[@]}" convert-acdc "$2" -d 27 --unlabeled --overwrite
     fi
     preprocess_once "$nnUNet_preprocessed/Dataset027_ACDC/nnUNetPlans_2d" "$ds" \
       "$np/nnUNetv2_plan_and_preprocess" -d 27 -c 2d -np 2

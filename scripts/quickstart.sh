@@ -31,8 +31,7 @@ step() { echo; echo "=== $* ==="; }
 if [ ! -f "$nnUNet_raw/$name/dataset.json" ]; then
   step "1/7 synthetic dataset: 24 labeled, 40 unlabeled, 10 test images"
   # dataset.json is written last: a folder without it is an interrupted generation of this dataset, made again
-  over=(); [ -d "$nnUNet_raw/$name" ] && over=(--overwrite)
-  "$bin/nnunet_proto" synthetic -d $id --labeled 24 --unlabeled 40 --test 10 --shape 6 64 64 --seed 0 "${over[@]}"
+  "$bin/nnunet_proto" synthetic -d $id --labeled 24 --unlabeled 40 --test 10 --shape 6 64 64 --seed 0 --overwrite
 fi
 step "2/7 nnUNetv2_plan_and_preprocess (2d), unless an earlier run finished it"
 preprocess_once "$nnUNet_preprocessed/$name/nnUNetPlans_2d" "$nnUNet_raw/$name" \

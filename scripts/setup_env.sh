@@ -7,7 +7,7 @@ venv="${NNUNET_PROTO_VENV:-$repo/.venv}"
 python="${PYTHON:-python3}"
 stamp="$venv/.nnunet_proto_installed"
 want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
-too_old() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && return 1 || return 0; }
+too_old() { ! "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; }
 if [ ! -x "$venv/bin/python" ]; then
   if ! command -v "$python" >/dev/null; then
     echo "error: '$python' not found; nnunet_proto needs Python 3.10 or newer: run with PYTHON=python3.X (3.10+)." >&2
