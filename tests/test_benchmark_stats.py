@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, write_report
+from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, portable, write_report
 from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
 from nnunet_proto.benchmark.stats import BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, seeds_for_power, wilcoxon_p
 
@@ -121,6 +121,7 @@ def test_report_rows_control_and_summary_json(tmp_path):
         assert section in text
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert summary["statistics"]["resamples"] == BOOTSTRAP_RESAMPLES and summary["total_steps_per_run"] == 10
+    assert summary["precision"] == "fp32"
     rows = {r["trainer"]: r for r in summary["comparisons"]}
     x = rows["nnUNetTrainerX"]
     assert x["labeled_amount"] == "2" and x["seeds"] == [0, 1, 2] and x["total_steps_per_run"] == 10
@@ -335,3 +336,18 @@ def test_report_of_an_unfinished_benchmark_counts_planned_runs_and_keeps_the_plo
     assert texts.count("no finished pairs yet") == 2  # labeled 4, raw and post-processed
     seed_legend = [a for a in legends if a and any("seed 0" in str(lbl) for lbl in a[1])]
     assert seed_legend, legends
+
+
+def test_report_paths_are_portable(monkeypatch):
+    """Reports are committed and read elsewhere: no folder of the machine that ran the benchmark."""
+    monkeypatch.setenv("nnUNet_raw", "/scratch/me/raw/")
+    monkeypatch.setenv("nnUNet_results", "/scratch/me/results")
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)
+    assert portable("/scratch/me/raw/Dataset027_ACDC/labelsTs") == "$nnUNet_raw/Dataset027_ACDC/labelsTs"
+    assert portable("/scratch/me/raw2/x") == "/scratch/me/raw2/x"  # a sibling folder is not the root
+    cmd = ("nnunet_proto benchmark -d 27 --name a -o /scratch/me/reports/a --results-dir /scratch/me/results/b "
+           "-tr X")
+    assert portable(cmd) == ("nnunet_proto benchmark -d 27 --name a -o <report folder> --results-dir "
+                             "$nnUNet_results/b -tr X")
+    assert portable("nnunet_proto benchmark --output='/a b/c' -tr X") == \
+        "nnunet_proto benchmark --output=<report folder> -tr X"

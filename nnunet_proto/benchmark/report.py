@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -584,7 +586,8 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
              for t in res.trainers() for a in res.amounts}
     return {
         "benchmark": spec.name, "dataset": spec.dataset, "configuration": spec.configuration, "plans": spec.plans,
-        "device": spec.device, "checkpoint": spec.checkpoint, "test_time_mirroring": spec.test_time_mirroring,
+        "device": spec.device, "precision": spec.precision, "checkpoint": spec.checkpoint,
+        "test_time_mirroring": spec.test_time_mirroring,
         "epochs": spec.epochs, "iterations_per_epoch": spec.iterations_per_epoch, "total_steps_per_run": steps,
         "units": {"dice": "fraction (x100 = points)", "hd95": "mm", "delta": "trainer - plain nnU-Net"},
         "statistics": {"method": "hierarchical bootstrap: resample seeds, then test cases within each drawn seed",
@@ -620,6 +623,20 @@ def _none(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def portable(text: str) -> str:
+    """A path or command as a reader of the report can use it: the exported nnU-Net folders of this machine
+    become ``$nnUNet_raw`` etc. and the benchmark's report folder (``-o``) becomes ``<report folder>``."""
+    for var in NNUNET_FOLDERS:
+        root = os.environ.get(var)
+        if root and os.path.isabs(root):
+            root = root.rstrip("/")
+            text = re.sub(re.escape(root) + r"(?=/|\s|'|$)", "$" + var, text)
+    return re.sub(r"(\s(?:-o|--output))(\s+|=)(?:'[^']*'|\S+)", r"\1\2<report folder>", text)
+
+
 def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, failed: Optional[List[str]] = None) -> Path:
     """Write README.md, summary.json and the plots of every finished run into report_dir; returns README.md."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -640,7 +657,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
               f"Budget per run: {spec.epochs} epochs x {spec.iterations_per_epoch} iterations "
               f"({spec.epochs * spec.iterations_per_epoch} iterations), identical for every trainer. Evaluated "
               f"checkpoint: `{spec.checkpoint}` ({chosen}), never chosen on the test set. Test set: "
-              f"`{spec.test_labels}`, predicted with nnU-Net's sliding window "
+              f"`{portable(spec.test_labels)}`, predicted with nnU-Net's sliding window "
               f"{'and mirroring' if spec.test_time_mirroring else 'without mirroring (--disable-tta)'}. "
               f"Runs finished: {done}/{total}.", ""]
     if spec.notes:
@@ -667,7 +684,10 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
               "other work on the machine inflates absolute times, compare ratios with care.", ""]
     lines += cost_section(res)
     lines += ["## Plots", ""] + [f"![{f}]({f})" for f in images] + [""]
-    lines += ["## Reproduce", "", "```", spec.extra.get("command", "(command not recorded)"), "```", ""]
+    lines += ["## Reproduce", "", "With the same nnU-Net folders exported (the dataset converted, planned and "
+              "preprocessed as in its notes), this command trains whatever runs are missing and rewrites the "
+              "report; add `--report-only` to rewrite it from the finished runs only.", "",
+              "```", portable(spec.extra.get("command", "(command not recorded)")), "```", ""]
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
     summary = summary_json(res, comp, control, presence)
