@@ -9,13 +9,26 @@ import torch
 from conftest import build_trainer
 
 from nnunet_proto.methods.mean_teacher import MeanTeacher
-from nnunet_proto.training.progress import DIAG_PREFIX, PREFIX, collapsing_classes
+from nnunet_proto.training.progress import (
+    DIAG_PREFIX,
+    PREFIX,
+    class_label,
+    class_names_from_dataset_json,
+    collapsing_classes,
+)
 
 
 def _plans(ds):
     plans = ds.load_plans()
     plans["continue_training"] = False
     return plans
+
+
+def test_class_names_from_dataset_json():
+    names = class_names_from_dataset_json({"labels": {"background": 0, "RV": 1, "MYO": 2, "ignore": 3}})
+    assert names == {0: "background", 1: "RV", 2: "MYO"}
+    assert class_label(1, names) == "class 1 (RV)" and class_label(5, names) == "class 5"
+    assert class_names_from_dataset_json({"labels": {"background": 0, "whole": [1, 2]}}) == {0: "background"}
 
 
 def test_collapsing_classes_needs_consecutive_low_epochs():
@@ -75,12 +88,13 @@ def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results,
     assert "teacher pseudo labels (unlabeled patches): class share c1 0.0000" in text
     warnings = [line for line in text.splitlines() if "WARNING: pseudo-label collapse" in line]
     assert len(warnings) == 2  # epochs 3 and 4 (0-based 2, 3): three consecutive epochs needed
-    assert "[1, 2, 3]" in warnings[0]
+    assert "[1, 2, 3] (class 1 (cavity), class 2 (wall), class 3 (satellite))" in warnings[0]
+    assert "in the teacher's pseudo labels" in warnings[0]
     assert "method diagnostics: student_confidence" in text
     assert "time constants for this run of 8 steps: mode run_relative" in text and "ema_decay 0.9," in text
 
-    assert "class 1: pseudo labels (unlabeled)" in labels and "kept by the gate" in labels
-    assert "class 1: labeled patches" in labels and "student_confidence" in labels
+    assert "class 1 (cavity): pseudo labels (unlabeled)" in labels and "kept by the gate" in labels
+    assert "class 1 (cavity): labeled patches" in labels and "student_confidence" in labels
     assert "background: pseudo labels (right axis)" in labels
     config = json.load(open(f"{trainer.output_folder}/nnunet_proto_config.json"))
     assert config["time_constants"]["run_steps"] == 8

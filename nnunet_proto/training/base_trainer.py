@@ -56,6 +56,8 @@ from nnunet_proto.training.progress import (
     DIAG_PREFIX,
     PREFIX,
     SemiSupervisedLogger,
+    class_label,
+    class_names_from_dataset_json,
     collapse_keys,
     collapsing_classes,
 )
@@ -157,7 +159,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self.logger.local_logger = SemiSupervisedLogger(
             self.method.term_names,
             num_classes=num_classes if (self.method.uses_teacher or self.method.student_sees_unlabeled) else 0,
-            diagnostic_names=self.diagnostic_keys)
+            diagnostic_names=self.diagnostic_keys, class_names=class_names_from_dataset_json(self.dataset_json))
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -595,11 +597,13 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             self.print_to_log_file("method diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in diag.items()))
         collapsed = collapsing_classes(self.logger.local_logger.my_fantastic_logging, num_classes)
         if collapsed:
+            names = self.logger.local_logger.class_names
+            source = "teacher" if self.teacher is not None else "network"
             self.print_to_log_file(
-                f"WARNING: pseudo-label collapse: class(es) {collapsed} made up less than {COLLAPSE_RATIO:g} x their "
-                f"share of the labeled patches in the teacher's pseudo labels for the last {COLLAPSE_EPOCHS} epochs. "
-                f"The {'teacher' if self.teacher is not None else 'network'} is losing these classes; see the "
-                f"collapse panel of progress.png.")
+                f"WARNING: pseudo-label collapse: class(es) {collapsed} "
+                f"({', '.join(class_label(c, names) for c in collapsed)}) made up less than {COLLAPSE_RATIO:g} x "
+                f"their share of the labeled patches in the {source}'s pseudo labels for the last {COLLAPSE_EPOCHS} "
+                f"epochs. The {source} is losing these classes; see the collapse panel of progress.png.")
 
     # ------------------------------------------------------------------ checkpoints
     def extra_checkpoint_state(self) -> Dict[str, Any]:

@@ -14,7 +14,7 @@ in the checkpoint's ``logging`` entry, so curves continue across ``--c`` resumes
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import matplotlib
 
@@ -49,6 +49,17 @@ def collapse_keys(num_classes: int) -> List[str]:
     return [PREFIX + k for k in collapse_diagnostic_names(num_classes)] if num_classes > 0 else []
 
 
+def class_names_from_dataset_json(dataset_json: dict) -> Dict[int, str]:
+    """Segmentation output c -> its name in dataset.json (label-based datasets; regions have no single value)."""
+    return {int(v): str(k) for k, v in dataset_json.get("labels", {}).items()
+            if isinstance(v, int) and not isinstance(v, bool) and k != "ignore"}
+
+
+def class_label(c: int, names: Dict[int, str]) -> str:
+    """'class 1 (RV)' where dataset.json names the class, else 'class 1'."""
+    return f"class {c} ({names[c]})" if c in names else f"class {c}"
+
+
 def collapsing_classes(log: Dict[str, Sequence[float]], num_classes: int, epochs: int = COLLAPSE_EPOCHS,
                        ratio: float = COLLAPSE_RATIO) -> List[int]:
     """Foreground classes c whose logged pseudo-label share was < ratio × labeled share in each of the last
@@ -66,10 +77,11 @@ def collapsing_classes(log: Dict[str, Sequence[float]], num_classes: int, epochs
 
 class SemiSupervisedLogger(LocalLogger):
     def __init__(self, term_names: Iterable[str], verbose: bool = False, num_classes: int = 0,
-                 diagnostic_names: Iterable[str] = ()):
+                 diagnostic_names: Iterable[str] = (), class_names: Optional[Dict[int, str]] = None):
         super().__init__(verbose)
         self.term_names = tuple(term_names)
         self.num_classes = int(num_classes)
+        self.class_names = dict(class_names or {})
         self.diagnostic_names = tuple(diagnostic_names)
         for key in self.extra_keys():
             self.my_fantastic_logging[key] = []
@@ -163,12 +175,13 @@ class SemiSupervisedLogger(LocalLogger):
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for c in range(1, self.num_classes):
             col = colors[(c - 1) % len(colors)]
+            name = class_label(c, self.class_names)
             ax.plot(x, log[f"{PREFIX}pl_share_c{c}"][:epoch + 1], color=col, linewidth=4,
-                    label=f"class {c}: pseudo labels (unlabeled)")
+                    label=f"{name}: pseudo labels (unlabeled)")
             ax.plot(x, log[f"{PREFIX}pl_share_kept_c{c}"][:epoch + 1], color=col, ls="dotted", linewidth=3,
-                    label=f"class {c}: kept pseudo labels")
+                    label=f"{name}: kept pseudo labels")
             ax.plot(x, log[f"{PREFIX}labeled_share_c{c}"][:epoch + 1], color=col, ls="--", linewidth=3,
-                    label=f"class {c}: labeled patches")
+                    label=f"{name}: labeled patches")
         if self.num_classes:  # background on the right axis: its share (~0.9) would flatten the others
             ax2.plot(x, log[f"{PREFIX}pl_share_c0"][:epoch + 1], color="tab:brown", linewidth=3,
                      label="background: pseudo labels (right axis)")
