@@ -415,6 +415,24 @@ def test_aux_weight_is_ramped_from_the_prototype_phase_and_code_step_is_a_switch
     assert code.weights(start)["aux"] == pytest.approx(0.3) and code.weights(start - 1e-6)["aux"] == 0.0
 
 
+def test_memory_update_share_is_logged():
+    """memory_kept: the share of unlabeled grid pixels allowed to move the memory (confident, and agreeing)."""
+    grid = (8, 8)
+    full = tuple(4 * s for s in grid)
+    teacher = torch.zeros(2, 2, *full)
+    teacher[:, 1, :, : full[1] // 2] = 6.0  # left half: entropy ~0.017; right half: p = 0.5, entropy ln 2
+    cfg = PCCSConfig(uncertain_entropy=(0.1, 0.1), update_agreement=False)
+    method, inputs, _ = _step(2, grid, cfg)
+    inputs.teacher_logits_u = teacher
+    method.losses(inputs)
+    assert float(method.diagnostics["memory_kept"]) == pytest.approx(0.5)
+    agree, inputs_a, _ = _step(2, grid, PCCSConfig(uncertain_entropy=(0.1, 0.1)))
+    inputs_a.teacher_logits_u = teacher
+    agree.losses(inputs_a)
+    assert 0.0 <= float(agree.diagnostics["memory_kept"]) <= 0.5  # agreement only removes pixels
+    assert "memory_kept" in PCCS.diagnostic_names
+
+
 def test_aux_targets_are_gated_by_teacher_confidence():
     """Only pixels whose teacher max-softmax passes the threshold get an L_aux target."""
     grid = (8, 8)

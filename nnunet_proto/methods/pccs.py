@@ -445,7 +445,8 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
             the projection of detached encoder features when ``aux_encoder_gradient`` is False.
         rates: memory (γ, μ) resolved for the run length (``PCCS.memory_rates``).
         diagnostics: if given, receives ``aux_kept`` (share of unlabeled grid pixels whose teacher
-            confidence passes ``pseudo_label_threshold``) and ``memory_momentum`` (γ used).
+            confidence passes ``pseudo_label_threshold``), ``memory_kept`` (share that updates the memory, on
+            steps with an update) and ``memory_momentum`` (γ used).
     Returns: ``{"con", "ent", "contra", "aux"}`` float32 scalars, finite for any input.
     """
     reduce_fn = reduce_fn or (lambda t: t)
@@ -504,6 +505,8 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
             if config.update_agreement:
                 gate = gate & (proto_probs_t.argmax(1).reshape(-1) == pseudo)
             update_memory(memory, f_t, pseudo, assignment, gate, protos, config, reduce_fn, rates)
+            if diagnostics is not None:
+                diagnostics["memory_kept"] = gate.float().mean()
         if diagnostics is not None:
             diagnostics["memory_momentum"] = float(rates[0] if rates is not None else config.memory_momentum)
     return {"con": con, "ent": ent, "contra": contra, "aux": aux}
@@ -516,8 +519,9 @@ class PCCS(SemiSupervisedMethod):
     term_names = ("con", "ent", "contra", "aux")
     needs_features = True
     #: per-step values logged every epoch: share of unlabeled pixels whose teacher confidence passes the
-    #: L_aux gate, and the memory momentum γ in use (run-relative)
-    diagnostic_names = ("aux_kept", "memory_momentum")
+    #: L_aux gate, share that updates the memory (confident and agreeing; steps with a memory update only),
+    #: and the memory momentum γ in use (run-relative)
+    diagnostic_names = ("aux_kept", "memory_kept", "memory_momentum")
 
     def __init__(self, config: PCCSConfig):
         super().__init__(config)
