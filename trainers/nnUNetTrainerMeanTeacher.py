@@ -1,4 +1,4 @@
-"""nnUNetTrainerMeanTeacher: the classic Mean Teacher baseline (SSL4MIS settings).
+"""nnUNetTrainerMeanTeacher: the classic Mean Teacher (SSL4MIS loss and weights; noise and EMA in nnU-Net terms).
 
 Softmax MSE between student and EMA teacher (0.99 rescaled to the run length, warm-up) on unlabeled patches,
 teacher input noise N(0, 0.65²) clipped to ±1.3 in nnU-Net's z-units (SSL4MIS's 0.1 / 0.2 on [0, 1] images),
