@@ -98,6 +98,27 @@ def test_gate_drops_unconfident_pseudo_labels_from_the_loss():
     assert paper.pseudo_label_threshold == 0.0 and paper.time_constants == "paper"
 
 
+def test_largest_component_switch_removes_pseudo_label_islands():
+    """pseudo_label_largest_component (BCP's code): a class's islands become background in the pseudo regions."""
+    b, spatial = 2, (12, 12)
+    data_l, targets, data_u, _ = _data(b, spatial)
+    t_logits = torch.zeros(b, 3, *spatial)
+    t_logits[:, 0] = 8.0
+    t_logits[:, 0, 2:7, 2:7], t_logits[:, 1, 2:7, 2:7] = 0.0, 8.0  # 25 voxels of class 1
+    t_logits[:, 0, 10, 10], t_logits[:, 1, 10, 10] = 0.0, 8.0  # a one-voxel island of class 1
+    batches = []
+    for on in (False, True):
+        m = _method(pseudo_label_largest_component=on)
+        m.begin_self_training(0.25)
+        batches.append(m.make_batch(data_l, targets, data_u, t_logits, generator=_gen(4)))
+    off, on = batches
+    changed = off.targets[0] != on.targets[0]
+    # every unlabeled voxel lies in exactly one of X_in / X_out: the island changes once per unlabeled patch
+    assert int(changed.sum()) == b and (off.targets[0][changed] == 1).all() and (on.targets[0][changed] == 0).all()
+    assert off.from_pseudo[changed].all()
+    assert not BCPConfig().pseudo_label_largest_component
+
+
 @pytest.mark.parametrize("dims,run_steps", [(2, 40_000), (3, 17_000)])
 def test_ema_reduces_to_the_paper_value_at_the_paper_run_length(dims, run_steps):
     m = _method(dims)

@@ -326,6 +326,23 @@ def test_gated_pseudo_labels_take_part_in_no_loss_and_no_update():
     assert (ungated.targets[0] >= 0).all()
 
 
+def test_largest_component_switch_applies_to_mper_pseudo_labels():
+    b, c, spatial = 2, 3, (10, 10)
+    data_l, labels = _encoded(b, spatial, c, 0, seed=1)
+    t_logits = torch.zeros(b, c, *spatial)
+    t_logits[:, 0] = 8.0
+    t_logits[:, 0, 1:5, 1:5], t_logits[:, 2, 1:5, 1:5] = 0.0, 8.0
+    t_logits[:, 0, 8, 8], t_logits[:, 2, 8, 8] = 0.0, 8.0  # island of class 2
+    data_u = torch.randn_like(data_l)
+    out = []
+    for on in (False, True):
+        m = _method(2, c, 4, pseudo_label_largest_component=on)
+        m.stage = 2
+        out.append(m.make_batch(data_l, _ds_targets(labels), data_u, t_logits, generator=_gen(3)).targets[0])
+    changed = out[0] != out[1]
+    assert int(changed.sum()) == b and (out[0][changed] == 2).all() and (out[1][changed] == 0).all()
+
+
 def test_switch_decision_waits_for_every_class_and_respects_floor_and_cap():
     m = _method(2, 3, stage_switch="ready", ready_dice=0.5, min_pretrain_fraction=0.2, max_pretrain_fraction=0.6)
     assert m.stage_one_bounds(10) == (2, 6) and m.config.ready_epochs == 2

@@ -46,6 +46,7 @@ import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.methods.stage_switch import epochs_for, stage_one_bounds, switch_decision, validate_switch_config
+from nnunet_proto.ops.components import largest_component_only
 from nnunet_proto.ops.copy_paste import (
     BCP_BOX_FRACTION,
     MixedBatch,
@@ -89,6 +90,10 @@ class BCPConfig(SemiSupervisedConfig):
             (as MPER): foreground classes present in the region's labels (False / True). BCP: all classes
             including background (True / False); a class absent from a region then adds a near-constant
             Dice loss of ~1 that dilutes the gradient of the present ones.
+        pseudo_label_largest_component: keep only the largest connected component of each foreground class
+            of the teacher's argmax (the rest becomes background) before the gate, as BCP's code does
+            (``get_ACDC_masks`` / ``get_cut_mask`` with ``nms=1``; the paper does not mention it). Off: the
+            confidence gate alone (``ops/components.py``).
     """
 
     ema_decay: float = 0.99
@@ -106,6 +111,7 @@ class BCPConfig(SemiSupervisedConfig):
     dice_smooth: float = 1e-5
     dice_include_background: bool = False
     dice_present_only: bool = True
+    pseudo_label_largest_component: bool = False
 
     @classmethod
     def paper(cls, **changes) -> "BCPConfig":
@@ -225,8 +231,10 @@ class BCP(SemiSupervisedMethod):
         if data_u is None or teacher_logits_u is None:
             raise ValueError("BCP stage two needs the unlabeled patches and the teacher's logits on them")
         pl = self.gate_teacher(teacher_logits_u)
+        labels = (largest_component_only(pl.labels, teacher_logits_u.shape[1])
+                  if cfg.pseudo_label_largest_component else pl.labels)
         # region weights 1 here: the pseudo-labeled regions are weighted by w_u through weights()
-        return copy_paste_batch(data_l, targets_l, data_u, pl.labels, pl.confidence, pl.keep,
+        return copy_paste_batch(data_l, targets_l, data_u, labels, pl.confidence, pl.keep,
                                 box_fraction=cfg.box_fraction, unlabeled_weight=1.0, generator=generator)
 
     def _loss(self, inputs: BCPStepInputs, groups) -> torch.Tensor:

@@ -56,6 +56,7 @@ import torch
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.methods.stage_switch import epochs_for, stage_one_bounds, switch_decision, validate_switch_config
+from nnunet_proto.ops.components import largest_component_only
 from nnunet_proto.ops.copy_paste import (  # MixGroup/MixedBatch live in ops (shared with BCP), re-exported here
     BCP_BOX_FRACTION,
     MixedBatch,
@@ -160,6 +161,9 @@ class MPERConfig(SemiSupervisedConfig):
             (ours, default True; BCP: all classes, False). An absent class otherwise adds a near-constant
             Dice loss of ~1 that dilutes the gradient of the present classes, and pushes the class to zero
             once it is nearly absent from the prediction (``ops.copy_paste.region_ce_dice``).
+        pseudo_label_largest_component: keep only the largest connected component of each foreground class
+            of the teacher's argmax (the rest becomes background) before the gate, as the MPER and BCP codes
+            do; the paper does not mention it. Off by default (``ops/components.py``).
         stage_switch: ``"ready"`` (ours): stage two starts at the first epoch at which every foreground
             class reached ``ready_dice`` in nnU-Net's pseudo-Dice on its validation cases of the previous
             epoch, but not before ``min_pretrain_fraction`` and at the latest at ``max_pretrain_fraction``
@@ -214,6 +218,7 @@ class MPERConfig(SemiSupervisedConfig):
     dice_smooth: float = 1e-5
     dice_include_background: bool = False
     dice_present_only: bool = True
+    pseudo_label_largest_component: bool = False
     kmeans_batches: int = 20
     kmeans_samples_per_class: int = 200_000
     kmeans_spherical: bool = False
@@ -476,7 +481,9 @@ class MPER(SemiSupervisedMethod):
         with torch.no_grad(), torch.autocast(device_type=data_l.device.type, enabled=False):
             gate = gate_logits(teacher_logits_u, self.config.pseudo_label_threshold)
         # voxels below the confidence gate get DROPPED_LABEL (−1): no loss, no prototype update (BCP: ungated)
-        return copy_paste_batch(data_l, targets_l, data_u, gate.labels, gate.confidence, keep=gate.keep,
+        labels = (largest_component_only(gate.labels, teacher_logits_u.shape[1])
+                  if self.config.pseudo_label_largest_component else gate.labels)
+        return copy_paste_batch(data_l, targets_l, data_u, labels, gate.confidence, keep=gate.keep,
                                 box_fraction=self.config.box_fraction, unlabeled_weight=self.config.unlabeled_weight,
                                 generator=generator)
 
