@@ -351,3 +351,33 @@ def test_report_paths_are_portable(monkeypatch):
                              "$nnUNet_results/b -tr X")
     assert portable("nnunet_proto benchmark --output='/a b/c' -tr X") == \
         "nnunet_proto benchmark --output=<report folder> -tr X"
+
+
+def test_semi_supervised_signal_from_training_logs(tmp_path):
+    """The report's signal table: gradient ratio (median of the last epochs), pseudo/labeled share, kept, confidence."""
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.0}, seeds=(0, 1))
+    epochs = 8
+    for seed in (0, 1):
+        log = {"train_losses": [0.0] * epochs, "ema_fg_dice": [0.5] * epochs,
+               "ssl_gradnorm_sup": [1.0] * epochs, "ssl_gradnorm_total": [1.0] * epochs,
+               # the last 5 epochs: 0.02 x 3 and 0.5, 0.5 -> median 0.02; the early 9.0 is outside the window
+               "ssl_gradnorm_cons": [9.0, 9.0, 9.0, 0.02, 0.5, 0.02, 0.5, 0.02],
+               "ssl_pl_share_c0": [0.9] * epochs, "ssl_labeled_share_c0": [0.9] * epochs,
+               "ssl_pl_share_c1": [0.01 * (1 + seed)] * epochs, "ssl_labeled_share_c1": [0.04] * epochs,
+               "ssl_pl_share_c2": [0.05] * epochs, "ssl_labeled_share_c2": [0.05] * (epochs - 1) + [float("nan")],
+               "ssl_pl_kept": [0.8] * epochs, "ssl_pl_confidence": [0.95] * epochs}
+        d = tmp_path / "runs" / Run("nnUNetTrainerX", "2", seed, 0).tag
+        (d / "curves.json").write_text(json.dumps(log))
+    write_report(spec, tmp_path, tmp_path / "report")
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "## Semi-supervised signal" in text and "pseudo_labels_labeled2.png" in text
+    assert (tmp_path / "report" / "pseudo_labels_labeled2.png").is_file()
+    rows = json.loads((tmp_path / "report" / "summary.json").read_text())["semi_supervised_signal"]["rows"]
+    (row,) = [r for r in rows if r["trainer"] == "nnUNetTrainerX"]
+    assert row["seeds"] == 2 and row["gradient_vs_supervised"] == {"cons": pytest.approx(0.02)}
+    names = list(CLASSES.values())
+    # class 1: 0.25 (seed 0) and 0.5 (seed 1) of its labeled share; class 2: NaN epoch dropped, then 1.0
+    assert row["pseudo_label_share_vs_labeled"][names[0]] == pytest.approx(0.375)
+    assert row["pseudo_label_share_vs_labeled"][names[1]] == pytest.approx(1.0)
+    assert row["kept_by_gate"] == pytest.approx(0.8) and row["teacher_confidence"] == pytest.approx(0.95)
+    assert "| nnUNetTrainerX | 2 | cons 0.020 | 0.38 / 1.00 | 0.80 | 0.950 |" in text

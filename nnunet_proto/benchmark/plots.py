@@ -160,4 +160,60 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
         fig.savefig(out / name, dpi=100, bbox_inches="tight")
         plt.close(fig)
         files.append(name)
+    files += _signal_plots(res, out, plt)
+    return files
+
+
+def _ratio(log: dict, num: str, den: str) -> np.ndarray:
+    a = np.asarray(log.get(num, []), dtype=float)
+    b = np.asarray(log.get(den, []), dtype=float)
+    n = min(a.size, b.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b[:n] > 0, a[:n] / b[:n], np.nan)
+
+
+def _signal_plots(res: Results, out: Path, plt) -> List[str]:
+    """Per amount, one row per semi-supervised trainer (first seed): left, each foreground class' pseudo-label
+    share over its labeled share and the gate's kept fraction; right, each term's weighted gradient norm over
+    the supervised one (log scale). The per-epoch view of the report's "Semi-supervised signal" table."""
+    files = []
+    for amount in res.amounts:
+        seed = res.seeds[0]
+        keys = [(t, amount, seed) for t in res.trainers()
+                if t != PLAIN and "ssl_pl_share_c0" in res.curves.get((t, amount, seed), {})]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(len(keys), 2, figsize=(13, 3.0 * len(keys)), squeeze=False)
+        for (left, right), key in zip(axes, keys):
+            log = res.curves[key]
+            for i, c in enumerate(res.classes):
+                r = _ratio(log, f"ssl_pl_share_c{c}", f"ssl_labeled_share_c{c}")
+                left.plot(range(r.size), r, color=f"C{i}", lw=2, label=f"{res.label_names[c]} pseudo / labeled share")
+            kept = np.asarray(log.get("ssl_pl_kept", []), dtype=float)
+            left.plot(range(kept.size), kept, color="0.4", ls="--", lw=1.5, label="kept by the gate")
+            left.axhline(1.0, color="k", lw=0.8)
+            left.axhline(0.1, color="r", lw=0.8, ls=":", label="collapse warning (0.1)")
+            left.set_ylim(bottom=0)
+            left.set_title(f"{key[0]} (labeled {amount}, seed {seed}): pseudo labels", fontsize=9)
+            left.set_xlabel("epoch")
+            left.legend(fontsize=6, loc="lower right")
+            terms = sorted(k[len("ssl_gradnorm_"):] for k in log if k.startswith("ssl_gradnorm_")
+                           and k not in ("ssl_gradnorm_sup", "ssl_gradnorm_total"))
+            for j, t in enumerate(terms):
+                r = _ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup")
+                if np.isfinite(r).any() and np.nanmax(r) > 0:
+                    right.semilogy(range(r.size), np.where(r > 0, r, np.nan), color=f"C{j + 4}", lw=2, label=t)
+            right.axhline(0.1, color="k", lw=0.8, ls=":")
+            right.set_title("weighted gradient / supervised gradient (probe)", fontsize=9)
+            right.set_xlabel("epoch")
+            if right.get_legend_handles_labels()[0]:
+                right.legend(fontsize=7, loc="lower right")
+            else:
+                right.text(0.5, 0.5, "no semi-supervised gradient (weights 0)", transform=right.transAxes,
+                           ha="center", va="center", color="0.4")
+        fig.tight_layout()
+        name = f"pseudo_labels_labeled{amount.replace('%', 'pct')}.png"
+        fig.savefig(out / name, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        files.append(name)
     return files

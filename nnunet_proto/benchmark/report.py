@@ -500,6 +500,98 @@ def islands_section(res: Results) -> List[str]:
     return lines + [""]
 
 
+#: the semi-supervised signal is summarised over the last epochs of each run (probe values are one step each)
+SIGNAL_TAIL_EPOCHS = 5
+
+
+def _last(log: dict, key: str, n: int = SIGNAL_TAIL_EPOCHS) -> np.ndarray:
+    """The last n epochs of a logged series (non-numbers as NaN)."""
+    return np.asarray([x if isinstance(x, (int, float)) else np.nan for x in log.get(key, [])][-n:], dtype=float)
+
+
+def _tail(log: dict, key: str) -> np.ndarray:
+    v = _last(log, key)
+    return v[np.isfinite(v)]
+
+
+def _tail_ratio(log: dict, num: str, den: str) -> np.ndarray:
+    """num / den epoch by epoch over the last epochs, where both are finite and den > 0."""
+    a, b = _last(log, num), _last(log, den)
+    if a.size != b.size:
+        return np.zeros(0)
+    ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
+    return a[ok] / b[ok]
+
+
+def _seed_mean(logs: List[dict], key: str) -> float:
+    """Mean over runs of each run's mean over its last epochs (NaN where no run logged ``key``)."""
+    vals = [float(np.mean(v)) for v in (_tail(log, key) for log in logs) if v.size]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def signal_rows(res: Results) -> List[dict]:
+    """Per semi-supervised trainer and amount, from the runs' training logs (curves.json), last epochs:
+    each term's weighted gradient norm over the supervised one (median over epochs), the pseudo-label share of
+    each foreground class over its labeled share, the gate's kept fraction and the teacher's confidence; means
+    over seeds. What a loss that does nothing, or a teacher that loses a class, looks like in numbers."""
+    rows = []
+    for amount in res.amounts:
+        for trainer in res.trainers():
+            logs = [res.curves[k] for k in sorted(res.curves, key=str) if k[:2] == (trainer, amount)]
+            if trainer == PLAIN or not logs:
+                continue
+            terms = sorted({k[len("ssl_gradnorm_"):] for log in logs for k in log if k.startswith("ssl_gradnorm_")}
+                           - {"sup", "total"})
+            grad = {}
+            for t in terms:
+                per_seed = []
+                for log in logs:
+                    r = _tail_ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup")
+                    if r.size:
+                        per_seed.append(float(np.median(r)))
+                grad[t] = float(np.mean(per_seed)) if per_seed else math.nan
+            share = {}
+            for c in res.classes:
+                ratios = []
+                for log in logs:
+                    r = _tail_ratio(log, f"ssl_pl_share_c{c}", f"ssl_labeled_share_c{c}")
+                    if r.size:
+                        ratios.append(float(np.mean(r)))
+                share[res.label_names[c]] = float(np.mean(ratios)) if ratios else math.nan
+            rows.append({"trainer": trainer, "labeled_amount": amount, "seeds": len(logs),
+                         "gradient_vs_supervised": grad, "pseudo_label_share_vs_labeled": share,
+                         "kept_by_gate": _seed_mean(logs, "ssl_pl_kept"),
+                         "teacher_confidence": _seed_mean(logs, "ssl_pl_confidence")})
+    return rows
+
+
+def signal_section(res: Results, rows: List[dict]) -> List[str]:
+    if not rows:
+        return ["No training logs of semi-supervised runs (curves.json) to summarise.", ""]
+    names = [res.label_names[c] for c in res.classes]
+    lines = [f"How strong the semi-supervised signal was, from each run's training log over its last "
+             f"{SIGNAL_TAIL_EPOCHS} epochs, mean over seeds. *Gradient*: each term's weighted gradient norm over the "
+             "supervised loss's, probed on the first step of an epoch (median over the epochs); a term far below "
+             "0.1 barely moves the network, whatever its loss value. *Pseudo / labeled share*: the share of "
+             "unlabeled voxels the pseudo-label source (the teacher, or the network itself without one) gives a "
+             "class over that class' share of the labeled patches (about 1: the class is kept; below 0.1 for 3 "
+             "epochs is the trainers' collapse warning; the labeled share is inflated by nnU-Net's foreground "
+             "oversampling). *Kept*: voxels passing the confidence gate. Per epoch: the `ssl_*` panels of "
+             "each run's progress.png and the pseudo_labels plots below.", "",
+             "| trainer | labeled | gradient / supervised | pseudo / labeled share (" + " / ".join(names)
+             + ") | kept | confidence |", "|---|---|---|---|---|---|"]
+
+    def num(x, fmt):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+    for r in rows:
+        grad = ", ".join(f"{t} {num(v, '.3f')}" for t, v in r["gradient_vs_supervised"].items()) or "–"
+        share = " / ".join(num(r["pseudo_label_share_vs_labeled"][n], ".2f") for n in names)
+        lines.append(f"| {r['trainer']} | {r['labeled_amount']} | {grad} | {share} | {num(r['kept_by_gate'], '.2f')} "
+                     f"| {num(r['teacher_confidence'], '.3f')} |")
+    return lines + [""]
+
+
 def postprocessing_section(res: Results) -> List[str]:
     lines = ["nnU-Net's `determine_postprocessing` (as `nnUNetv2_determine_postprocessing`) on each run's own "
              "validation predictions: keep only the largest foreground component, then the largest component per "
@@ -678,6 +770,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     lines += ["## Test results", ""] + tables(res)
     lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))
     lines += ["## Stray islands", ""] + islands_section(res)
+    signal = signal_rows(res)
+    lines += ["## Semi-supervised signal", ""] + signal_section(res, signal)
     lines += ["## Postprocessing", ""] + postprocessing_section(res)
     lines += ["## Cost", "", "Seconds per epoch from nnU-Net's epoch timestamps (training + its validation "
               "iterations), peak memory of the training process. Runs ran one after another on the same machine; "
@@ -691,6 +785,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
     summary = summary_json(res, comp, control, presence)
+    summary["semi_supervised_signal"] = {"tail_epochs": SIGNAL_TAIL_EPOCHS, "rows": signal}
     (report_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
                                                         ensure_ascii=False))
     return out
