@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, portable, write_report
+from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, portable, validation_agreement, write_report
 from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
 from nnunet_proto.benchmark.stats import BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, seeds_for_power, wilcoxon_p
 
@@ -381,3 +381,24 @@ def test_semi_supervised_signal_from_training_logs(tmp_path):
     assert row["pseudo_label_share_vs_labeled"][names[1]] == pytest.approx(1.0)
     assert row["kept_by_gate"] == pytest.approx(0.8) and row["teacher_confidence"] == pytest.approx(0.95)
     assert "| nnUNetTrainerX | 2 | cons 0.020 | 0.38 / 1.00 | 0.80 | 0.950 |" in text
+
+
+def test_validation_agreement_pairs_validation_and_test_deltas(tmp_path):
+    """Δ validation vs Δ test per (trainer, seed): r and sign agreement, in the report and summary.json."""
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": lambda s: [-0.02, 0.01, 0.05][s]})
+    for seed, val in enumerate([0.48, 0.53, 0.60]):  # plain's validation is 0.5 + 0.01 s: Δ -0.02, +0.02, +0.08
+        f = tmp_path / "runs" / Run("nnUNetTrainerX", "2", seed, 0).tag / "run_info.json"
+        info = json.loads(f.read_text())
+        f.write_text(json.dumps({**info, "validation_foreground_dice": val}))
+    res = Results(spec, tmp_path)
+    rows = {(r["labeled_amount"], r["kind"]): r for r in validation_agreement(res)}
+    raw = rows[("2", "raw")]
+    x = [p for p in raw["pairs"] if p["trainer"] == "nnUNetTrainerX"]
+    assert [p["validation_delta"] for p in x] == pytest.approx([-0.02, 0.02, 0.08])
+    assert [p["test_delta"] for p in x] == pytest.approx([-0.02, 0.01, 0.05], abs=0.011)  # clipping at 0/1 aside
+    assert raw["n_pairs"] == 6 and 0 <= raw["same_sign"] <= 1 and -1 <= raw["pearson_r"] <= 1
+    write_report(spec, tmp_path, tmp_path / "report")
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "## Validation as a guide" in text and "X s0 -2.0 →" in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert {r["kind"] for r in summary["validation_agreement"]} == {"raw", "postprocessed"}

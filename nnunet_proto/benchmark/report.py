@@ -154,6 +154,11 @@ class Results:
         return [_nanmean([c[label][metric] for c in cases[(trainer, amount, s)].values()])
                 for s in self.seeds if (trainer, amount, s) in cases]
 
+    def run_means_for(self, key: tuple, kind: str = "raw", label: str = "fg", metric: str = "Dice") -> float:
+        """One run's (trainer, amount, seed) mean over its test cases; NaN when the run has no such metrics."""
+        cases = self.cases_by_kind[kind].get(key)
+        return _nanmean([c[label][metric] for c in cases.values()]) if cases else math.nan
+
     def summary(self, trainer: str, amount: str, label: str, metric: str, kind: str = "raw"):
         """(mean over seeds of per-run means, sd over seeds or, with one seed, over cases, number of seeds)."""
         cases = self.cases_by_kind[kind]
@@ -403,6 +408,60 @@ def spread_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]
     if not rows:
         return ["Needs at least two seeds with a paired plain run.", ""]
     return lines + [""]
+
+
+def validation_agreement(res: Results) -> List[dict]:
+    """Per amount and kind: does nnU-Net's validation Dice (the number trainers and defaults are chosen on) move
+    with the test Dice? For every (trainer, seed) with a paired plain run, Δ validation against Δ test (both
+    trainer − plain, fold-mean foreground Dice); their Pearson r and the share of pairs with the same sign."""
+    out = []
+    for amount in res.amounts:
+        for kind in KINDS:
+            pairs = []
+            for trainer in res.trainers():
+                if trainer == PLAIN:
+                    continue
+                for seed in res.seeds:
+                    a, b = (trainer, amount, seed), (PLAIN, amount, seed)
+                    va = res.info.get(a, {}).get("validation_foreground_dice")
+                    vb = res.info.get(b, {}).get("validation_foreground_dice")
+                    ta = res.run_means_for(a, kind)
+                    tb = res.run_means_for(b, kind)
+                    if None in (va, vb) or math.isnan(ta) or math.isnan(tb):
+                        continue
+                    pairs.append((trainer, seed, va - vb, ta - tb))
+            if len(pairs) < 3:
+                continue
+            dv = np.array([p[2] for p in pairs])
+            dt = np.array([p[3] for p in pairs])
+            r = float(np.corrcoef(dv, dt)[0, 1]) if dv.std() > 0 and dt.std() > 0 else math.nan
+            out.append({"labeled_amount": amount, "kind": kind, "n_pairs": len(pairs), "pearson_r": r,
+                        "same_sign": float(np.mean(np.sign(dv) == np.sign(dt))),
+                        "pairs": [{"trainer": t, "seed": sd, "validation_delta": v, "test_delta": d}
+                                  for t, sd, v, d in pairs]})
+    return out
+
+
+def validation_agreement_section(rows: List[dict]) -> List[str]:
+    if not rows:
+        return ["Needs at least three (trainer, seed) runs with validation Dice and a paired plain run.", ""]
+    lines = ["Trainers and defaults are chosen on nnU-Net's validation of the fold, never on the test cases. Whether "
+             "that is a sound guide: for every (trainer, seed) with a paired plain run, the validation Dice Δ "
+             "against plain next to the test Dice Δ against plain (foreground mean, points); their correlation "
+             "and how often both have the same sign.", "",
+             "| labeled | predictions | pairs | Pearson r (Δ validation, Δ test) | same sign | pairs (Δ validation → Δ "
+             "test) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        detail = "; ".join(f"{_short_name(p['trainer'])} s{p['seed']} {100 * p['validation_delta']:+.1f} → "
+                           f"{100 * p['test_delta']:+.1f}" for p in r["pairs"])
+        corr = "–" if math.isnan(r["pearson_r"]) else f"{r['pearson_r']:.2f}"
+        lines.append(f"| {r['labeled_amount']} | {r['kind']} | {r['n_pairs']} | {corr} | "
+                     f"{100 * r['same_sign']:.0f} % | {detail} |")
+    return lines + [""]
+
+
+def _short_name(trainer: str) -> str:
+    return trainer[len("nnUNetTrainer"):] or trainer if trainer.startswith("nnUNetTrainer") else trainer
 
 
 def control_status(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[dict]:
@@ -766,6 +825,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     lines += ["## Against plain nnU-Net", ""] + comparison_section(res, comp)
     lines += ["## A/A control", ""] + control_section(res, control)
     lines += ["## Run-to-run spread and power", ""] + spread_section(res, comp)
+    agreement = validation_agreement(res)
+    lines += ["## Validation as a guide", ""] + validation_agreement_section(agreement)
     lines += ["## No class lost", ""] + presence_section(res, presence)
     lines += ["## Test results", ""] + tables(res)
     lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))
@@ -786,6 +847,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     out.write_text("\n".join(lines))
     summary = summary_json(res, comp, control, presence)
     summary["semi_supervised_signal"] = {"tail_epochs": SIGNAL_TAIL_EPOCHS, "rows": signal}
+    summary["validation_agreement"] = agreement
     (report_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
                                                         ensure_ascii=False))
     return out
