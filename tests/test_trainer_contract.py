@@ -194,3 +194,25 @@ def test_teacher_starts_from_pretrained_weights(synthetic_dataset, fresh_results
                 torch.testing.assert_close(v, donor.network.state_dict()[k])
     finally:
         trainer.on_train_end()
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_config_field():
+    """A field added later is compared with its default (what the old run trained with); a real change is refused."""
+    from types import SimpleNamespace
+
+    from nnunet_proto.methods.bcp import BCPConfig
+    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+
+    def fake(config):
+        resolved = {"trainer": "T", "method": "BCP", "config": config.to_dict(), "num_epochs": 2,
+                    "num_iterations_per_epoch": 3}
+        return SimpleNamespace(config=config, resolved_config=lambda: resolved)
+
+    old = BCPConfig().to_dict()
+    del old["pseudo_label_largest_component"]  # a checkpoint written before the field existed
+    saved = {"trainer": "T", "method": "BCP", "config": old, "num_epochs": 2, "num_iterations_per_epoch": 3}
+    nnUNetTrainerSemiSupervised.check_resume_config(fake(BCPConfig()), saved, "ckpt.pth")  # no error
+    with pytest.raises(ValueError, match=r"config.pseudo_label_largest_component: checkpoint False vs now True"):
+        nnUNetTrainerSemiSupervised.check_resume_config(fake(BCPConfig(pseudo_label_largest_component=True)),
+                                                        saved, "ckpt.pth")
+    assert BCPConfig.field_defaults()["pseudo_label_largest_component"] is False

@@ -136,6 +136,21 @@ class SemiSupervisedConfig:
         d["config_class"] = type(self).__name__
         return d
 
+    @classmethod
+    def field_defaults(cls) -> Dict[str, Any]:
+        """Each field's default as ``to_dict`` writes it: the value a checkpoint written before the field existed
+        was trained with (a new field's default keeps the old behaviour)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                v = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                v = f.default_factory()
+            else:
+                continue
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
     def replace(self, **changes: Any) -> "SemiSupervisedConfig":
         """A copy with some fields changed (validated again); for leaf trainer variants."""
         return dataclasses.replace(self, **changes)

@@ -643,9 +643,12 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             if saved.get(key) != current[key]:
                 diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs now {current[key]!r}")
         saved_cfg, cur_cfg = saved.get("config", {}), current["config"]
+        # a field added after the checkpoint was written: it was trained with that field's default
+        defaults = type(self.config).field_defaults()
         for key in sorted(set(saved_cfg) | set(cur_cfg)):
-            if saved_cfg.get(key) != cur_cfg.get(key):
-                diffs.append(f"config.{key}: checkpoint {saved_cfg.get(key)!r} vs now {cur_cfg.get(key)!r}")
+            old = saved_cfg.get(key, defaults.get(key))
+            if old != cur_cfg.get(key):
+                diffs.append(f"config.{key}: checkpoint {old!r} vs now {cur_cfg.get(key)!r}")
         if diffs:
             raise ValueError(
                 f"Cannot resume from {filename}: it was trained with a different configuration.\n  "
