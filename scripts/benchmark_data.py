@@ -53,20 +53,32 @@ def load_manifest(path: Path = MANIFEST) -> dict:
     return json.loads(path.read_text())
 
 
-def _write_h5(src: Path, dst: Path, keys) -> None:
-    """Copy the datasets ``keys`` of src into dst (via a temporary file, so an interrupted copy leaves none)."""
+def _write_h5(src: Path, dst: Path, expected: Dict[str, str]) -> None:
+    """Copy the datasets named in ``expected`` from src into dst, after checking them against their SHA-256
+    (a release with other content is refused before anything is written); via a temporary file, so an
+    interrupted copy leaves nothing behind."""
     import h5py
 
     tmp = dst.with_name(dst.name + ".partial")
-    with h5py.File(src, "r") as fi, h5py.File(tmp, "w") as fo:
-        for k in keys:
+    with h5py.File(src, "r") as fi:
+        arrays = {}
+        for k, digest in expected.items():
             if k not in fi:
                 raise SystemExit(f"{src} has no '{k}' dataset: is this the h5 release the script names?")
-            fo.create_dataset(k, data=fi[k][()], compression="gzip")
-    tmp.replace(dst)
+            arrays[k] = fi[k][()]
+            if array_hash(arrays[k]) != digest:
+                raise SystemExit(f"{src}: '{k}' differs from the benchmarks' copy of {dst.name} (another version "
+                                 f"of the release?); nothing was written for it")
+    try:
+        with h5py.File(tmp, "w") as fo:
+            for k, a in arrays.items():
+                fo.create_dataset(k, data=a, compression="gzip")
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _place(src: Path, dst: Path, keys, expected: Dict[str, str]) -> str:
+def _place(src: Path, dst: Path, expected: Dict[str, str]) -> str:
     """Write dst from src unless it is there already with the expected content; returns what was done."""
     if dst.exists():
         have = file_hashes(dst)
@@ -74,7 +86,7 @@ def _place(src: Path, dst: Path, keys, expected: Dict[str, str]) -> str:
             return "kept"
         raise SystemExit(f"{dst} exists with other content than the benchmark's copy; move it away and rerun "
                          f"(nothing was overwritten)")
-    _write_h5(src, dst, keys)
+    _write_h5(src, dst, expected)
     return "written"
 
 
@@ -109,7 +121,7 @@ def build(kind: str, release: Path, out: Path, manifest: Optional[dict] = None) 
                 src = release / fname
             if not src.is_file():
                 raise SystemExit(f"{src} is missing from the release folder {release}")
-            done[_place(src, folder / fname, list(expected), expected)] += 1
+            done[_place(src, folder / fname, expected)] += 1
         print(f"{folder}: {done['written']} written, {done['kept']} already there")
         written.append(folder)
     bad = verify(written, manifest)

@@ -64,6 +64,12 @@ def test_build_verify_and_rerun(tmp_path, capsys):
 def test_release_folder_errors(tmp_path):
     acdc, la = _release(tmp_path)
     manifest = _manifest(acdc, la)
+    # another version of the release: refused before its file is written
+    with h5py.File(la / "ABC" / "mri_norm2.h5", "r+") as f:
+        f["image"][0, 0, 0] += 1
+    with pytest.raises(SystemExit, match="differs from the benchmarks' copy of ABC.h5"):
+        bd.build("la", la, tmp_path / "o0", manifest)
+    assert not any((tmp_path / "o0" / "la20_h5").iterdir())
     with pytest.raises(SystemExit, match="not data/ACDC/data/slices"):
         bd.build("acdc", acdc / "slices", tmp_path / "o1", manifest)
     (la / "ABC" / "mri_norm2.h5").unlink()

@@ -351,6 +351,13 @@ def test_report_paths_are_portable(monkeypatch):
                              "$nnUNet_results/b -tr X")
     assert portable("nnunet_proto benchmark --output='/a b/c' -tr X") == \
         "nnunet_proto benchmark --output=<report folder> -tr X"
+    # nested roots (the longest wins), a root only where a path starts, "-o" inside a quoted note left alone
+    monkeypatch.setenv("nnUNet_results", "/scratch/me/raw/results")
+    assert portable("/scratch/me/raw/results/x") == "$nnUNet_results/x"
+    assert portable("/work/scratch/me/raw/x") == "/work/scratch/me/raw/x"
+    cmd = "nnunet_proto benchmark --notes 'split -o by hand' --group-regex '(patient\\d+)' -o /r -tr X"
+    assert portable(cmd) == ("nnunet_proto benchmark --notes 'split -o by hand' --group-regex '(patient\\d+)' "
+                             "-o <report folder> -tr X")
 
 
 def test_semi_supervised_signal_from_training_logs(tmp_path):

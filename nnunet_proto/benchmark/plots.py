@@ -178,9 +178,10 @@ def _signal_plots(res: Results, out: Path, plt) -> List[str]:
     the supervised one (log scale). The per-epoch view of the report's "Semi-supervised signal" table."""
     files = []
     for amount in res.amounts:
-        seed = res.seeds[0]
-        keys = [(t, amount, seed) for t in res.trainers()
-                if t != PLAIN and "ssl_pl_share_c0" in res.curves.get((t, amount, seed), {})]
+        # each trainer's first seed with a training log of pseudo labels
+        keys = [next((k for k in ((t, amount, s) for s in res.seeds) if "ssl_pl_share_c0" in res.curves.get(k, {})),
+                     None) for t in res.trainers() if t != PLAIN]
+        keys = [k for k in keys if k is not None]
         if not keys:
             continue
         fig, axes = plt.subplots(len(keys), 2, figsize=(13, 3.0 * len(keys)), squeeze=False)
@@ -194,13 +195,15 @@ def _signal_plots(res: Results, out: Path, plt) -> List[str]:
             left.axhline(1.0, color="k", lw=0.8)
             left.axhline(0.1, color="r", lw=0.8, ls=":", label="collapse warning (0.1)")
             left.set_ylim(bottom=0)
-            left.set_title(f"{key[0]} (labeled {amount}, seed {seed}): pseudo labels", fontsize=9)
+            left.set_title(f"{key[0]} (labeled {amount}, seed {key[2]}): pseudo labels", fontsize=9)
             left.set_xlabel("epoch")
             left.legend(fontsize=6, loc="lower right")
             terms = sorted(k[len("ssl_gradnorm_"):] for k in log if k.startswith("ssl_gradnorm_")
                            and k not in ("ssl_gradnorm_sup", "ssl_gradnorm_total"))
+            probed = False
             for j, t in enumerate(terms):
                 r = _ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup")
+                probed = probed or bool(np.isfinite(r).any())
                 if np.isfinite(r).any() and np.nanmax(r) > 0:
                     right.semilogy(range(r.size), np.where(r > 0, r, np.nan), color=f"C{j + 4}", lw=2, label=t)
             right.axhline(0.1, color="k", lw=0.8, ls=":")
@@ -208,9 +211,9 @@ def _signal_plots(res: Results, out: Path, plt) -> List[str]:
             right.set_xlabel("epoch")
             if right.get_legend_handles_labels()[0]:
                 right.legend(fontsize=7, loc="lower right")
-            else:
-                right.text(0.5, 0.5, "no semi-supervised gradient (weights 0)", transform=right.transAxes,
-                           ha="center", va="center", color="0.4")
+            else:  # probed and all 0 (weights 0), or never probed (older runs, DDP, torch.compile)
+                right.text(0.5, 0.5, "no semi-supervised gradient (weights 0)" if probed else "gradients not probed",
+                           transform=right.transAxes, ha="center", va="center", color="0.4")
         fig.tight_layout()
         name = f"pseudo_labels_labeled{amount.replace('%', 'pct')}.png"
         fig.savefig(out / name, dpi=100, bbox_inches="tight")

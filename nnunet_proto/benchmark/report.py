@@ -427,7 +427,7 @@ def validation_agreement(res: Results) -> List[dict]:
                     vb = res.info.get(b, {}).get("validation_foreground_dice")
                     ta = res.run_means_for(a, kind)
                     tb = res.run_means_for(b, kind)
-                    if None in (va, vb) or math.isnan(ta) or math.isnan(tb):
+                    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (va, vb, ta, tb)):
                         continue
                     pairs.append((trainer, seed, va - vb, ta - tb))
             if len(pairs) < 3:
@@ -779,13 +779,47 @@ NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 def portable(text: str) -> str:
     """A path or command as a reader of the report can use it: the exported nnU-Net folders of this machine
-    become ``$nnUNet_raw`` etc. and the benchmark's report folder (``-o``) becomes ``<report folder>``."""
-    for var in NNUNET_FOLDERS:
-        root = os.environ.get(var)
-        if root and os.path.isabs(root):
-            root = root.rstrip("/")
-            text = re.sub(re.escape(root) + r"(?=/|\s|'|$)", "$" + var, text)
-    return re.sub(r"(\s(?:-o|--output))(\s+|=)(?:'[^']*'|\S+)", r"\1\2<report folder>", text)
+    become ``$nnUNet_raw`` etc. (the longest root first, only where a path starts) and the value of the
+    benchmark's report option (``-o`` / ``--output``) becomes ``<report folder>``."""
+    import shlex
+
+    roots = sorted(((os.environ.get(v, "").rstrip("/"), v) for v in NNUNET_FOLDERS), key=lambda r: -len(r[0]))
+
+    def swap(path: str) -> str:
+        for root, var in roots:
+            if root and os.path.isabs(root) and (path == root or path.startswith(root + "/")):
+                return "$" + var + path[len(root):]
+        return path
+
+    try:
+        words = shlex.split(text)
+    except ValueError:  # not a command line (unbalanced quotes): paths only
+        words = None
+    if words is None or len(words) == 1:
+        return swap(text)
+    out, i = [], 0
+    while i < len(words):
+        w = words[i]
+        if w in ("-o", "--output") and i + 1 < len(words):
+            out += [w, "<report folder>"]
+            i += 2
+            continue
+        if w.startswith("--output="):
+            w = "--output=<report folder>"
+        elif w.startswith("-") and "=" in w:
+            key, _, value = w.partition("=")
+            w = f"{key}={swap(value)}"
+        else:
+            w = swap(w)
+        out.append(w)
+        i += 1
+
+    def quote(word: str) -> str:  # $nnUNet_* stays expandable; the placeholder stays readable
+        if "<report folder>" in word or re.fullmatch(r"[\w@%+=:,./-]*(\$nnUNet_\w+[\w@%+=:,./-]*)?", word):
+            return word
+        return shlex.quote(word)
+
+    return " ".join(quote(w) for w in out)
 
 
 def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, failed: Optional[List[str]] = None) -> Path:
