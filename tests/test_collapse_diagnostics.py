@@ -82,6 +82,7 @@ def test_collapse_is_logged_plotted_and_warned(synthetic_dataset, fresh_results,
     assert all(v == 0.0 for v in log[f"{PREFIX}pl_share_c1"])
     assert all(v > 0 for v in log[f"{PREFIX}labeled_share_c1"])  # the labeled patches do contain class 1
     assert all(v == pytest.approx(1.0, abs=1e-3) for v in log[f"{PREFIX}pl_confidence"])
+    assert log[f"{PREFIX}pl_threshold_c1"] == pytest.approx([trainer.config.pseudo_label_threshold] * 4)
     assert all(0.0 < v <= 1.0 and not math.isnan(v) for v in log[f"{DIAG_PREFIX}student_confidence"])
 
     text = open(trainer.log_file).read()
@@ -147,3 +148,22 @@ def test_single_network_method_logs_its_own_pseudo_label_shares_and_warns(synthe
     text = open(trainer.log_file).read()
     assert "network's own (no teacher) pseudo labels (unlabeled patches): class share c1 0.0000" in text
     assert "WARNING: pseudo-label collapse" in text and "The network is losing these classes" in text
+
+
+def test_log_line_names_per_class_thresholds_of_the_class_relative_gate():
+    from types import SimpleNamespace
+
+    from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
+
+    lines = []
+    means = {"pl_confidence": 0.9, "pl_kept": 0.7, **{f"pl_share_c{c}": 0.5 for c in range(2)},
+             **{f"labeled_share_c{c}": 0.5 for c in range(2)}, "pl_threshold_c0": 0.9, "pl_threshold_c1": 0.6}
+    for mode, expected in (("class_relative", "(tau 0.9, class_relative; per class c0 0.900 c1 0.600) 0.700"),
+                           ("fixed", "(tau 0.9, fixed) 0.700")):
+        fake = SimpleNamespace(
+            logger=SimpleNamespace(local_logger=SimpleNamespace(num_classes=2, my_fantastic_logging={},
+                                                                class_names={})),
+            teacher=object(), config=SimpleNamespace(pseudo_label_threshold=0.9, threshold_mode=mode),
+            print_to_log_file=lines.append)
+        nnUNetTrainerSemiSupervised.log_collapse_diagnostics(fake, means)
+        assert expected in lines[-1], lines[-1]

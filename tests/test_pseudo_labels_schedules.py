@@ -109,6 +109,7 @@ def test_pseudo_label_stats_analytic():
     assert [float(stats[f"share_kept_c{c}"]) for c in range(3)] == pytest.approx([1 / 3, 1 / 3, 1 / 3])
     assert float(stats["confidence"]) == pytest.approx((0.9 + 0.6 + 0.95 + 0.8) / 4)
     assert float(stats["kept"]) == pytest.approx(0.75)
+    assert [float(stats[f"threshold_c{c}"]) for c in range(3)] == pytest.approx([0.7] * 3)
     none_kept = pseudo_label_stats(gate_pseudo_labels(probs, 0.99), 3)
     assert all(float(none_kept[f"share_kept_c{c}"]) == 0.0 for c in range(3))
     assert not any(math.isnan(float(v)) for v in none_kept.values())
@@ -133,6 +134,7 @@ def test_class_relative_thresholds_keep_a_hard_class():
     relative = pseudo_label_stats(confidence_gate(probs, 0.9, "class_relative"), 3)
     assert float(fixed["share_kept_c1"]) == 0.0  # the hard class vanishes under a fixed gate ...
     assert float(relative["share_kept_c1"]) == pytest.approx(0.4)  # ... and is kept relative to its status
+    assert float(relative["threshold_c1"]) == pytest.approx(0.9 * 0.6 / 0.95)  # logged per class
     with pytest.raises(ValueError, match="threshold mode"):
         confidence_gate(probs, 0.9, "adaptive")
     with pytest.raises(ValueError, match="floor"):

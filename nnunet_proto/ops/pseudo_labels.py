@@ -124,7 +124,7 @@ def class_shares(labels: torch.Tensor, num_classes: int, valid: Optional[torch.T
 def pseudo_label_stat_names(num_classes: int) -> Tuple[str, ...]:
     """Keys of :func:`pseudo_label_stats`, in a fixed order (to register logger keys up front)."""
     return (*(f"share_c{c}" for c in range(num_classes)), *(f"share_kept_c{c}" for c in range(num_classes)),
-            "confidence", "kept")
+            "confidence", "kept", *(f"threshold_c{c}" for c in range(num_classes)))
 
 
 def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Tensor]:
@@ -134,7 +134,9 @@ def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Te
         ``share_c<k>``: share of all voxels whose pseudo label is class k (Σ_k = 1);
         ``share_kept_c<k>``: share of the kept voxels whose pseudo label is class k (all 0 if none kept);
         ``confidence``: mean max probability over all voxels;
-        ``kept``: fraction of voxels kept by the gate.
+        ``kept``: fraction of voxels kept by the gate;
+        ``threshold_c<k>``: the gate's threshold τ_k for voxels predicted as class k (all equal to τ in the
+        fixed mode; per batch in the class-relative one).
     """
     share = class_shares(pl.labels, num_classes)
     share_kept = class_shares(pl.labels, num_classes, pl.keep)
@@ -142,6 +144,8 @@ def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Te
     out.update({f"share_kept_c{c}": share_kept[c] for c in range(num_classes)})
     out["confidence"] = pl.confidence.mean()
     out["kept"] = pl.kept_fraction
+    thr = pl.threshold.detach().float().reshape(-1).expand(num_classes)  # (C,) per class (a scalar broadcast)
+    out.update({f"threshold_c{c}": thr[c] for c in range(num_classes)})
     return out
 
 

@@ -591,7 +591,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 + " ".join(f"c{c} {means[f'pl_share_c{c}']:.4f}" for c in fg)
                 + " | labeled patches " + " ".join(f"c{c} {means[f'labeled_share_c{c}']:.4f}" for c in fg)
                 + f" | mean confidence {means['pl_confidence']:.3f}, kept by the gate "
-                  f"(tau {self.config.pseudo_label_threshold:g}, {self.config.threshold_mode}) {means['pl_kept']:.3f}")
+                  f"(tau {self.config.pseudo_label_threshold:g}, {self.config.threshold_mode}"
+                + ("" if self.config.threshold_mode == "fixed" else
+                   "; per class " + " ".join(f"c{c} {means.get(f'pl_threshold_c{c}', float('nan')):.3f}"
+                                             for c in range(num_classes)))
+                + f") {means['pl_kept']:.3f}")
         diag = {k[len("diag_"):]: v for k, v in means.items() if k.startswith("diag_")}
         if diag:
             self.print_to_log_file("method diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in diag.items()))
