@@ -17,12 +17,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.report import KIND_TITLE, KINDS, Results
+from nnunet_proto.benchmark.report import KIND_TITLE, KINDS, Results, log_ratio, log_series, short_name
 from nnunet_proto.benchmark.spec import PLAIN
-
-
-def _short(trainer: str) -> str:
-    return trainer.replace("nnUNetTrainer", "") or "plain"
 
 
 def _amount_value(amount: str) -> float:
@@ -51,7 +47,7 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
             continue
         ax.errorbar([x for x, _ in pts], [100 * st[0] for _, st in pts],
                     yerr=[100 * (0 if math.isnan(st[1]) else st[1]) for _, st in pts], marker=markers[i % 10],
-                    ms=7, capsize=4, color=colors[trainer], alpha=0.85, label=_short(trainer))
+                    ms=7, capsize=4, color=colors[trainer], alpha=0.85, label=short_name(trainer))
     ax.set_xlabel("labeled " + ("groups/cases" if not amounts[0].endswith("%") else "%"))
     ax.set_ylabel("test Dice, mean over classes (%)")
     ax.set_xticks(xs)
@@ -80,7 +76,7 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
             if vals and len(vals) < 10:
                 ax.hlines(np.mean(vals), j - 0.25, j + 0.25, color="k", lw=2, zorder=4)
         ax.set_xticks(range(len(present)))
-        ax.set_xticklabels([_short(t) for t in present], rotation=20)
+        ax.set_xticklabels([short_name(t) for t in present], rotation=20)
         ax.set_xlim(-0.6, len(present) - 0.4)
         ax.set_title(f"labeled {amount}: per-case test Dice")
         ax.grid(axis="y", alpha=0.3)
@@ -113,7 +109,7 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
                     ax.text(0.5, 0.5, "no finished pairs yet", transform=ax.transAxes, ha="center", va="center",
                             color="0.4")
                 ax.set_xticks(range(len(present)))
-                ax.set_xticklabels([_short(t) for t in present], rotation=20)
+                ax.set_xticklabels([short_name(t) for t in present], rotation=20)
                 ax.set_xlim(-0.6, max(len(present), 1) - 0.4)
                 ax.set_title(f"labeled {amount}, {KIND_TITLE[kind]}", fontsize=10)
                 ax.grid(axis="y", alpha=0.3)
@@ -164,14 +160,6 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
     return files
 
 
-def _ratio(log: dict, num: str, den: str) -> np.ndarray:
-    a = np.asarray(log.get(num, []), dtype=float)
-    b = np.asarray(log.get(den, []), dtype=float)
-    n = min(a.size, b.size)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b[:n] > 0, a[:n] / b[:n], np.nan)
-
-
 def _signal_plots(res: Results, out: Path, plt) -> List[str]:
     """Per amount, one row per semi-supervised trainer (first seed): left, each foreground class' pseudo-label
     share over its labeled share and the gate's kept fraction; right, each term's weighted gradient norm over
@@ -188,9 +176,9 @@ def _signal_plots(res: Results, out: Path, plt) -> List[str]:
         for (left, right), key in zip(axes, keys):
             log = res.curves[key]
             for i, c in enumerate(res.classes):
-                r = _ratio(log, f"ssl_pl_share_c{c}", f"ssl_labeled_share_c{c}")
+                r = log_ratio(log, f"ssl_pl_share_c{c}", f"ssl_labeled_share_c{c}")
                 left.plot(range(r.size), r, color=f"C{i}", lw=2, label=f"{res.label_names[c]} pseudo / labeled share")
-            kept = np.asarray(log.get("ssl_pl_kept", []), dtype=float)
+            kept = log_series(log, "ssl_pl_kept")
             left.plot(range(kept.size), kept, color="0.4", ls="--", lw=1.5, label="kept by the gate")
             left.axhline(1.0, color="k", lw=0.8)
             left.axhline(0.1, color="r", lw=0.8, ls=":", label="collapse warning (0.1)")
@@ -202,7 +190,7 @@ def _signal_plots(res: Results, out: Path, plt) -> List[str]:
                            and k not in ("ssl_gradnorm_sup", "ssl_gradnorm_total"))
             probed = False
             for j, t in enumerate(terms):
-                r = _ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup")
+                r = log_ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup")
                 probed = probed or bool(np.isfinite(r).any())
                 if np.isfinite(r).any() and np.nanmax(r) > 0:
                     right.semilogy(range(r.size), np.where(r > 0, r, np.nan), color=f"C{j + 4}", lw=2, label=t)

@@ -52,6 +52,11 @@ METRICS = ("Dice", "IoU", "HD95", "ASD")
 HIGHER_IS_BETTER = {"Dice": True, "IoU": True, "HD95": False, "ASD": False}
 
 
+def short_name(trainer: str) -> str:
+    """A trainer's name without the ``nnUNetTrainer`` prefix (plain nnU-Net: "plain"), for tables and plots."""
+    return trainer.replace("nnUNetTrainer", "") or "plain"
+
+
 def _nanmean(values) -> float:
     a = np.asarray([v for v in values if v is not None], dtype=float)
     a = a[~np.isnan(a)]
@@ -150,9 +155,8 @@ class Results:
         return any(k[:2] == (trainer, amount) for k in self.cases_by_kind[kind])
 
     def run_means(self, trainer: str, amount: str, label: str, metric: str, kind: str = "raw") -> List[float]:
-        cases = self.cases_by_kind[kind]
-        return [_nanmean([c[label][metric] for c in cases[(trainer, amount, s)].values()])
-                for s in self.seeds if (trainer, amount, s) in cases]
+        return [self.run_means_for((trainer, amount, s), kind, label, metric)
+                for s in self.seeds if (trainer, amount, s) in self.cases_by_kind[kind]]
 
     def run_means_for(self, key: tuple, kind: str = "raw", label: str = "fg", metric: str = "Dice") -> float:
         """One run's (trainer, amount, seed) mean over its test cases; NaN when the run has no such metrics."""
@@ -452,16 +456,12 @@ def validation_agreement_section(rows: List[dict]) -> List[str]:
              "| labeled | predictions | pairs | Pearson r (Δ validation, Δ test) | same sign | pairs (Δ validation → Δ "
              "test) |", "|---|---|---|---|---|---|"]
     for r in rows:
-        detail = "; ".join(f"{_short_name(p['trainer'])} s{p['seed']} {100 * p['validation_delta']:+.1f} → "
+        detail = "; ".join(f"{short_name(p['trainer'])} s{p['seed']} {100 * p['validation_delta']:+.1f} → "
                            f"{100 * p['test_delta']:+.1f}" for p in r["pairs"])
         corr = "–" if math.isnan(r["pearson_r"]) else f"{r['pearson_r']:.2f}"
         lines.append(f"| {r['labeled_amount']} | {r['kind']} | {r['n_pairs']} | {corr} | "
                      f"{100 * r['same_sign']:.0f} % | {detail} |")
     return lines + [""]
-
-
-def _short_name(trainer: str) -> str:
-    return trainer[len("nnUNetTrainer"):] or trainer if trainer.startswith("nnUNetTrainer") else trainer
 
 
 def control_status(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[dict]:
@@ -576,28 +576,28 @@ def islands_section(res: Results) -> List[str]:
 SIGNAL_TAIL_EPOCHS = 5
 
 
-def _last(log: dict, key: str, n: int = SIGNAL_TAIL_EPOCHS) -> np.ndarray:
-    """The last n epochs of a logged series (non-numbers as NaN)."""
-    return np.asarray([x if isinstance(x, (int, float)) else np.nan for x in log.get(key, [])][-n:], dtype=float)
+def log_series(log: dict, key: str) -> np.ndarray:
+    """A logged per-epoch series as floats (non-numbers as NaN)."""
+    return np.asarray([x if isinstance(x, (int, float)) else np.nan for x in log.get(key, [])], dtype=float)
 
 
-def _tail(log: dict, key: str) -> np.ndarray:
-    v = _last(log, key)
-    return v[np.isfinite(v)]
-
-
-def _tail_ratio(log: dict, num: str, den: str) -> np.ndarray:
-    """num / den epoch by epoch over the last epochs, where both are finite and den > 0."""
-    a, b = _last(log, num), _last(log, den)
+def log_ratio(log: dict, num: str, den: str) -> np.ndarray:
+    """num / den epoch by epoch, NaN where either is not finite or den <= 0; empty if the series' lengths differ."""
+    a, b = log_series(log, num), log_series(log, den)
     if a.size != b.size:
         return np.zeros(0)
     ok = np.isfinite(a) & np.isfinite(b) & (b > 0)
-    return a[ok] / b[ok]
+    return np.where(ok, a / np.where(ok, b, 1.0), np.nan)
 
 
-def _seed_mean(logs: List[dict], key: str) -> float:
-    """Mean over runs of each run's mean over its last epochs (NaN where no run logged ``key``)."""
-    vals = [float(np.mean(v)) for v in (_tail(log, key) for log in logs) if v.size]
+def _finite_tail(v: np.ndarray, n: int = SIGNAL_TAIL_EPOCHS) -> np.ndarray:
+    v = v[-n:]
+    return v[np.isfinite(v)]
+
+
+def _seed_mean(tails: List[np.ndarray], per_run) -> float:
+    """Mean over runs of ``per_run`` (np.mean, np.median) of each run's finite last-epoch values; NaN if none."""
+    vals = [float(per_run(v)) for v in tails if v.size]
     return float(np.mean(vals)) if vals else math.nan
 
 
@@ -614,26 +614,17 @@ def signal_rows(res: Results) -> List[dict]:
                 continue
             terms = sorted({k[len("ssl_gradnorm_"):] for log in logs for k in log if k.startswith("ssl_gradnorm_")}
                            - {"sup", "total"})
-            grad = {}
-            for t in terms:
-                per_seed = []
-                for log in logs:
-                    r = _tail_ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup")
-                    if r.size:
-                        per_seed.append(float(np.median(r)))
-                grad[t] = float(np.mean(per_seed)) if per_seed else math.nan
-            share = {}
-            for c in res.classes:
-                ratios = []
-                for log in logs:
-                    r = _tail_ratio(log, f"ssl_pl_share_c{c}", f"ssl_labeled_share_c{c}")
-                    if r.size:
-                        ratios.append(float(np.mean(r)))
-                share[res.label_names[c]] = float(np.mean(ratios)) if ratios else math.nan
+            grad = {t: _seed_mean([_finite_tail(log_ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup"))
+                                   for log in logs], np.median) for t in terms}
+            share = {res.label_names[c]: _seed_mean([_finite_tail(log_ratio(log, f"ssl_pl_share_c{c}",
+                                                                             f"ssl_labeled_share_c{c}"))
+                                                     for log in logs], np.mean) for c in res.classes}
             rows.append({"trainer": trainer, "labeled_amount": amount, "seeds": len(logs),
                          "gradient_vs_supervised": grad, "pseudo_label_share_vs_labeled": share,
-                         "kept_by_gate": _seed_mean(logs, "ssl_pl_kept"),
-                         "teacher_confidence": _seed_mean(logs, "ssl_pl_confidence")})
+                         "kept_by_gate": _seed_mean([_finite_tail(log_series(log, "ssl_pl_kept")) for log in logs],
+                                                    np.mean),
+                         "teacher_confidence": _seed_mean([_finite_tail(log_series(log, "ssl_pl_confidence"))
+                                                           for log in logs], np.mean)})
     return rows
 
 
@@ -654,7 +645,7 @@ def signal_section(res: Results, rows: List[dict]) -> List[str]:
              + ") | kept | confidence |", "|---|---|---|---|---|---|"]
 
     def num(x, fmt):
-        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+        return "–" if _none(x) is None else format(x, fmt)
 
     for r in rows:
         grad = ", ".join(f"{t} {num(v, '.3f')}" for t, v in r["gradient_vs_supervised"].items()) or "–"

@@ -33,6 +33,11 @@ RAMPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 TIME_CONSTANT_MODES = ("run_relative", "paper")
 
 
+def _as_stored(value: Any) -> Any:
+    """A config value as checkpoints and nnunet_proto_config.json store it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class SemiSupervisedConfig:
     """Settings shared by all semi-supervised trainers (subclassed per method).
@@ -132,7 +137,7 @@ class SemiSupervisedConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-friendly dict with the config class name (stored in checkpoints)."""
-        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        d = {k: _as_stored(v) for k, v in dataclasses.asdict(self).items()}
         d["config_class"] = type(self).__name__
         return d
 
@@ -148,7 +153,7 @@ class SemiSupervisedConfig:
                 v = f.default_factory()
             else:
                 continue
-            out[f.name] = list(v) if isinstance(v, tuple) else v
+            out[f.name] = _as_stored(v)
         return out
 
     def replace(self, **changes: Any) -> "SemiSupervisedConfig":
