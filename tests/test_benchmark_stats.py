@@ -7,7 +7,8 @@ import pytest
 
 from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, portable, validation_agreement, write_report
 from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
-from nnunet_proto.benchmark.stats import BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, seeds_for_power, wilcoxon_p
+from nnunet_proto.benchmark.stats import (BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, seed_t_test_p, seeds_for_power,
+                                          wilcoxon_p)
 
 # ---------------------------------------------------------------------------------------------- bootstrap
 
@@ -149,16 +150,26 @@ def test_seeds_for_power():
         seeds_for_power(0.03, effect=0)
 
 
+def test_seed_t_test_p():
+    assert seed_t_test_p([0.01, 0.04, 0.07]) == pytest.approx(0.1472, abs=1e-4)
+    assert seed_t_test_p([-0.01, -0.04, -0.07]) == pytest.approx(0.1472, abs=1e-4)  # two-sided
+    assert seed_t_test_p([0.017, 0.017, 0.031]) < 0.05 < seed_t_test_p([0.105, -0.012, 0.071])
+    assert seed_t_test_p([0.0, 0.0, 0.0]) == 1.0 and seed_t_test_p([0.02, 0.02]) == 0.0
+    assert math.isnan(seed_t_test_p([0.02])) and math.isnan(seed_t_test_p([0.02, math.nan]))
+
+
 def test_report_shows_each_seeds_delta_and_the_seeds_a_target_effect_needs(tmp_path):
     # per-seed shifts +0.01, +0.04, +0.07: sd over seeds 0.03 -> 8 seeds for a 3-point effect
     spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": lambda s: 0.01 + 0.03 * s}, control=None)
     text = write_report(spec, tmp_path, tmp_path / "report").read_text()
     assert "## Run-to-run spread and power" in text
-    assert "| 2 | nnUNetTrainerX | raw | s0 +1.0, s1 +4.0, s2 +7.0 | 3.0 | 8 |" in text
+    # seed-level t-test: mean 0.04, sd 0.03, 3 seeds -> t = 2.31, 2 degrees of freedom, two-sided p 0.147
+    assert "| 2 | nnUNetTrainerX | raw | s0 +1.0, s1 +4.0, s2 +7.0 | 3.0 | 0.15 | 8 |" in text
     x = json.loads((tmp_path / "report" / "summary.json").read_text())["comparisons"][0]
     sp = x["raw"]["seed_spread"]
     assert sp["seed_deltas"] == {"0": pytest.approx(0.01), "1": pytest.approx(0.04), "2": pytest.approx(0.07)}
     assert sp["sd_over_seeds"] == pytest.approx(0.03) and sp["seeds_for_target"] == 8
+    assert sp["p_t_over_seeds"] == pytest.approx(0.1472, abs=1e-4)
     (tmp_path / "one").mkdir()
     one = _bench(tmp_path / "one", ["nnUNetTrainerX"], {}, seeds=(0,), control=None)
     assert "Needs at least two seeds" in write_report(one, tmp_path / "one", tmp_path / "one" / "r").read_text()

@@ -40,6 +40,7 @@ from nnunet_proto.benchmark.stats import (
     TARGET_EFFECT,
     BootstrapResult,
     hierarchical_bootstrap,
+    seed_t_test_p,
     seeds_for_power,
     wilcoxon_p,
 )
@@ -375,14 +376,14 @@ def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[
 
 def seed_spread(diffs: Dict[int, np.ndarray]) -> Optional[dict]:
     """From ``{seed: paired differences}`` (Results.seed_differences): each seed's Δ (mean over its test cases),
-    their sd over seeds and the seeds a +TARGET_EFFECT difference would need at that sd; None with fewer than
-    2 seeds."""
+    their sd over seeds, the seed-level t-test p and the seeds a +TARGET_EFFECT difference would need at that
+    sd; None with fewer than 2 seeds."""
     per_seed = {s: float(np.nanmean(d)) for s, d in diffs.items() if not np.isnan(d).all()}
     if len(per_seed) < 2:
         return None
     sd = float(np.std(list(per_seed.values()), ddof=1))
-    return {"seed_deltas": per_seed, "sd_over_seeds": sd, "seeds_for_target": seeds_for_power(sd),
-            "target_effect": TARGET_EFFECT}
+    return {"seed_deltas": per_seed, "sd_over_seeds": sd, "p_t_over_seeds": seed_t_test_p(list(per_seed.values())),
+            "seeds_for_target": seeds_for_power(sd), "target_effect": TARGET_EFFECT}
 
 
 def spread_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]:
@@ -391,9 +392,11 @@ def spread_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]
              f"{100 * TARGET_EFFECT:.0f} points would need to be detected with 80 % power by a two-sided test at "
              f"5 % at that spread (normal approximation, S = ((1.96 + 0.84) · sd / {100 * TARGET_EFFECT:.0f})²; "
              f"a lower bound, since sd comes from few seeds). The A/A control's row is the spread of two "
-             f"trainers with the same signal: the noise floor of this benchmark.", "",
-             "| labeled | trainer | predictions | Δ per seed | sd over seeds | seeds for a "
-             f"{100 * TARGET_EFFECT:.0f}-point effect |", "|---|---|---|---|---|---|"]
+             f"trainers with the same signal: the noise floor of this benchmark. *p (t over seeds)*: two-sided "
+             f"one-sample t-test of the per-seed Δ against 0 (S − 1 degrees of freedom), the seed-level test; "
+             f"with few seeds it is the conservative companion of the bootstrap p above.", "",
+             "| labeled | trainer | predictions | Δ per seed | sd over seeds | p (t over seeds) | seeds for a "
+             f"{100 * TARGET_EFFECT:.0f}-point effect |", "|---|---|---|---|---|---|---|"]
     rows = 0
     for amount in res.amounts:
         for trainer in res.trainers():
@@ -408,7 +411,7 @@ def spread_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]
                 per = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in sorted(sp["seed_deltas"].items()))
                 need = sp["seeds_for_target"]
                 lines.append(f"| {amount} | {trainer} | {kind} | {per} | {100 * sp['sd_over_seeds']:.1f} | "
-                             f"{'–' if math.isnan(need) else int(need)} |")
+                             f"{_p(sp.get('p_t_over_seeds'))} | {'–' if math.isnan(need) else int(need)} |")
     if not rows:
         return ["Needs at least two seeds with a paired plain run.", ""]
     return lines + [""]

@@ -106,14 +106,36 @@ def wilcoxon_p(differences: Sequence[float]) -> float:
     """
     from scipy.stats import wilcoxon
 
-    d = np.asarray(differences, dtype=float)
+    d, trivial = _differences_or_trivial_p(differences)
+    return trivial if trivial is not None else float(wilcoxon(d, zero_method="wilcox").pvalue)
+
+
+def _differences_or_trivial_p(values: Sequence[float]):
+    """The non-NaN values, and the p a two-sided test of them against 0 has without computing: NaN for fewer
+    than 2 values, 1.0 when all are 0 (None otherwise)."""
+    d = np.asarray(values, dtype=float)
     d = d[~np.isnan(d)]
     if d.size < 2:
-        return math.nan
-    if np.allclose(d, 0):
-        return 1.0
-    return float(wilcoxon(d, zero_method="wilcox").pvalue)
+        return d, math.nan
+    return d, (1.0 if np.allclose(d, 0) else None)
 
+
+
+def seed_t_test_p(seed_deltas: Sequence[float]) -> float:
+    """Two-sided one-sample t-test p (scipy) of the per-seed mean differences against 0: the seed-level test.
+
+    Each seed's Δ is one observation, so with S seeds it has S − 1 degrees of freedom. With 3 seeds it is
+    the conservative companion of the hierarchical bootstrap, whose seed level is resampled from only 3 values
+    (too narrow). NaN with fewer than 2 seeds; 1.0 when every Δ is 0; 0.0 when all equal a nonzero value.
+    """
+    from scipy.stats import ttest_1samp
+
+    d, trivial = _differences_or_trivial_p(seed_deltas)
+    if trivial is not None:
+        return trivial
+    if np.allclose(d, d[0]):
+        return 0.0
+    return float(ttest_1samp(d, 0.0).pvalue)
 
 #: the effect the issue's target asks for (+3 Dice points), as a fraction; the power section sizes seeds for it
 TARGET_EFFECT = 0.03
