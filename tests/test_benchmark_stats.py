@@ -7,8 +7,13 @@ import pytest
 
 from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, portable, validation_agreement, write_report
 from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
-from nnunet_proto.benchmark.stats import (BOOTSTRAP_RESAMPLES, hierarchical_bootstrap, seed_t_test_p, seeds_for_power,
-                                          wilcoxon_p)
+from nnunet_proto.benchmark.stats import (
+    BOOTSTRAP_RESAMPLES,
+    hierarchical_bootstrap,
+    seed_t_test_p,
+    seeds_for_power,
+    wilcoxon_p,
+)
 
 # ---------------------------------------------------------------------------------------------- bootstrap
 
