@@ -381,8 +381,9 @@ def seed_spread(diffs: Dict[int, np.ndarray]) -> Optional[dict]:
     per_seed = {s: float(np.nanmean(d)) for s, d in diffs.items() if not np.isnan(d).all()}
     if len(per_seed) < 2:
         return None
-    sd = float(np.std(list(per_seed.values()), ddof=1))
-    return {"seed_deltas": per_seed, "sd_over_seeds": sd, "p_t_over_seeds": seed_t_test_p(list(per_seed.values())),
+    deltas = list(per_seed.values())
+    sd = float(np.std(deltas, ddof=1))
+    return {"seed_deltas": per_seed, "sd_over_seeds": sd, "p_t_over_seeds": seed_t_test_p(deltas),
             "seeds_for_target": seeds_for_power(sd), "target_effect": TARGET_EFFECT}
 
 
@@ -411,7 +412,7 @@ def spread_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[str]
                 per = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in sorted(sp["seed_deltas"].items()))
                 need = sp["seeds_for_target"]
                 lines.append(f"| {amount} | {trainer} | {kind} | {per} | {100 * sp['sd_over_seeds']:.1f} | "
-                             f"{_p(sp.get('p_t_over_seeds'))} | {'–' if math.isnan(need) else int(need)} |")
+                             f"{_p(sp['p_t_over_seeds'])} | {'–' if math.isnan(need) else int(need)} |")
     if not rows:
         return ["Needs at least two seeds with a paired plain run.", ""]
     return lines + [""]
@@ -593,13 +594,10 @@ def log_ratio(log: dict, num: str, den: str) -> np.ndarray:
     return np.where(ok, a / np.where(ok, b, 1.0), np.nan)
 
 
-def _finite_tail(v: np.ndarray, n: int = SIGNAL_TAIL_EPOCHS) -> np.ndarray:
-    v = v[-n:]
-    return v[np.isfinite(v)]
-
-
-def _seed_mean(tails: List[np.ndarray], per_run) -> float:
-    """Mean over runs of ``per_run`` (np.mean, np.median) of each run's finite last-epoch values; NaN if none."""
+def _seed_mean(series: List[np.ndarray], per_run=np.mean, n: int = SIGNAL_TAIL_EPOCHS) -> float:
+    """Mean over runs of ``per_run`` (np.mean, np.median) of each run's finite values among its last ``n`` epochs;
+    NaN if no run has any."""
+    tails = [v[-n:][np.isfinite(v[-n:])] for v in series]
     vals = [float(per_run(v)) for v in tails if v.size]
     return float(np.mean(vals)) if vals else math.nan
 
@@ -617,17 +615,14 @@ def signal_rows(res: Results) -> List[dict]:
                 continue
             terms = sorted({k[len("ssl_gradnorm_"):] for log in logs for k in log if k.startswith("ssl_gradnorm_")}
                            - {"sup", "total"})
-            grad = {t: _seed_mean([_finite_tail(log_ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup"))
-                                   for log in logs], np.median) for t in terms}
-            share = {res.label_names[c]: _seed_mean([_finite_tail(log_ratio(log, f"ssl_pl_share_c{c}",
-                                                                             f"ssl_labeled_share_c{c}"))
-                                                     for log in logs], np.mean) for c in res.classes}
+            grad = {t: _seed_mean([log_ratio(log, f"ssl_gradnorm_{t}", "ssl_gradnorm_sup") for log in logs], np.median)
+                    for t in terms}
+            share = {res.label_names[c]: _seed_mean([log_ratio(log, f"ssl_pl_share_c{c}", f"ssl_labeled_share_c{c}")
+                                                     for log in logs]) for c in res.classes}
             rows.append({"trainer": trainer, "labeled_amount": amount, "seeds": len(logs),
                          "gradient_vs_supervised": grad, "pseudo_label_share_vs_labeled": share,
-                         "kept_by_gate": _seed_mean([_finite_tail(log_series(log, "ssl_pl_kept")) for log in logs],
-                                                    np.mean),
-                         "teacher_confidence": _seed_mean([_finite_tail(log_series(log, "ssl_pl_confidence"))
-                                                           for log in logs], np.mean)})
+                         "kept_by_gate": _seed_mean([log_series(log, "ssl_pl_kept") for log in logs]),
+                         "teacher_confidence": _seed_mean([log_series(log, "ssl_pl_confidence") for log in logs])})
     return rows
 
 

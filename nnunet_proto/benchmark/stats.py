@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def wilcoxon_p(differences: Sequence[float]) -> float:
     return trivial if trivial is not None else float(wilcoxon(d, zero_method="wilcox").pvalue)
 
 
-def _differences_or_trivial_p(values: Sequence[float]):
+def _differences_or_trivial_p(values: Sequence[float]) -> Tuple[np.ndarray, Optional[float]]:
     """The non-NaN values, and the p a two-sided test of them against 0 has without computing: NaN for fewer
     than 2 values, 1.0 when all are 0 (None otherwise)."""
     d = np.asarray(values, dtype=float)
@@ -118,7 +118,6 @@ def _differences_or_trivial_p(values: Sequence[float]):
     if d.size < 2:
         return d, math.nan
     return d, (1.0 if np.allclose(d, 0) else None)
-
 
 
 def seed_t_test_p(seed_deltas: Sequence[float]) -> float:
@@ -136,6 +135,7 @@ def seed_t_test_p(seed_deltas: Sequence[float]) -> float:
     if np.allclose(d, d[0]):
         return 0.0
     return float(ttest_1samp(d, 0.0).pvalue)
+
 
 #: the effect the issue's target asks for (+3 Dice points), as a fraction; the power section sizes seeds for it
 TARGET_EFFECT = 0.03
