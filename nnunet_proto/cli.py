@@ -3,16 +3,18 @@
     nnunet_proto synthetic -d 901 --mode 2d --labeled 24 --unlabeled 40 --test 10
     nnunet_proto preprocess-unlabeled -d 901 -c 2d 3d_fullres
     nnunet_proto make-splits -d 901 --labeled 10% --seed 0 [--group-regex 'patient(\\d+)']
-    nnunet_proto plans-patch -d 901 plans/synthetic_tiny.json
+    nnunet_proto plans-patch -d 901 plans/synthetic_tiny.json [--overwrite]
     nnunet_proto trainers-path
     nnunet_proto convert-acdc /data/acdc30_h5 -d 27 --test-count 10 --seed 0 [-o RAW_ROOT]
     nnunet_proto convert-la /data/la20_h5 -d 28 [--test-list ID ...]
-    nnunet_proto evaluate labelsTs predictions [-o results.json | -o folder/] [-l 1 2 3]
+    nnunet_proto evaluate labelsTs predictions [-o results.json | -o folder/] [-l 1 2 3] [--overwrite]
     nnunet_proto benchmark -d 27 -c 2d -tr nnUNetTrainerCPCL --labeled 2 4 --epochs 20 --name acdc
     nnunet_proto --version
 
 Every subcommand's --help shows its defaults and an example. Diagnostics go to stderr; stdout carries
-only results (make-splits: only the fold number).
+only results (make-splits: only the fold number). A bad input ends in one line
+``nnunet_proto COMMAND: error: ...`` naming the file or flag (every OSError with its path), exit code 2;
+Ctrl-C ends in one line saying what was kept and the command that resumes, exit code 130.
 """
 from __future__ import annotations
 
@@ -31,6 +33,21 @@ def _dataset_name(dataset: str) -> str:
     return maybe_convert_to_dataset_name(dataset)
 
 
+def _raw_root(args) -> str:
+    """The raw root folder of ``synthetic``/``convert-*``: -o, else $nnUNet_raw; a file there is refused."""
+    if args.output:
+        raw_root = args.output
+        where = "-o"
+    else:  # only now pay for importing nnU-Net (and torch) to read $nnUNet_raw its way
+        from nnunet_proto.training.compat import nnUNet_raw, require_env_path
+
+        raw_root, where = require_env_path(nnUNet_raw), "nnUNet_raw"
+    if os.path.exists(raw_root) and not os.path.isdir(raw_root):
+        raise NotADirectoryError(f"{where} {raw_root} is a file, not a folder: give the raw root folder that holds "
+                                 f"(or will hold) the DatasetXXX_Name folders")
+    return raw_root
+
+
 def cmd_synthetic(args) -> int:
     from nnunet_proto.data.raw_io import parse_dataset_arg
     from nnunet_proto.data.synthetic import SyntheticSpec, write_synthetic_dataset
@@ -40,13 +57,7 @@ def cmd_synthetic(args) -> int:
                          num_unlabeled=args.unlabeled, num_test=args.test,
                          shape=tuple(args.shape) if args.shape else None, seed=args.seed,
                          ignore_fraction=args.ignore_fraction)
-    if args.output:
-        raw_root = args.output
-    else:
-        from nnunet_proto.training.compat import nnUNet_raw, require_env_path
-
-        raw_root = require_env_path(nnUNet_raw)
-    out = write_synthetic_dataset(spec, raw_root, overwrite=args.overwrite)
+    out = write_synthetic_dataset(spec, _raw_root(args), overwrite=args.overwrite)
     print(f"wrote {out} ({spec.num_labeled} labeled, {spec.num_unlabeled} unlabeled, {spec.num_test} test cases)")
     return 0
 
@@ -83,8 +94,8 @@ def cmd_plans_patch(args) -> int:
     from nnunet_proto.training.compat import nnUNet_preprocessed, require_env_path
 
     pre = os.path.join(require_env_path(nnUNet_preprocessed), _dataset_name(args.dataset))
-    out = apply_patch_file(pre, args.patch, args.source_plans)
-    print(f"wrote {out}; train with -p {out.stem}")
+    out, written = apply_patch_file(pre, args.patch, args.source_plans, overwrite=args.overwrite)
+    print(f"{'wrote' if written else 'unchanged (already up to date):'} {out}; train with -p {out.stem}")
     return 0
 
 
@@ -95,12 +106,7 @@ def cmd_convert_h5(args) -> int:
     from nnunet_proto.data.raw_io import parse_dataset_arg
 
     dataset_id, name = parse_dataset_arg(args.dataset_id, args.name)
-    if args.output:
-        raw_root = args.output
-    else:  # only now pay for importing nnU-Net (and torch) to read $nnUNet_raw its way
-        from nnunet_proto.training.compat import nnUNet_raw, require_env_path
-
-        raw_root = require_env_path(nnUNet_raw)
+    raw_root = _raw_root(args)
     fmt = FORMATS[args.format]
     if args.unlabeled:
         if args.test_count or args.test_list or args.name:
@@ -121,12 +127,51 @@ def cmd_convert_h5(args) -> int:
     return 0
 
 
+def _check_outputs_writable(paths: List[Path], overwrite: bool) -> None:
+    """Before any work: refuse existing output files unless ``overwrite`` and prove that they can be written.
+
+    The folder is created and a temporary file written into it (and existing files opened for writing), so
+    a read-only or missing location fails now, naming the path, instead of after the evaluation.
+    """
+    import tempfile
+
+    existing = [p for p in paths if os.path.lexists(p)]
+    folders = [p for p in existing if p.is_dir()]
+    if folders:
+        raise IsADirectoryError(f"-o: {folders[0]} is a folder, where a result file would be written; choose "
+                                f"another -o")
+    if existing and not overwrite:
+        raise FileExistsError(f"{' and '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''} "
+                              f"(evaluate writes {paths[0].name} and {paths[1].name}, one stem). Pass --overwrite "
+                              f"to replace {'it' if len(existing) == 1 else 'them'}, or choose another -o.")
+    parent = paths[0].parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"-o: {parent} is a file, not a folder; choose another -o")
+    later = "nothing was evaluated; choose another -o"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create the output folder ({e.strerror}); {later}",
+                      e.filename or str(parent)) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nnunet_proto_write_test_", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write into this folder ({e.strerror}); {later}", str(parent)) from None
+    for p in existing:  # --overwrite: they must be replaceable
+        try:
+            open(p, "r+b").close()
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot be replaced ({e.strerror}); {later}", str(p)) from None
+
+
 def cmd_evaluate(args) -> int:
     from nnunet_proto.evaluation.metrics import evaluate_folders, format_mean_table, result_paths, write_results
 
-    # resolve (and create) the outputs before the possibly long evaluation, so a bad -o fails at once
+    # resolve, create and test the outputs before the possibly long evaluation, so a bad -o fails at once
     json_path, csv_path = result_paths(args.output, args.prediction)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_outputs_writable([json_path, csv_path], args.overwrite)
     results = evaluate_folders(args.reference, args.prediction, args.labels, num_processes=args.num_processes,
                                progress=True)
     json_path, csv_path = write_results(results, json_path)
@@ -210,6 +255,25 @@ def cmd_trainers_path(args) -> int:
     return 0
 
 
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum`` (argparse's message then names the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+_non_negative_int = _int_at_least(0, "a non-negative integer")
+_positive_int = _int_at_least(1, "a positive integer")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the example's line breaks and appends "(default: ...)" to every option that has a default."""
 
@@ -245,12 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="dataset name (default: from -d DatasetXXX_Name, else Synthetic)")
     s.add_argument("--mode", choices=["2d", "3d"], default="2d",
                    help="2d: thick-slice stacks (train the 2d configuration); 3d: near-isotropic volumes")
-    s.add_argument("--labeled", type=int, default=24, help="cases in imagesTr/labelsTr")
-    s.add_argument("--unlabeled", type=int, default=0, help="cases in imagesUnlabeled")
-    s.add_argument("--test", type=int, default=0, help="cases in imagesTs/labelsTs")
-    s.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+    s.add_argument("--labeled", type=_non_negative_int, default=24, help="cases in imagesTr/labelsTr")
+    s.add_argument("--unlabeled", type=_non_negative_int, default=0, help="cases in imagesUnlabeled")
+    s.add_argument("--test", type=_non_negative_int, default=0, help="cases in imagesTs/labelsTs")
+    s.add_argument("--shape", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"),
                    help="image shape (default: 6 64 64 in 2d mode, 32 40 40 in 3d mode)")
-    s.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    s.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the generator")
     s.add_argument("--ignore-fraction", type=float, default=0.0,
                    help="simulate sparse annotation: a box covering this fraction of each slice of the labeled "
                         "cases gets nnU-Net's ignore label")
@@ -280,16 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     s.add_argument("--labeled", required=True, help="count (8) or percentage (10%%) of the base fold's training "
                                                       "cases (of groups with --group-regex)")
-    s.add_argument("--seed", type=int, default=0, help="picks the labeled cases")
+    s.add_argument("--seed", type=_non_negative_int, default=0, help="picks the labeled cases")
     s.add_argument("--group-regex", help="cases whose first capture group matches stay together, e.g. "
                                          "'(patient\\d+)' keeps both ACDC frames of a patient on one side")
-    s.add_argument("--base-fold", type=int, default=0, help="nnU-Net fold whose val cases are reused")
+    s.add_argument("--base-fold", type=_non_negative_int, default=0, help="nnU-Net fold whose val cases are reused")
 
     s = _add(sub, "plans-patch", "derive a plans file from nnUNetPlans with a patch from plans/",
              "nnunet_proto plans-patch -d 27 plans/acdc_2d_cpu.json", cmd_plans_patch)
     s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     s.add_argument("patch", help="patch JSON file, e.g. plans/acdc_2d_cpu.json")
     s.add_argument("--source-plans", default="nnUNetPlans", help="plans the patch is applied to")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plans file of the patch's plans_name that has other content (the same "
+                        "content is left alone; the source plans are never replaced)")
 
     s = _add(sub, "benchmark", "train every trainer and plain nnU-Net on the same label-scarce folds, predict and "
              "evaluate a test set, write a report (resumable)",
@@ -352,9 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="voxel spacing in mm (the h5 files store none; default "
                             + ("10 1.5 1.5" if fmt == "acdc" else "0.625 0.625 0.625") + ")")
         g = s.add_mutually_exclusive_group()
-        g.add_argument("--test-count", type=int, default=0, help=f"{unit}s drawn at random into imagesTs/labelsTs")
+        g.add_argument("--test-count", type=_non_negative_int, default=0,
+                       help=f"{unit}s drawn at random into imagesTs/labelsTs")
         g.add_argument("--test-list", nargs="+", metavar=unit.upper(), help=f"{unit}s for imagesTs, e.g. {example}")
-        s.add_argument("--seed", type=int, default=0, help="seed of the --test-count draw")
+        s.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the --test-count draw")
         s.add_argument("-o", "--output", help="raw root folder (default: $nnUNet_raw)")
         s.add_argument("--unlabeled", action="store_true",
                        help="images only: add the h5 images to imagesUnlabeled/ of the existing dataset -d "
@@ -373,16 +441,47 @@ def build_parser() -> argparse.ArgumentParser:
                         "in it); default: metrics.json + metrics.csv in the prediction folder")
     s.add_argument("-l", "--labels", type=int, nargs="+",
                    help="labels to evaluate (default: all foreground labels of dataset.json in either folder)")
-    s.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel")
+    s.add_argument("-np", "--num-processes", type=_positive_int, default=1, help="cases evaluated in parallel")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing result files (without it, evaluate refuses to write over either file)")
     return p
 
 
+#: what an interrupted command keeps, for the one line printed on Ctrl-C (the same command resumes)
+_KEPT_ON_INTERRUPT = {
+    "preprocess-unlabeled": "the cases finished so far are kept (recorded in the manifest; an --overwrite rebuild "
+                            "in <folder>.partial, the old data untouched)",
+    "benchmark": "finished runs are kept and an interrupted run continues from its last checkpoint",
+}
+
+
+def _os_error_message(e: OSError) -> str:
+    """One line for an error of the operating system: the path first, then the reason."""
+    if e.filename is None:  # raised by our own code with a message (FileNotFoundError("... names the path"))
+        return str(e)
+    path = os.fsdecode(e.filename) + (f" -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else "")
+    return f"{path}: {e.strerror or e}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
-        print(f"nnunet_proto {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        import shlex
+
+        kept = _KEPT_ON_INTERRUPT.get(args.command)
+        resume = f"; {kept}. Resume with: nnunet_proto {shlex.join(argv)}" if kept else ""
+        print(f"\nnnunet_proto {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
+    except OSError as e:  # every error of the file system, with the path it concerns
+        print(f"nnunet_proto {args.command}: error: {_os_error_message(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, RuntimeError) as e:
+        # a KeyError's str() is its repr (quoted, escaped): print the message itself
+        text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else e
+        print(f"nnunet_proto {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -51,7 +51,8 @@ for tr in "nnUNetTrainer_$schedule" "${trainer}_$schedule"; do
   "$bin/nnUNetv2_predict" -i "$nnUNet_raw/$name/imagesTs" -o "$out" -d $id -c 2d -f "$fold" -tr "$tr" -p $plans \
     -device "$device" -npp 1 -nps 1 --disable_tta
   step "7/7 nnunet_proto evaluate ($tr)"
-  "$bin/nnunet_proto" evaluate "$nnUNet_raw/$name/labelsTs" "$out" -o "$work/evaluation_$tr.json"
+  # --overwrite: a re-run of this script trained and predicted again, so its evaluation replaces the last one
+  "$bin/nnunet_proto" evaluate "$nnUNet_raw/$name/labelsTs" "$out" -o "$work/evaluation_$tr.json" --overwrite
 done
 step "summary: foreground means over the 10 test images (one run each; a demo, not a benchmark)"
 "$py" - "$work" "nnUNetTrainer_$schedule" "${trainer}_$schedule" <<'PY'

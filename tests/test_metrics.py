@@ -223,7 +223,7 @@ def test_cli_evaluate_writes_json_and_csv(folders, tmp_path, capsys):
     assert len(rows) == 3 * 2
     assert list(rows[0]) == ["case", "label", "name", "Dice", "IoU", "HD95", "ASD", "rule"]
 
-    assert main(["evaluate", str(ref), str(tmp_path / "nope"), "-o", str(out)]) == 2
+    assert main(["evaluate", str(ref), str(tmp_path / "nope"), "-o", str(out), "--overwrite"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -250,7 +250,8 @@ def test_cli_evaluate_output_names_never_collide(folders, tmp_path, capsys):
     folder = tmp_path / "new_folder"
     assert main(["evaluate", str(ref), str(pred), "-o", str(folder) + "/"]) == 0
     assert (folder / "metrics.json").is_file() and (folder / "metrics.csv").is_file()
-    assert main(["evaluate", str(ref), str(pred), "-o", str(folder)]) == 0  # an existing folder without the slash
+    # an existing folder without the slash (its results exist now: replacing them needs --overwrite)
+    assert main(["evaluate", str(ref), str(pred), "-o", str(folder), "--overwrite"]) == 0
     assert main(["evaluate", str(ref), str(pred)]) == 0
     assert json.loads((pred / "metrics.json").read_text())["prediction_folder"] == str(pred)
     assert (pred / "metrics.csv").is_file()

@@ -26,6 +26,10 @@ Source layouts:
   isotropic 0.625 mm. The arrays are transposed to (z, y, x) before SimpleITK sees them, so voxel
   (i, j, k) of the NIfTI is ``h5['image'][i, j, k]``. Each case is its own patient.
 
+Every h5 file is read completely before anything is written or deleted: a cut file (HDF5 records its
+end-of-file address, so it fails to open), a data block that cannot be read and NaN or infinite image
+values are refused, naming the file.
+
 Everything the converter decided (spacing, groups, test cases, seed) is stored in dataset.json under
 the key ``"nnunet_proto"``; nnU-Net ignores extra keys. Only numpy, h5py and SimpleITK are used.
 """
@@ -144,7 +148,7 @@ def _check_h5_image(path: Path) -> Tuple[int, ...]:
                 raise ValueError(f"{path} has no dataset 'image'; found {sorted(h.keys())}")
             shape = h["image"].shape
     except OSError as e:
-        raise ValueError(f"cannot read {path} as HDF5: {e}") from None
+        raise ValueError(f"cannot read {path} as HDF5: {e}. Copy or download the file again.") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"{path}: 'image' must be a non-empty 3D array, got shape {shape}")
     return tuple(int(s) for s in shape)
@@ -159,28 +163,44 @@ def _check_h5_header(path: Path) -> Tuple[int, ...]:
                 raise ValueError(f"{path} has no dataset(s) {missing}; found {sorted(h.keys())}")
             shape_img, shape_lab = h["image"].shape, h["label"].shape
     except OSError as e:
-        raise ValueError(f"cannot read {path} as HDF5: {e}") from None
+        raise ValueError(f"cannot read {path} as HDF5: {e}. Copy or download the file again.") from None
     if len(shape_img) != 3 or shape_img != shape_lab:
         raise ValueError(f"{path}: 'image' {shape_img} and 'label' {shape_lab} must be 3D arrays of the same shape")
     return tuple(int(s) for s in shape_img)
 
 
+def _read_h5_arrays(path: Path, keys: Sequence[str]) -> List[np.ndarray]:
+    """The arrays ``keys`` of ``path``, read completely; a file that breaks off while reading is a ValueError."""
+    try:
+        with h5py.File(path, "r") as h:
+            return [np.asarray(h[k][...]) for k in keys]
+    except OSError as e:  # a truncated or corrupt data block is only noticed when it is read
+        raise ValueError(f"cannot read {path} completely ({e}); the file is truncated or corrupt. Copy or "
+                         f"download it again. Nothing was written.") from None
+
+
+def _check_finite_image(path: Path, image: np.ndarray) -> None:
+    bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise ValueError(f"{path}: 'image' holds {bad} NaN or infinite value(s); replace them or leave the file "
+                         f"out. Nothing was written.")
+
+
 def read_h5_image(path: Path, fmt: H5Format) -> np.ndarray:
     """The ``image`` of one h5 file as float32 (z, y, x); any ``label`` in the file is not read."""
     _check_h5_image(path)
-    with h5py.File(path, "r") as h:
-        image = np.asarray(h["image"][...], dtype=np.float32)
-    if not np.isfinite(image).all():
-        raise ValueError(f"{path}: 'image' holds NaN or infinite values")
+    (image,) = _read_h5_arrays(path, ("image",))
+    image = image.astype(np.float32, copy=False)
+    _check_finite_image(path, image)
     return np.ascontiguousarray(image.transpose(2, 1, 0)) if fmt.h5_axes == "xyz" else image
 
 
 def read_h5_case(path: Path, fmt: H5Format) -> Tuple[np.ndarray, np.ndarray]:
     """(image float32 (z, y, x), label uint8 (z, y, x)) of one h5 file; label values checked against fmt."""
     _check_h5_header(path)
-    with h5py.File(path, "r") as h:
-        image = np.asarray(h["image"][...], dtype=np.float32)
-        label_raw = np.asarray(h["label"][...])
+    image, label_raw = _read_h5_arrays(path, ("image", "label"))
+    image = image.astype(np.float32, copy=False)
+    _check_finite_image(path, image)
     values = np.unique(label_raw)
     allowed = sorted(fmt.labels.values())
     unexpected = [v.item() for v in values if v not in allowed]
@@ -252,6 +272,8 @@ def convert_h5_dataset(fmt: H5Format, input_dir: Path, raw_root: Path, dataset_i
     for path in cases.values():  # fail on a broken file before writing anything
         _check_h5_header(path)
     test_units, test_cases = select_test_cases(list(cases), fmt, test_count, test_ids, seed)
+    for path in cases.values():  # read every file completely (broken data, NaN) before anything is deleted
+        read_h5_case(path, fmt)
 
     if out.exists():
         for sub in WRITTEN_SUBFOLDERS:
@@ -352,6 +374,8 @@ def convert_h5_unlabeled(fmt: H5Format, input_dir: Path, raw_root: Path, dataset
     if present and not overwrite:
         raise FileExistsError(f"{len(present)} image(s) already exist in {target}, e.g. {present[:3]}; pass "
                               f"overwrite=True (CLI: --overwrite) to replace them")
+    for path in cases.values():  # read every file completely (broken data, NaN) before anything is written
+        read_h5_image(path, fmt)
     target.mkdir(parents=True, exist_ok=True)
     for case, path in cases.items():
         tmp = target / f".{case}_0000{ending}.tmp{ending}"

@@ -8,8 +8,16 @@ without an error, so a half-copied file would be preprocessed and trained on. Th
 * refuses vector images (more than one component per voxel: nnU-Net wants one file per channel),
   images that are not 2D/3D and non-finite values;
 * flags degenerate volumes: constant, or more than ``MAX_ZERO_FRACTION`` exact zeros;
-* hashes the voxel content (sha256 of dtype, shape and voxel bytes, not of the file) so that an image
-  copied under another name or re-saved with other compression is still recognised.
+* checks the raw voxel block of a float NIfTI for NaN and infinite values (SimpleITK reads them as 0, so
+  a check on the array it returns never fires);
+* hashes the voxel content in a canonical form (``voxel_hash``: shape, spacing rounded to 1e-4 mm and the
+  values as float64, not the file) so that an image copied under another name, re-saved with other
+  compression or with another voxel type (e.g. int16 saved again as float64) is still recognised.
+
+Stored hashes carry their version as a prefix (``"v2:<hex>"``); an unprefixed hash is version 1 (sha256
+of dtype, shape and voxel bytes, written before version 2 existed). ``hash_version`` tells them apart and
+``image_content_hash(path, version=...)`` recomputes either, so an old record is compared in its own
+version (never reported as a change just because the format changed) and can be rewritten in the current one.
 
 numpy and SimpleITK only; nothing here imports nnU-Net.
 """
@@ -21,7 +29,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -53,15 +61,70 @@ class FileRecord:
         return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
 
 
-def voxel_hash(array: np.ndarray) -> str:
-    """sha256 of dtype, shape and voxel bytes: equal for the same image under another name or compression."""
+#: version of ``voxel_hash``; stored hashes carry it as the prefix "v<N>:" (no prefix = version 1)
+HASH_VERSION = 2
+#: spacing enters the hash rounded to this many decimals (mm): NIfTI stores it as float32, other formats as double
+SPACING_DECIMALS = 4
+
+
+def hash_version(digest: str) -> int:
+    """Version of a stored voxel hash: ``"v2:<hex>"`` -> 2, an unprefixed sha256 hex digest -> 1."""
+    head, sep, _ = digest.partition(":")
+    return int(head[1:]) if sep and head[:1] == "v" and head[1:].isdigit() else 1
+
+
+def voxel_hash(array: np.ndarray, spacing: Optional[Sequence[float]] = None) -> str:
+    """Canonical content hash (version 2): ``"v2:"`` + sha256 of the shape, the spacing and the voxel values.
+
+    The values are hashed as little-endian float64 (-0.0 as 0.0), so the same image under another name,
+    compression or voxel type (a test image saved again as float64) gets the same hash; the spacing (mm,
+    numpy axis order, rounded to ``SPACING_DECIMALS``) is part of it because it changes what nnU-Net's
+    preprocessing makes of the voxels. ``spacing=None`` hashes the voxels alone. Float64 copies are made one
+    slice at a time, so memory stays bounded for large volumes.
+    """
+    array = np.asarray(array)
+    sp = "-" if spacing is None else ",".join(f"{float(s):.{SPACING_DECIMALS}f}" for s in spacing)
+    h = hashlib.sha256(f"v{HASH_VERSION}|{tuple(int(n) for n in array.shape)}|{sp}|".encode())
+    for block in (array.reshape(array.shape[0], -1) if array.ndim > 1 and array.size else array.reshape(1, -1)):
+        h.update((np.asarray(block, dtype="<f8") + 0.0).tobytes())  # + 0.0 turns -0.0 into 0.0
+    return f"v{HASH_VERSION}:" + h.hexdigest()
+
+
+def voxel_hash_v1(array: np.ndarray) -> str:
+    """The version-1 hash (sha256 of dtype, shape and voxel bytes, no prefix), to compare records written with it.
+
+    It depends on the voxel type, so a re-typed copy of an image escaped it; new records use ``voxel_hash``.
+    """
     h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
 
-def _nifti_expected_bytes(header: bytes, path: str) -> Optional[int]:
-    """Bytes a single-file NIfTI must hold (vox_offset + voxel data), or None if it is no single-file NIfTI.
+def _spacing_of(image: "sitk.Image") -> Tuple[float, ...]:
+    """Voxel spacing in numpy axis order (SimpleITK reports x, y, z; its arrays are z, y, x)."""
+    return tuple(float(s) for s in reversed(image.GetSpacing()))
+
+
+class _NiftiLayout(NamedTuple):
+    """Where the voxels of a single-file NIfTI lie in its (decompressed) bytes."""
+
+    vox_offset: int
+    n_voxels: int
+    datatype: int
+    bitpix: int
+    endian: str  # "<" or ">"
+
+    @property
+    def expected_bytes(self) -> int:
+        return self.vox_offset + self.n_voxels * max(self.bitpix, 8) // 8
+
+
+# NIfTI float datatypes -> numpy type (float128 where numpy has it): their raw voxels may hold NaN or infinity
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", **({1536: "f16"} if hasattr(np, "float128") else {})}
+
+
+def _nifti_layout(header: bytes, path: str) -> Optional[_NiftiLayout]:
+    """The voxel layout of a single-file NIfTI-1/NIfTI-2 header, or None if it is no single-file NIfTI.
 
     Raises ImageError for vector datatypes (complex, RGB), which nnU-Net cannot use as one channel.
     """
@@ -89,14 +152,31 @@ def _nifti_expected_bytes(header: bytes, path: str) -> Optional[int]:
                          f"in dataset.json 'channel_names'.")
     n_dims = max(0, min(int(dims[0]), 7))
     n_voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n_dims]], dtype=np.int64))
-    return vox_offset + n_voxels * max(int(bitpix), 8) // 8
+    return _NiftiLayout(vox_offset, n_voxels, int(datatype), int(bitpix), endian)
+
+
+def _check_raw_finite(raw: bytes, layout: _NiftiLayout, path: str) -> None:
+    """Raise ImageError if the raw voxel block of a float NIfTI holds NaN or infinite values.
+
+    SimpleITK returns such voxels as 0, so this has to look at the bytes in the file (as nibabel would).
+    """
+    code = _NIFTI_FLOAT_TYPES.get(layout.datatype)
+    if code is None or layout.n_voxels == 0:
+        return
+    block = np.frombuffer(raw, dtype=layout.endian + code, count=layout.n_voxels, offset=layout.vox_offset)
+    bad = layout.n_voxels - int(np.count_nonzero(np.isfinite(block)))
+    if bad:
+        raise ImageError(f"{path}: {bad} of {layout.n_voxels} voxels are NaN or infinite in the file (SimpleITK "
+                         f"and nnU-Net would silently read them as 0). Replace them with a finite value and save "
+                         f"the image again, or remove it.")
 
 
 def check_file_complete(path: str) -> None:
     """Decompress ``path`` to its end and compare its size with the NIfTI header (NIfTI files only).
 
-    Raises ImageError naming the file for a truncated or corrupt gzip stream and for a voxel block shorter
-    than the header announces (SimpleITK would silently fill the rest with zeros).
+    Raises ImageError naming the file for a truncated or corrupt gzip stream, for a voxel block shorter
+    than the header announces (SimpleITK would silently fill the rest with zeros) and for NaN or infinite
+    values in the raw voxel block of a float NIfTI (SimpleITK would read them as 0).
     """
     with open(path, "rb") as f:
         raw = f.read()
@@ -109,10 +189,13 @@ def check_file_complete(path: str) -> None:
         except (gzip.BadGzipFile, zlib.error, OSError) as e:
             raise ImageError(f"{path}: corrupt gzip data ({e}). Copy the file again or remove it.") from None
     if path.endswith((".nii", ".nii.gz")):
-        expected = _nifti_expected_bytes(raw[:540], path)
-        if expected is not None and len(raw) < expected:
-            raise ImageError(f"{path}: the header announces {expected} bytes (offset + voxels) but the file holds "
-                             f"{len(raw)} after decompression; it is truncated. Copy it again or remove it.")
+        layout = _nifti_layout(raw[:540], path)
+        if layout is not None and len(raw) < layout.expected_bytes:
+            raise ImageError(f"{path}: the header announces {layout.expected_bytes} bytes (offset + voxels) but the "
+                             f"file holds {len(raw)} after decompression; it is truncated. Copy it again or remove "
+                             f"it.")
+        if layout is not None:
+            _check_raw_finite(raw, layout, path)
 
 
 def read_checked(path: str) -> Tuple[Tuple[int, ...], str]:
@@ -145,7 +228,7 @@ def read_checked(path: str) -> Tuple[Tuple[int, ...], str]:
         raise ImageError(f"{path}: degenerate, {zeros:.1%} of its voxels are exactly 0 (more than "
                          f"{MAX_ZERO_FRACTION:.0%}); probably a failed or zero-filled export. Remove it (or pass "
                          f"--skip-bad to skip such images).")
-    return tuple(array.shape), voxel_hash(array)
+    return tuple(array.shape), voxel_hash(array, _spacing_of(image))
 
 
 def check_case(files: Iterable[str]) -> List[FileRecord]:
@@ -165,11 +248,26 @@ def check_case(files: Iterable[str]) -> List[FileRecord]:
     return records
 
 
-def image_content_hash(path: str) -> str:
-    """Voxel hash of an image (after the completeness check), for leakage checks between data sets."""
+def image_content_hash(path: str, version: int = HASH_VERSION) -> str:
+    """Voxel hash of an image for leakage and change checks, in the given hash ``version`` (see ``voxel_hash``).
+
+    The file is checked first (``check_file_complete``: truncated, corrupt, non-finite raw voxels); a float
+    image of another format with NaN or infinite values is refused too. Raises ImageError naming the file.
+    """
     check_file_complete(path)
-    image = sitk.ReadImage(path)  # keep a reference: the array view borrows its buffer
-    return voxel_hash(sitk.GetArrayViewFromImage(image))
+    try:
+        image = sitk.ReadImage(path)  # keep a reference: the array view borrows its buffer
+    except RuntimeError as e:
+        raise ImageError(f"{path}: SimpleITK cannot read it ({str(e).strip().splitlines()[-1]})") from None
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ImageError(f"{path}: contains NaN or infinite values; replace them and save the image again, or "
+                         f"remove it")
+    if version == 1:
+        return voxel_hash_v1(array)
+    if version != HASH_VERSION:
+        raise ValueError(f"unknown voxel hash version {version} (this code writes {HASH_VERSION} and reads 1)")
+    return voxel_hash(array, _spacing_of(image))
 
 
 def too_small_for_patch(spatial_shape: Tuple[int, ...], patch_size: Tuple[int, ...]) -> bool:

@@ -5,9 +5,16 @@ so a renamed or re-compressed copy is caught too), also appears in the labeled c
 every case named in splits_final.json, which includes the label-scarce folds' ``unlabeled`` lists)
 or in the unlabeled pool (imagesUnlabeled and the cases of the preprocessed unlabeled manifests).
 
+Every test image and test label is read completely first (``image_check.check_file_complete``): a
+truncated file, a short voxel block or non-finite raw voxels refuse the benchmark before anything runs,
+since SimpleITK would zero-fill them and the benchmark would train, predict and score a wrong test set.
+The same holds for imagesTr (nnU-Net trained on those files). An unreadable file in imagesUnlabeled is
+only counted: ``preprocess-unlabeled`` refuses or skips it, so it is never trained on.
+
 Hashing reads every image once; the hashes are cached in a JSON file keyed by path, size and mtime,
-so a resumed benchmark re-reads only new or changed files. numpy, SimpleITK and the standard library
-only; nothing here imports nnU-Net.
+so a resumed benchmark re-reads only new or changed files. Cached hashes of an older hash version
+(``image_check.hash_version``) are recomputed. numpy, SimpleITK and the standard library only; nothing
+here imports nnU-Net.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Set
 
 from tqdm import tqdm
 
-from nnunet_proto.data.image_check import ImageError, image_content_hash
+from nnunet_proto.data.image_check import HASH_VERSION, ImageError, hash_version, image_content_hash
 
 
 class TestLeakageError(ValueError):
@@ -43,26 +50,38 @@ class HashCache:
     def __init__(self, cache_file: Optional[Path]):
         self.file = cache_file
         self.entries: Dict[str, list] = {}
+        self.unreadable: List[Path] = []  # files left out by hashes(..., refuse=None)
         if cache_file is not None and cache_file.is_file():
             try:
                 self.entries = json.loads(cache_file.read_text())
             except json.JSONDecodeError:
                 self.entries = {}  # a damaged cache is only a cache: recompute
+            if not isinstance(self.entries, dict):
+                self.entries = {}
 
-    def hashes(self, files: Iterable[Path], desc: str) -> Dict[str, Path]:
-        """{voxel hash: file}; unreadable files are left out (their own checks report them)."""
+    def hashes(self, files: Iterable[Path], desc: str, refuse: Optional[str] = None) -> Dict[str, Path]:
+        """{voxel hash: file}, every file read completely (``image_content_hash``) unless cached unchanged.
+
+        A file that cannot be read completely (truncated, corrupt, non-finite voxels) raises ImageError
+        (its message names the file) followed by ``refuse``; with ``refuse=None`` it is left out and listed
+        in ``self.unreadable`` instead.
+        """
         files = list(files)
         out: Dict[str, Path] = {}
         for path in tqdm(files, desc=desc, unit="image", disable=len(files) < 20):
             st = path.stat()
             key = str(path.resolve())
             hit = self.entries.get(key)
-            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            if (isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns
+                    and isinstance(hit[2], str) and hash_version(hit[2]) == HASH_VERSION):
                 digest = hit[2]
             else:
                 try:
                     digest = image_content_hash(str(path))
-                except (ImageError, RuntimeError):
+                except (ImageError, RuntimeError) as e:
+                    if refuse is not None:
+                        raise ImageError(f"{e} {refuse}") from None
+                    self.unreadable.append(path)
                     continue
                 self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
             out[digest] = path
@@ -88,6 +107,11 @@ def check_test_leakage(test_images: Path, test_labels: Path, file_ending: str, p
 
     Returns:
         A one-line summary of what was checked.
+
+    Raises:
+        TestLeakageError: a test case is part of the training data.
+        ImageError: a test image, test label or imagesTr image cannot be read completely (truncated,
+            corrupt, NaN/infinite voxels); the message names the file. Nothing is written then.
     """
     test_ids = _ids_of_images(test_images, file_ending)
     if test_labels.is_dir():
@@ -113,16 +137,32 @@ def check_test_leakage(test_images: Path, test_labels: Path, file_ending: str, p
                 for c in sorted(test_ids & labeled)]
     problems += [f"test case {c} is also an unlabeled case (imagesUnlabeled / preprocessed unlabeled manifest)"
                  for c in sorted(test_ids & unlabeled)]
+    # every test image and label is read completely, also without nnUNet_raw: a zero-filled test file would be
+    # predicted and scored without a word
+    cache = HashCache(cache_file)
+    nothing_run = ("The benchmark reads the test set completely before it starts; nothing was run. Export or copy "
+                   "the file again (or remove the case from both test folders).")
+    test_hashes = cache.hashes(_image_files(test_images, file_ending), "checking test images", refuse=nothing_run)
+    cache.hashes(_image_files(test_labels, file_ending), "checking test labels", refuse=nothing_run)
     content = "ids only (nnUNet_raw not available, image contents not compared)"
     if raw_folder is not None:
-        cache = HashCache(cache_file)
-        test_hashes = cache.hashes(_image_files(test_images, file_ending), "hashing test images")
+        unreadable = []
         for sub, what in (("imagesTr", "labeled"), ("imagesUnlabeled", "unlabeled")):
-            pool = cache.hashes(_image_files(raw_folder / sub, file_ending), f"hashing {sub}")
+            # imagesTr was trained on as nnU-Net read it: a zero-filled file there is refused, not skipped
+            refuse = ("nnU-Net's preprocessing read this training image with zeros in place of the bad voxels; "
+                      "replace it and re-run nnUNetv2_plan_and_preprocess. Nothing was run.") \
+                if sub == "imagesTr" else None
+            pool = cache.hashes(_image_files(raw_folder / sub, file_ending), f"hashing {sub}", refuse=refuse)
             problems += [f"test image {test_hashes[h].name} has the same voxels as the {what} image {pool[h]}"
                          for h in sorted(set(test_hashes) & set(pool))]
-        cache.save()
+            unreadable += cache.unreadable
+            cache.unreadable = []
         content = f"ids and voxel hashes of {len(test_hashes)} test images"
+        if unreadable:
+            content += (f" ({len(unreadable)} unreadable image(s) in imagesUnlabeled not compared, e.g. "
+                        f"{unreadable[0].name}: preprocess-unlabeled refuses or skips them, so they are not "
+                        f"trained on)")
+    cache.save()
     if problems:
         raise TestLeakageError(f"test leakage, the benchmark refuses to run ({len(problems)} problem(s)): "
                                + "; ".join(problems[:10]) + ("; ..." if len(problems) > 10 else "")

@@ -11,13 +11,18 @@ nnU-Net's own ``get_pool_and_conv_props``, exactly as the planner does. Preproce
 (spacing, normalisation, ``data_identifier``) are never changed, so the patched plans train on the
 already preprocessed data, and the results land in a separate ``Trainer__<plans_name>__<config>``
 folder. Configurations the patch does not name are kept unchanged.
+
+Plans are never lost: a patch never writes over its source plans, and an existing plans file of its
+``plans_name`` is left alone when it already holds what the patch gives (setup scripts re-run it) and
+replaced only with ``overwrite`` when it holds something else.
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 PATCHABLE = {"patch_size", "batch_size", "base_num_features", "max_num_features", "n_conv_per_stage",
              "n_conv_per_stage_decoder"}
@@ -79,6 +84,10 @@ def apply_plans_patch(plans: dict, patch: dict) -> dict:
         raise ValueError("a plan patch needs a 'plans_name' (the new plans file name, e.g. nnUNetPlans_cpu)")
     if "__" in patch["plans_name"]:
         raise ValueError("plans_name must not contain '__' (nnU-Net splits result folder names on it)")
+    if not isinstance(patch.get("configurations", {}), dict) or not all(
+            isinstance(c, dict) for c in patch.get("configurations", {}).values()):
+        raise ValueError("a plan patch's 'configurations' maps configuration names to objects of settings, e.g. "
+                         "{\"2d\": {\"batch_size\": 4}}")
     new = copy.deepcopy(plans)
     new["plans_name"] = patch["plans_name"]
     for name, changes in patch.get("configurations", {}).items():
@@ -89,23 +98,58 @@ def apply_plans_patch(plans: dict, patch: dict) -> dict:
     return new
 
 
+def _read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; a missing file, a folder, invalid JSON or another JSON type is a clear error."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder; give the JSON file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def apply_patch_file(preprocessed_dataset_folder: str, patch_file: str, source_plans: str = "nnUNetPlans",
-                     overwrite: bool = True) -> Path:
-    """Read ``<source_plans>.json`` and the patch, write ``<plans_name>.json`` beside it; return its path."""
+                     overwrite: bool = False) -> Tuple[Path, bool]:
+    """Read ``<source_plans>.json`` and the patch, write ``<plans_name>.json`` beside it.
+
+    Returns (its path, whether it was written). Never writes over the source plans. An existing plans file
+    with exactly the content the patch gives is left alone (re-running a setup script is fine); one with
+    other content is replaced only with ``overwrite`` (results trained with it would no longer match it).
+    """
     folder = Path(preprocessed_dataset_folder)
     src = folder / f"{source_plans}.json"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found. Run nnUNetv2_plan_and_preprocess for this dataset first.")
-    patch = json.loads(Path(patch_file).read_text())
-    plans = json.loads(src.read_text())
+    patch = _read_json_object(Path(patch_file), "plan patch")
+    plans = _read_json_object(src, "plans file")
     new = apply_plans_patch(plans, patch)
     out = folder / f"{new['plans_name']}.json"
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the patch {patch_file} has plans_name {new['plans_name']!r}, the plans it is applied to: "
+                         f"it would overwrite its own source {src}. Give the patch another plans_name (e.g. "
+                         f"{source_plans}_cpu).")
+    if out.exists():
+        try:
+            same = json.loads(out.read_text()) == json.loads(json.dumps(new))
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return out, False
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists with other content than the patch {patch_file} gives "
+                                  f"(applied to {src}). Pass --overwrite to replace it (runs trained with the old "
+                                  f"plans then no longer match it), or give the patch another plans_name.")
     for name in patch.get("configurations", {}):
         data_dir = folder / new["configurations"][name]["data_identifier"]
         if not data_dir.is_dir():
             print(f"note: configuration {name!r} trains on {data_dir}, which does not exist yet; run "
                   f"nnUNetv2_preprocess -d {plans['dataset_name']} -c {name} before training it")
-    out.write_text(json.dumps(new, indent=2))
-    return out
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(new, indent=2))
+    os.replace(tmp, out)
+    return out, True

@@ -28,7 +28,19 @@ def write_nifti(array_zyx: np.ndarray, spacing_zyx: Sequence[float], path: os.Pa
 
 
 def check_dataset_folder_writable(folder: Path, overwrite: bool) -> None:
-    """Refuse to write into an existing non-empty dataset folder unless ``overwrite`` is set."""
+    """Refuse to write into an existing non-empty dataset folder unless ``overwrite`` is set, and refuse (even
+    with ``overwrite``) a ``DatasetXXX_Name`` folder beside another folder of the same id: nnU-Net finds a
+    dataset by its id, and two folders make the id ambiguous."""
+    folder = Path(folder)
+    m = re.fullmatch(r"(Dataset\d{3})_.+", folder.name)
+    if m and folder.parent.is_dir():
+        others = sorted(p.name for p in folder.parent.glob(f"{m.group(1)}_*") if p.is_dir() and p.name != folder.name)
+        if others:
+            raise FileExistsError(f"{folder.parent / others[0]} already has the dataset id {m.group(1)[7:]}; a second "
+                                  f"folder {folder.name} would make the id ambiguous for nnU-Net. Use that name (-d "
+                                  f"{others[0]}, with --overwrite to replace it) or another dataset id.")
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a dataset folder; remove it or choose another dataset id")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} already exists and is not empty. Pass overwrite=True (CLI: --overwrite) "
                               f"to replace it, or choose another dataset id.")

@@ -157,6 +157,33 @@ def default_folds(identifiers: Sequence[str], group_regex: Optional[str] = None)
     return folds
 
 
+def read_splits(path: Path) -> List[dict]:
+    """nnU-Net's splits_final.json: a list of folds, each an object with 'train' and 'val' lists of case ids.
+
+    Raises ValueError naming the file, the fold and what is wrong (nnU-Net itself would fail later with a
+    bare KeyError).
+    """
+    fix = ("Fix it by hand (delete it only if nothing was trained on its folds yet: folds appended by make-splits "
+           "may get other numbers when made again).")
+    try:
+        splits = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}). {fix}") from None
+    if not isinstance(splits, list):
+        raise ValueError(f"{path} holds a JSON {type(splits).__name__}; nnU-Net expects a list of folds, each "
+                         f"{{\"train\": [...], \"val\": [...]}}. {fix}")
+    for i, fold in enumerate(splits):
+        if not isinstance(fold, dict):
+            raise ValueError(f"{path}: fold {i} is a JSON {type(fold).__name__}, not an object with 'train' and "
+                             f"'val' lists. {fix}")
+        for key in ("train", "val") + (("unlabeled",) if "unlabeled" in fold else ()):
+            if key not in fold:
+                raise ValueError(f"{path}: fold {i} has no '{key}' list (it has {sorted(fold)}). {fix}")
+            if not isinstance(fold[key], list) or not all(isinstance(c, str) for c in fold[key]):
+                raise ValueError(f"{path}: fold {i}: '{key}' is not a list of case ids. {fix}")
+    return splits
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=4))
@@ -176,7 +203,7 @@ def make_label_scarce_fold(preprocessed_dataset_folder: str, amount: LabeledAmou
     """
     splits_file = Path(preprocessed_dataset_folder) / "splits_final.json"
     if splits_file.is_file():
-        splits = json.loads(splits_file.read_text())
+        splits = read_splits(splits_file)
     else:
         ids = case_identifiers(preprocessed_dataset_folder, raw_dataset_folder, file_ending)
         print(check_grouping(ids, group_regex), file=sys.stderr)

@@ -49,6 +49,9 @@ class SyntheticSpec:
             raise ValueError(f"mode must be '2d' or '3d', got {self.mode!r}")
         if not 1 <= self.dataset_id <= 999:
             raise ValueError(f"dataset_id must be between 1 and 999, got {self.dataset_id}")
+        for what, n in (("num_unlabeled", self.num_unlabeled), ("num_test", self.num_test), ("seed", self.seed)):
+            if n < 0:
+                raise ValueError(f"{what} must not be negative, got {n}")
         if self.num_labeled < 2:
             raise ValueError(f"num_labeled must be at least 2 (nnU-Net needs a train and a val case), "
                              f"got {self.num_labeled}")

@@ -12,12 +12,17 @@ Integrity rules:
   corrupt files, vector images and degenerate volumes (constant, mostly zeros) are refused, all of
   them listed in one error, before anything is written; with ``skip_bad`` they are skipped with a
   warning instead. A case that after cropping and resampling is smaller than half the patch along an
-  axis is refused (or skipped) too.
+  axis is refused (or skipped) too, and so is a file the system cannot read (a folder named like an
+  image, no read permission).
 * Case ids that exist in imagesTs/labelsTs, and images whose voxels equal a test image, are refused
-  (test leakage); ``skip_bad`` does not skip them.
+  (test leakage); ``skip_bad`` does not skip them. Voxels are compared by their canonical hash
+  (``image_check.voxel_hash``: values as float64), so a copy saved with another voxel type is caught too;
+  cases recorded with the older, type-dependent hash are verified again once and re-recorded. Cases
+  kept from earlier runs are compared with the test images again on every run (by their recorded hash).
 * The set follows ``imagesUnlabeled/``: a re-run drops vanished cases, redoes changed ones, adds new
   ones, and prints what changed. Finished unchanged cases are kept.
-* The manifest is rewritten after every finished case, so an interrupted run resumes.
+* The manifest is rewritten after every finished case, so an interrupted run resumes. A damaged
+  manifest is refused with its name; ``overwrite`` rebuilds it.
 * A rebuild (``overwrite``, or a changed fingerprint with ``overwrite``) writes into
   ``<folder>.partial`` and replaces the old folder and manifest only once everything succeeded; a
   failure leaves the old data untouched (and an interrupted rebuild resumes from ``.partial``).
@@ -28,14 +33,22 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
-from nnunet_proto.data.image_check import ImageError, check_case, image_content_hash, too_small_for_patch
+from nnunet_proto.data.image_check import (
+    HASH_VERSION,
+    ImageError,
+    check_case,
+    hash_version,
+    image_content_hash,
+    too_small_for_patch,
+)
 from nnunet_proto.training.compat import (
     PlansManager,
     comp_blosc2_params,
@@ -47,8 +60,10 @@ from nnunet_proto.training.compat import (
 )
 from nnunet_proto.training.unlabeled import (
     FileRecord,
+    ManifestError,
     channel_file_pattern,
     manifest_path,
+    preprocess_command,
     preprocessing_fingerprint,
     read_manifest,
     source_changes,
@@ -121,18 +136,49 @@ def test_case_ids(raw_dataset_folder: str, file_ending: str) -> set:
     return ids
 
 
-def test_image_hashes(raw_dataset_folder: str, file_ending: str) -> Dict[str, str]:
-    """{voxel hash: file name} of every image in imagesTs (empty if absent); unreadable files are skipped."""
+def test_image_hashes(raw_dataset_folder: str, file_ending: str, version: int = HASH_VERSION) -> Dict[str, str]:
+    """{voxel hash: file name} of every image in imagesTs (empty if absent), in hash ``version``; unreadable files
+    are skipped."""
     folder = os.path.join(raw_dataset_folder, "imagesTs")
     out: Dict[str, str] = {}
     if os.path.isdir(folder):
         for f in sorted(os.listdir(folder)):
             if f.endswith(file_ending):
                 try:
-                    out[image_content_hash(os.path.join(folder, f))] = f
-                except (ImageError, RuntimeError):
+                    out[image_content_hash(os.path.join(folder, f), version=version)] = f
+                except (ImageError, RuntimeError, OSError):
                     pass  # a broken test image is the benchmark's problem, not a leak
     return out
+
+
+def recorded_test_leaks(cases: Iterable[str], records: Dict[str, List[dict]], test_ids: Iterable[str],
+                        test_hashes: Dict[str, str]) -> Dict[str, str]:
+    """{case: why} of the cases that are test cases: the id is in ``test_ids`` or a recorded voxel hash (manifest
+    file records, ``image_check.FileRecord`` as dicts) is in ``test_hashes`` ({hash: file}, ``test_image_hashes``)."""
+    test_ids, out = set(test_ids), {}
+    for case in cases:
+        if case in test_ids:
+            out[case] = f"{case}: a test case id in imagesTs/labelsTs"
+            continue
+        same = [test_hashes[r["sha256"]] for r in records.get(case, []) if r.get("sha256") in test_hashes]
+        if same:
+            out[case] = f"{case}: identical voxels to the test image(s) {same} in imagesTs"
+    return out
+
+
+def manifest_test_leaks(manifest: dict, raw_dataset_folder: str, file_ending: str) -> Dict[str, str]:
+    """{case: why} of the manifest's cases that are test cases of ``raw_dataset_folder`` (ids and voxel hashes,
+    see ``recorded_test_leaks``): what the trainer checks at start. Reads every imagesTs image once."""
+    if not manifest.get("cases"):
+        return {}
+    files = manifest.get("files", {})
+    test_hashes: Dict[str, str] = {}
+    # records written with an older hash version are compared in their own version (preprocess-unlabeled
+    # re-records them in the current one)
+    versions = {hash_version(r["sha256"]) for c in manifest["cases"] for r in files.get(c, []) if r.get("sha256")}
+    for version in versions:
+        test_hashes.update(test_image_hashes(raw_dataset_folder, file_ending, version))
+    return recorded_test_leaks(manifest["cases"], files, test_case_ids(raw_dataset_folder, file_ending), test_hashes)
 
 
 def default_configurations(plans: dict, preprocessed_dataset_folder: str) -> List[str]:
@@ -162,11 +208,25 @@ def _preprocess_one(args) -> Tuple[str, Tuple[int, ...]]:
     return case, tuple(data.shape[1:])
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _remove_case(folder: str, case: str) -> None:
     for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
         path = os.path.join(folder, case + suffix)
         if os.path.isfile(path):
             os.remove(path)
+
+
+def _unreadable(e: OSError) -> str:
+    """What ``check_case`` met when the operating system refused a file: the path, the reason and the fix."""
+    path = e.filename or "an image"
+    if isinstance(e, IsADirectoryError):
+        return f"{path}: a folder named like an image, not an image file. Move it out of {UNLABELED_DIR}."
+    if isinstance(e, PermissionError):
+        return f"{path}: cannot be read ({e.strerror}). Fix its permissions (chmod a+r) or remove it."
+    return f"{path}: cannot be read ({e.strerror or e}). Copy it again or remove it."
 
 
 def _warn(message: str) -> None:
@@ -183,18 +243,26 @@ class _Validator:
         self.leaks: Dict[str, str] = {}
         self._test_hashes: Optional[Dict[str, str]] = None
 
+    def test_hashes(self) -> Dict[str, str]:
+        """{voxel hash: file name} of imagesTs, read once."""
+        if self._test_hashes is None:
+            self._test_hashes = test_image_hashes(self.raw_folder, self.ending)
+        return self._test_hashes
+
     def check(self, ids: Sequence[str], verbose: bool) -> None:
         todo = [c for c in ids if c not in self.records and c not in self.problems and c not in self.leaks]
         if not todo:
             return
-        if self._test_hashes is None:
-            self._test_hashes = test_image_hashes(self.raw_folder, self.ending)
+        self.test_hashes()
         for case in tqdm(todo, desc="verifying unlabeled images", unit="case", disable=not verbose or len(todo) < 2,
                          file=sys.stderr):
             try:
                 records = check_case(self.cases[case])
             except ImageError as e:
                 self.problems[case] = str(e)
+                continue
+            except OSError as e:  # a folder named like an image, no read permission, an I/O error
+                self.problems[case] = _unreadable(e)
                 continue
             same = [self._test_hashes[r.sha256] for r in records if r.sha256 in self._test_hashes]
             if same:
@@ -246,17 +314,30 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
     fingerprint = preprocessing_fingerprint(plans, configuration, dataset_json)
     out_folder = unlabeled_folder(pre_folder, cm.data_identifier)
     mpath = manifest_path(pre_folder, cm.data_identifier)
-    old = read_manifest(mpath) if os.path.isfile(mpath) else None
+    old, damaged = None, False
+    if os.path.isfile(mpath):
+        try:
+            old = read_manifest(mpath)
+        except ManifestError as e:
+            if not overwrite:
+                fix = preprocess_command(dataset_name, configuration, plans_identifier, overwrite=True)
+                raise ManifestError(f"{e}. Rebuild the data with `{fix}` (the old data stays until the rebuild "
+                                    f"succeeds).") from None
+            _warn(f"{e}; rebuilding (--overwrite)")
+            damaged = True
     if old is not None and old.get("fingerprint") != fingerprint and not overwrite:
         raise ValueError(f"{out_folder} was preprocessed with other settings (fingerprint {old.get('fingerprint')} "
                          f"vs {fingerprint} now). Pass --overwrite to replace it.")
     if old is None and os.path.isdir(out_folder) and os.listdir(out_folder) and not overwrite:
         raise FileExistsError(f"{out_folder} exists without a manifest; pass --overwrite to replace it")
-    rebuild = overwrite and (old is not None or os.path.isdir(out_folder))
+    rebuild = overwrite and (old is not None or damaged or os.path.isdir(out_folder))
     fresh = {"fingerprint": fingerprint, "cases": [], "files": {}, "skipped": {}}
     if rebuild:  # build beside the old data; swap only on success
         target, target_manifest = out_folder + ".partial", mpath + ".partial"
-        state = read_manifest(target_manifest) if os.path.isfile(target_manifest) else None
+        try:
+            state = read_manifest(target_manifest) if os.path.isfile(target_manifest) else None
+        except ManifestError:
+            state = None  # a damaged record of an interrupted rebuild: start the rebuild afresh
         if state is None or state.get("fingerprint") != fingerprint:
             shutil.rmtree(target, ignore_errors=True)
             state = fresh
@@ -275,9 +356,19 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
             and not os.path.isfile(os.path.join(target, c + ".b2nd"))]
     if verbose and state["cases"] and (changes.vanished or changes.changed):
         print(f"{dataset_name} {configuration}: imagesUnlabeled changed since the last run: {changes.describe()}")
-    validator.check(changes.new + changes.changed + changes.unrecorded + lost, verbose)
-    involved = set(changes.new + changes.changed + changes.unrecorded + lost)
+    # unrecorded (version-1 manifest) and outdated (older voxel hash) cases are verified again like new ones,
+    # leakage check included: the older hash missed re-typed copies of test images
+    recheck = changes.unrecorded + changes.outdated
+    if verbose and changes.outdated:
+        print(f"{dataset_name} {configuration}: re-verifying {len(changes.outdated)} case(s) recorded with an older "
+              f"voxel hash (read once, then recorded in the current format)")
+    validator.check(changes.new + changes.changed + recheck + lost, verbose)
+    involved = set(changes.new + changes.changed + recheck + lost)
     leaks = [validator.leaks[c] for c in sorted(involved) if c in validator.leaks]
+    # cases kept from earlier runs too: a test image may have been added (or copied from here) since
+    kept = [c for c in state["cases"] if c in cases and c not in involved and state["files"].get(c)]
+    if kept:
+        leaks += list(recorded_test_leaks(kept, state["files"], (), validator.test_hashes()).values())
     if leaks:
         raise ValueError(f"{len(leaks)} unlabeled image(s) are copies of test images (test leakage): "
                          f"{'; '.join(leaks[:5])}. Remove them from {state['source']}. Nothing was changed.")
@@ -291,7 +382,7 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
 
     # apply the folder's changes to the manifest before any new work, so an interruption leaves it consistent
     os.makedirs(target, exist_ok=True)
-    drop = set(changes.vanished) | set(changes.changed) | set(lost) | (set(changes.unrecorded) & set(bad))
+    drop = set(changes.vanished) | set(changes.changed) | set(lost) | (set(recheck) & set(bad))
     for case in drop:
         _remove_case(target, case)
     state["cases"] = sorted(c for c in state["cases"] if c not in drop)
@@ -303,6 +394,9 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
         state["files"][case] = [asdict(FileRecord(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns,
                                                   r["sha256"]))
                                 for f, r in zip(cases[case], state["files"][case])]
+    for case in changes.outdated:  # re-verified: their records in the current hash version
+        if case in validator.records and case in state["cases"]:
+            state["files"][case] = [asdict(r) for r in validator.records[case]]
     write_manifest(target_manifest, state)
 
     todo = [c for c in sorted(set(changes.new) | set(changes.changed) | set(lost)) if c in validator.records]
@@ -318,7 +412,8 @@ def _preprocess_configuration(configuration: str, cases: Dict[str, List[str]], v
             results = map(_preprocess_one, jobs)
             pool = None
         else:
-            pool = multiprocessing.get_context("spawn").Pool(num_processes)
+            # workers ignore Ctrl-C: the main process stops them and reports once (no traceback per worker)
+            pool = multiprocessing.get_context("spawn").Pool(num_processes, initializer=_ignore_sigint)
             results = pool.imap_unordered(_preprocess_one, jobs)
         try:
             for case, shape in results:

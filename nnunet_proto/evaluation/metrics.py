@@ -29,6 +29,14 @@ Per class, the summary counts how many cases fell under each rule.
 2D datasets in nnU-Net raw format are 3D images with one slice or thick-slice stacks; they are
 evaluated as stored, on the 3D array with its 3D spacing (as SSL4MIS evaluates ACDC volumes, though
 SSL4MIS ignores spacing). A genuinely 2D image file (e.g. a PNG) is evaluated in 2D.
+
+What cannot be scored is refused, naming the file and the fix (a ValueError; nothing is written):
+a truncated or corrupt file, a short voxel block or NaN/infinite raw voxels (``image_check.
+check_file_complete``: SimpleITK would zero-fill them), a label map with non-integer values (a
+probability map), and a prediction whose shape, spacing, origin or direction differs from its reference
+(voxels would be compared that are not at the same place). What can be scored but is probably a
+mistake is scored and warned about (stderr and the result's ``warnings``): a label that occurs in no
+reference and no prediction (its means are NaN), and label values that dataset.json does not define.
 """
 from __future__ import annotations
 
@@ -36,9 +44,10 @@ import csv
 import json
 import math
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,6 +58,8 @@ from surface_distance import (
 )
 from tqdm import tqdm
 
+from nnunet_proto.data.image_check import ImageError, check_file_complete
+
 METRIC_NAMES: Tuple[str, ...] = ("Dice", "IoU", "HD95", "ASD")
 RULE_BOTH_PRESENT = "both_present"
 RULE_BOTH_EMPTY = "both_empty"
@@ -58,6 +69,10 @@ RULES: Tuple[str, ...] = (RULE_BOTH_PRESENT, RULE_BOTH_EMPTY, RULE_REFERENCE_EMP
 DEFAULT_FILE_ENDING = ".nii.gz"
 #: relative tolerance for comparing reference and prediction spacing (NIfTI stores float32 pixdims)
 SPACING_RTOL = 1e-4
+#: origins may differ by this fraction of the smallest voxel size: far below what moves a voxel onto another
+ORIGIN_TOL_VOXELS = 0.01
+#: absolute tolerance for the direction cosines (NIfTI stores them as float32 quaternions)
+DIRECTION_ATOL = 1e-4
 
 EMPTY_MASK_RULE_TEXT = (
     "both masks empty: Dice, IoU, HD95, ASD = NaN (null in JSON) and the case is excluded from the class mean; "
@@ -123,11 +138,65 @@ def case_metrics(reference: np.ndarray, prediction: np.ndarray, labels: Sequence
     return out
 
 
-def read_segmentation(path: os.PathLike) -> Tuple[np.ndarray, Tuple[float, ...]]:
-    """(label map in numpy axis order, e.g. (z, y, x), spacing in mm in the same order)."""
-    image = sitk.ReadImage(str(path))
+class Segmentation(NamedTuple):
+    """A label map read by ``read_segmentation_image``."""
+
+    array: np.ndarray  # integer labels in numpy axis order, e.g. (z, y, x)
+    spacing: Tuple[float, ...]  # mm, numpy axis order
+    origin: Tuple[float, ...]  # mm, SimpleITK (x, y, z) order
+    direction: Tuple[float, ...]  # SimpleITK's direction cosines, row-major
+
+
+def read_segmentation_image(path: os.PathLike) -> Segmentation:
+    """Read a label map completely and check that it can be scored.
+
+    Raises ValueError (``image_check.ImageError``) naming the file for a truncated or corrupt file, a short
+    voxel block or NaN/infinite raw voxels (``check_file_complete``; SimpleITK would zero-fill them), a
+    vector image, and non-integer values (a probability or intensity image, which compared with integer
+    labels would score as empty). Integer-valued float maps are accepted and returned as integers.
+    """
+    path = str(path)
+    check_file_complete(path)
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise ImageError(f"{path}: SimpleITK cannot read it ({str(e).strip().splitlines()[-1]})") from None
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise ImageError(f"{path}: a vector image ({image.GetNumberOfComponentsPerPixel()} components per voxel), "
+                         f"not a label map; write one integer label per voxel")
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        fractional = ~finite | (array != np.round(array))
+        if fractional.any():
+            examples = ", ".join(f"{v:g}" for v in np.unique(array[fractional])[:3])
+            raise ImageError(f"{path}: a float image with {int(np.count_nonzero(fractional))} non-integer voxel "
+                             f"value(s) (e.g. {examples}); a segmentation holds integer labels, and these voxels "
+                             f"would match no label (scored as empty). Write the label map (argmax, integers), not "
+                             f"probabilities or an intensity image.")
+        array = array.astype(np.int64 if np.abs(array).max(initial=0) >= 2 ** 31 else np.int32)
     # SimpleITK reports spacing (x, y, z); numpy arrays from it are (z, y, x)
-    return sitk.GetArrayFromImage(image), tuple(float(s) for s in reversed(image.GetSpacing()))
+    return Segmentation(array, tuple(float(s) for s in reversed(image.GetSpacing())),
+                        tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
+
+
+def read_segmentation(path: os.PathLike) -> Tuple[np.ndarray, Tuple[float, ...]]:
+    """(label map in numpy axis order, e.g. (z, y, x), spacing in mm in the same order).
+
+    Checked as in ``read_segmentation_image`` (complete file, finite, integer labels).
+    """
+    seg = read_segmentation_image(path)
+    return seg.array, seg.spacing
+
+
+def _label_values(array: np.ndarray) -> List[int]:
+    """The distinct values of an integer label map (bincount for small non-negative labels: fast)."""
+    if array.size == 0:
+        return []
+    lo, hi = int(array.min()), int(array.max())
+    if array.dtype.kind in "iu" and array.dtype.itemsize < 8 and lo >= 0 and hi < 65536:
+        return [int(v) for v in np.flatnonzero(np.bincount(array.ravel(), minlength=hi + 1))]
+    return [int(v) for v in np.unique(array)]
 
 
 def _load_dataset_json(folders: Sequence[Path]) -> Tuple[Optional[dict], Optional[str]]:
@@ -153,9 +222,41 @@ def foreground_labels(dataset_json: dict) -> Dict[int, str]:
     return {int(v): k for k, v in sorted(labels.items(), key=lambda kv: int(kv[1])) if int(v) != 0}
 
 
+def _read_for_case(case: str, role: str, path: Path) -> Segmentation:
+    fix = ("Predict this case again (nnUNetv2_predict writes complete label maps)" if role == "prediction"
+           else "Export or copy the reference again")
+    try:
+        return read_segmentation_image(path)
+    except ImageError as e:
+        raise ImageError(f"case {case}, {role}: {e} Nothing was scored. {fix}, then re-run the evaluation.") from None
+
+
+def _check_same_place(case: str, ref_file: Path, pred_file: Path, ref: Segmentation, pred: Segmentation) -> None:
+    """Refuse a prediction whose origin or direction differs from its reference (after shape and spacing)."""
+    where = (f"Predictions must be in the reference's geometry (nnUNetv2_predict writes them so): re-predict, or "
+             f"resample {pred_file} onto the reference grid (nearest neighbour), or check that the folders belong "
+             f"together.")
+    tol = ORIGIN_TOL_VOXELS * min(ref.spacing)
+    if len(ref.origin) != len(pred.origin) or not np.allclose(ref.origin, pred.origin, rtol=0, atol=tol):
+        raise ValueError(f"case {case}: prediction {pred_file} has origin {_fmt(pred.origin)} but the reference "
+                         f"{ref_file} has {_fmt(ref.origin)} mm (x, y, z): the voxels compared would not be at the "
+                         f"same place. {where}")
+    if len(ref.direction) != len(pred.direction) or not np.allclose(ref.direction, pred.direction, rtol=0,
+                                                                    atol=DIRECTION_ATOL):
+        raise ValueError(f"case {case}: prediction {pred_file} has direction {_fmt(pred.direction)} but the "
+                         f"reference {ref_file} has {_fmt(ref.direction)} (axes flipped or rotated): the voxels "
+                         f"compared would not be at the same place. {where}")
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
 def _evaluate_pair(case: str, ref_file: Path, pred_file: Path, labels: Sequence[int]) -> dict:
-    ref, ref_spacing = read_segmentation(ref_file)
-    pred, pred_spacing = read_segmentation(pred_file)
+    ref_seg = _read_for_case(case, "reference", ref_file)
+    pred_seg = _read_for_case(case, "prediction", pred_file)
+    ref, ref_spacing = ref_seg.array, ref_seg.spacing
+    pred, pred_spacing = pred_seg.array, pred_seg.spacing
     if ref.shape != pred.shape:
         raise ValueError(f"case {case}: prediction {pred_file} has shape {pred.shape} but the reference {ref_file} "
                          f"has {ref.shape} (numpy axis order). Predictions must be in the reference's geometry "
@@ -164,9 +265,11 @@ def _evaluate_pair(case: str, ref_file: Path, pred_file: Path, labels: Sequence[
         raise ValueError(f"case {case}: prediction spacing {pred_spacing} != reference spacing {ref_spacing} mm "
                          f"(numpy axis order). Distances would be in the wrong units; resample the prediction "
                          f"onto the reference grid or check that the folders belong together.")
+    _check_same_place(case, ref_file, pred_file, ref_seg, pred_seg)
     return {"case": case, "reference_file": str(ref_file), "prediction_file": str(pred_file),
             "shape": list(ref.shape), "spacing": list(ref_spacing),
-            "metrics": case_metrics(ref, pred, labels, ref_spacing)}
+            "metrics": case_metrics(ref, pred, labels, ref_spacing),
+            "_values": {"reference": _label_values(ref), "prediction": _label_values(pred)}}
 
 
 def summarize(per_case: List[dict], label_names: Dict[int, str]) -> Tuple[Dict[str, dict], Dict[str, float]]:
@@ -208,11 +311,14 @@ def evaluate_folders(reference_folder: os.PathLike, prediction_folder: os.PathLi
         "empty_mask_rule", "metric_per_case": [{"case", "reference_file", "prediction_file", "shape",
         "spacing", "metrics": {str(label): {"Dice", "IoU", "HD95", "ASD", "rule"}}}],
         "mean": {str(label): {"name", "Dice", ..., "n_cases", "n_in_mean", "n_<rule>" for each rule}},
-        "foreground_mean": {"Dice", ...}, "unmatched_predictions": [...]}. NaN marks undefined values.
+        "foreground_mean": {"Dice", ...}, "unmatched_predictions": [...], "warnings": [...] (``label_warnings``,
+        also printed to stderr)}. NaN marks undefined values.
 
     Raises:
         FileNotFoundError: a folder is missing, holds no reference file, or predictions are missing.
-        ValueError: no labels can be determined, or a prediction's shape or spacing differs from its reference.
+        ValueError: no labels can be determined; a reference or prediction is truncated, corrupt, non-finite or
+            not integer (``read_segmentation_image``); or a prediction's shape, spacing, origin or direction
+            differs from its reference.
     """
     ref_dir, pred_dir = Path(reference_folder), Path(prediction_folder)
     for d in (ref_dir, pred_dir):
@@ -254,14 +360,63 @@ def evaluate_folders(reference_folder: os.PathLike, prediction_folder: os.PathLi
             for job in jobs:
                 per_case.append(_evaluate_pair(*job))
                 bar.update(1)
+    values = {c["case"]: c.pop("_values") for c in per_case}
+    json_file = next((d / "dataset.json" for d in (pred_dir, ref_dir) if (d / "dataset.json").is_file()), None)
+    warnings = label_warnings(per_case, values, label_names, dataset_json, json_file)
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr, flush=True)
     mean, foreground = summarize(per_case, label_names)
     return {
         "reference_folder": str(ref_dir), "prediction_folder": str(pred_dir), "file_ending": ending,
         "labels": {str(k): v for k, v in label_names.items()}, "metrics": list(METRIC_NAMES),
         "empty_mask_rule": EMPTY_MASK_RULE_TEXT,
         "metric_per_case": per_case, "mean": mean, "foreground_mean": foreground,
-        "unmatched_predictions": sorted(set(predicted) - set(cases)),
+        "unmatched_predictions": sorted(set(predicted) - set(cases)), "warnings": warnings,
     }
+
+
+def label_warnings(per_case: List[dict], values: Dict[str, Dict[str, List[int]]], label_names: Dict[int, str],
+                   dataset_json: Optional[dict], json_file: Optional[Path]) -> List[str]:
+    """Warnings about labels that are scored but probably not what the user meant (see the module docstring).
+
+    - a label that occurs in no reference and no prediction: every case is ``both_empty``, its means are NaN
+      and it is left out of the foreground mean (typically a mistyped ``-l``);
+    - label values in a reference or prediction that dataset.json does not define. They are scored (as
+      background to every evaluated label, so a prediction is penalised, never rewarded) and named with the
+      cases that hold them: refusing would also block the labels that are right, and the usual causes (a
+      model trained with another label numbering, the wrong dataset.json) are for the user to judge.
+
+    ``values``: {case: {"reference": [values], "prediction": [values]}}.
+    """
+    out = []
+    defined = None
+    if dataset_json is not None:
+        defined = {int(v) for v in dataset_json.get("labels", {}).values() if isinstance(v, int)}
+    for label, name in label_names.items():
+        rules = [c["metrics"][str(label)]["rule"] for c in per_case]
+        if rules and all(r == RULE_BOTH_EMPTY for r in rules):
+            extra = ""
+            if defined is not None and label not in defined:
+                extra = (f" It is not a label of {json_file} either ({dataset_json.get('labels')}): check the "
+                         f"labels given with -l.")
+            out.append(f"label {label} ({name}) occurs in no reference and no prediction of the {len(rules)} case(s): "
+                       f"its Dice, IoU, HD95 and ASD are NaN and it is left out of the foreground mean.{extra}")
+    if defined is None:
+        return out
+    for role in ("prediction", "reference"):
+        unknown: Dict[int, List[str]] = {}
+        for case in sorted(values):
+            for v in values[case][role]:
+                if v not in defined:
+                    unknown.setdefault(v, []).append(case)
+        if unknown:
+            found = "; ".join(f"{v} in {len(cs)} case(s) ({', '.join(cs[:3])}{', ...' if len(cs) > 3 else ''})"
+                              for v, cs in sorted(unknown.items()))
+            out.append(f"{role}s hold label value(s) that {json_file} does not define "
+                       f"({dataset_json.get('labels')}): {found}. Unless evaluated with -l, these voxels count as "
+                       f"background for every evaluated label. Check that the {role} folder belongs to this "
+                       f"dataset and uses its label numbering.")
+    return out
 
 
 def _nan_to_none(obj):

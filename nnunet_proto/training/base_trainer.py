@@ -68,6 +68,7 @@ from nnunet_proto.training.unlabeled import (
     cases_from_split,
     check_input_channels,
     load_fold,
+    preprocess_command,
     preprocessing_fingerprint,
     unlabeled_folder,
 )
@@ -259,21 +260,23 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             raw_unlabeled = (os.path.join(nnUNet_raw.get(), dataset_name, "imagesUnlabeled")
                              if nnUNet_raw.is_set() else None)
             folder_cases = cases_from_folder(base, data_id, fingerprint, self.configuration_name, dataset_name,
-                                             raw_unlabeled, self.dataset_json["file_ending"])
+                                             raw_unlabeled, self.dataset_json["file_ending"],
+                                             plans_identifier=self.plans_manager.plans_name)
             if not folder_cases and raw_unlabeled and os.path.isdir(raw_unlabeled) and os.listdir(raw_unlabeled):
                 raise FileNotFoundError(
                     f"{raw_unlabeled} holds unlabeled images, but they are not preprocessed for configuration "
                     f"{self.configuration_name!r} (expected {unlabeled_folder(base, data_id)}). Run "
-                    f"`nnunet_proto preprocess-unlabeled -d {dataset_name} -c {self.configuration_name}` first.")
+                    f"`{preprocess_command(dataset_name, self.configuration_name, self.plans_manager.plans_name)}` "
+                    f"first.")
             cases += folder_cases
         if not cases:
             raise FileNotFoundError(
                 f"No unlabeled data for {dataset_name}, configuration {self.configuration_name!r}, fold {self.fold}. "
                 f"Either put unlabeled images into nnUNet_raw/{dataset_name}/imagesUnlabeled/ and run "
-                f"`nnunet_proto preprocess-unlabeled -d {dataset_name} -c {self.configuration_name}`, or simulate "
-                f"label scarcity with `nnunet_proto make-splits -d {dataset_name} --labeled 10%` and train the fold "
-                f"it prints (its 'unlabeled' list must not be empty). Sources enabled in this trainer's config: "
-                f"{list(sources)}.")
+                f"`{preprocess_command(dataset_name, self.configuration_name, self.plans_manager.plans_name)}`, "
+                f"or simulate label scarcity with `nnunet_proto make-splits -d {dataset_name} --labeled 10%` and "
+                f"train the fold it prints (its 'unlabeled' list must not be empty). Sources enabled in this "
+                f"trainer's config: {list(sources)}.")
         train_keys = set(fold_dict.get("train", [])) if fold_dict else set()
         clash = sorted(c.identifier for c in cases if c.source == "split" and c.identifier in train_keys)
         if clash:

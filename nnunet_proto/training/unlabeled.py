@@ -11,7 +11,10 @@ Two sources (``SemiSupervisedConfig.unlabeled_sources``):
   ``<data_identifier>_unlabeled.json`` records a fingerprint of the preprocessing so that stale data
   (plans changed after preprocessing) is detected, the list of cases (training uses exactly these),
   and per source file its size, mtime and voxel hash, so that images deleted from or changed in
-  ``imagesUnlabeled/`` after preprocessing are noticed (see ``source_changes``).
+  ``imagesUnlabeled/`` after preprocessing are noticed (see ``source_changes``; a missing folder is
+  every image deleted). At the start of training the manifest's cases are also checked against the
+  test set (ids in imagesTs/labelsTs, recorded voxel hashes against imagesTs), as
+  ``preprocess-unlabeled`` checks them (``cases_from_folder``).
 
 Manifest format (version 2; a version-1 manifest, written before file records existed, is read as
 version 2 with no records, and ``preprocess-unlabeled`` fills them in)::
@@ -20,6 +23,11 @@ version 2 with no records, and ``preprocess-unlabeled`` fills them in)::
      "data_identifier": "...", "source": ".../imagesUnlabeled", "cases": ["unl_000", ...],
      "files": {"unl_000": [{"name": "unl_000_0000.nii.gz", "size": 1234, "mtime_ns": 1, "sha256": "..."}]},
      "skipped": {"unl_007": "why it was skipped (--skip-bad)"}}
+
+``sha256`` is ``image_check.voxel_hash``, prefixed with its version (``"v2:..."``). A record without the
+prefix was written with the version-1 hash (which depended on the voxel type): it is compared in its own
+version, so it never looks changed because of the format, and ``preprocess-unlabeled`` re-verifies such
+cases (including the test-leakage check) and rewrites their records in the current version.
 """
 from __future__ import annotations
 
@@ -33,12 +41,13 @@ from typing import Dict, List, Optional, Sequence
 import blosc2
 import numpy as np
 
-from nnunet_proto.data.image_check import FileRecord, ImageError, image_content_hash
+from nnunet_proto.data.image_check import HASH_VERSION, FileRecord, ImageError, hash_version, image_content_hash
 from nnunet_proto.training.compat import load_pickle, nnUNetDataLoader, nnUNetDatasetBlosc2
 
 MANIFEST_SUFFIX = "_unlabeled.json"
 FOLDER_SUFFIX = "_unlabeled"
 MANIFEST_VERSION = 2
+DEFAULT_PLANS = "nnUNetPlans"  # nnU-Net's default plans identifier (-p)
 
 
 def unlabeled_folder(preprocessed_dataset_base: str, data_identifier: str) -> str:
@@ -73,10 +82,32 @@ def preprocessing_fingerprint(plans: dict, configuration: str, dataset_json: dic
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read (not JSON, or not the manifest's structure); the message names the file."""
+
+
 def read_manifest(path: str) -> dict:
-    """The manifest at ``path``, upgraded to the current version (version 1 had no file records)."""
+    """The manifest at ``path``, upgraded to the current version (version 1 had no file records).
+
+    Raises ManifestError naming the file when it is not JSON or not a manifest (``preprocess-unlabeled
+    --overwrite`` rebuilds it).
+    """
     with open(path) as f:
-        manifest = json.load(f)
+        text = f.read()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"the unlabeled manifest {path} is damaged (not valid JSON: {e})") from None
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = f"a JSON {type(manifest).__name__}, not an object"
+    elif not isinstance(manifest.get("cases", []), list) or not all(isinstance(c, str) for c in manifest.get(
+            "cases", [])):
+        problem = "'cases' is not a list of case ids"
+    elif not all(isinstance(manifest.get(k, {}), dict) for k in ("files", "skipped")):
+        problem = "'files' or 'skipped' is not an object"
+    if problem:
+        raise ManifestError(f"the unlabeled manifest {path} is damaged ({problem})")
     manifest.setdefault("cases", [])
     manifest.setdefault("files", {})  # version 1: records unknown until preprocess-unlabeled fills them in
     manifest.setdefault("skipped", {})
@@ -101,6 +132,7 @@ class SourceChanges:
     new: List[str] = field(default_factory=list)  # in the folder, not in the manifest
     unrecorded: List[str] = field(default_factory=list)  # in both, but the manifest has no file record (version 1)
     touched: List[str] = field(default_factory=list)  # size/mtime differ but the voxels are identical
+    outdated: List[str] = field(default_factory=list)  # unchanged, but recorded with an older voxel hash version
 
     def describe(self) -> str:
         parts = [f"{len(v)} {k} ({', '.join(v[:5])}{', ...' if len(v) > 5 else ''})"
@@ -120,10 +152,10 @@ def _case_changed(records: List[dict], files: Sequence[str]) -> Optional[bool]:
         rec = by_name[os.path.basename(f)]
         if not rec.sha256:
             return True
-        try:
-            if image_content_hash(f) != rec.sha256:
+        try:  # in the record's own hash version: an old record is not a change
+            if image_content_hash(f, version=hash_version(rec.sha256)) != rec.sha256:
                 return True
-        except (ImageError, RuntimeError):
+        except (ImageError, RuntimeError, OSError):  # unreadable now (e.g. a folder or no permission): changed
             return True
     return None
 
@@ -147,8 +179,9 @@ def group_channel_files(folder: str, file_ending: str) -> Dict[str, List[str]]:
 def source_changes(manifest: dict, raw_cases: Dict[str, List[str]]) -> SourceChanges:
     """Compare a manifest with the current cases of imagesUnlabeled ({case: channel files}).
 
-    Size and mtime decide quickly; a case whose size or mtime differs is re-hashed and counts as
-    changed only if its voxels differ.
+    Size and mtime decide quickly; a case whose size or mtime differs is re-hashed (in the hash version of
+    its record) and counts as changed only if its voxels differ. An unchanged case whose records hold an
+    older hash version is listed in ``outdated`` as well (``preprocess-unlabeled`` re-verifies it).
     """
     listed = set(manifest.get("cases", []))
     out = SourceChanges(vanished=sorted(listed - set(raw_cases)), new=sorted(set(raw_cases) - listed))
@@ -160,8 +193,11 @@ def source_changes(manifest: dict, raw_cases: Dict[str, List[str]]) -> SourceCha
         changed = _case_changed(records, raw_cases[case])
         if changed:
             out.changed.append(case)
-        elif changed is None:
+            continue
+        if changed is None:
             out.touched.append(case)
+        if any(hash_version(r.get("sha256", "")) != HASH_VERSION for r in records):
+            out.outdated.append(case)
     return out
 
 
@@ -194,25 +230,40 @@ def cases_from_split(fold_dict: dict, labeled_folder: str, fold) -> List[Unlabel
     return [UnlabeledCase(i, labeled_folder, "split") for i in ids]
 
 
+def preprocess_command(dataset: str, configuration: str, plans_identifier: str = DEFAULT_PLANS,
+                       overwrite: bool = False) -> str:
+    """The ``nnunet_proto preprocess-unlabeled`` command for this data; ``-p`` only for other than the default plans
+    (followed without it, the hint would rebuild the default plans' data and training would still refuse)."""
+    plans = f" -p {plans_identifier}" if plans_identifier and plans_identifier != DEFAULT_PLANS else ""
+    return (f"nnunet_proto preprocess-unlabeled -d {dataset} -c {configuration}{plans}"
+            + (" --overwrite" if overwrite else ""))
+
+
 def cases_from_folder(preprocessed_dataset_base: str, data_identifier: str, expected_fingerprint: str,
                       configuration: str, dataset_id_hint: str,
                       raw_unlabeled_folder: Optional[str] = None,
-                      file_ending: str = ".nii.gz") -> List[UnlabeledCase]:
+                      file_ending: str = ".nii.gz", plans_identifier: str = DEFAULT_PLANS) -> List[UnlabeledCase]:
     """Exactly the manifest's cases of ``<data_identifier>_unlabeled/``, after checking the manifest.
 
     The manifest must match the plans (fingerprint) and every listed case must be preprocessed. If
-    ``raw_unlabeled_folder`` exists, images deleted from it or changed since preprocessing are an error
-    (they would otherwise still be trained on); new images are not used until preprocessed.
+    ``raw_unlabeled_folder`` is given (nnUNet_raw is set), images deleted from it or changed since
+    preprocessing are an error (they would otherwise still be trained on), and a missing folder counts as
+    every case vanished; new images are not used until preprocessed. A case that is also a test case of
+    the raw dataset (its id in imagesTs/labelsTs, or its recorded voxel hash equal to an imagesTs image's)
+    is refused, as ``preprocess-unlabeled`` refuses it. ``plans_identifier`` only goes into the hints.
     """
     folder = unlabeled_folder(preprocessed_dataset_base, data_identifier)
     mpath = manifest_path(preprocessed_dataset_base, data_identifier)
     if not os.path.isdir(folder):
         return []
-    fix = f"nnunet_proto preprocess-unlabeled -d {dataset_id_hint} -c {configuration} --overwrite"
+    fix = preprocess_command(dataset_id_hint, configuration, plans_identifier, overwrite=True)
     if not os.path.isfile(mpath):
         raise FileNotFoundError(f"{folder} exists but its manifest {mpath} is missing, so its preprocessing cannot be "
                                 f"verified. Re-create it with `{fix}`.")
-    manifest = read_manifest(mpath)
+    try:
+        manifest = read_manifest(mpath)
+    except ManifestError as e:
+        raise ManifestError(f"{e}. Rebuild it with `{fix}`.") from None
     if manifest.get("fingerprint") != expected_fingerprint:
         raise ValueError(f"The preprocessed unlabeled data in {folder} is stale: it was made with preprocessing "
                          f"fingerprint {manifest.get('fingerprint')} (plans {manifest.get('plans_name')!r}, "
@@ -223,12 +274,26 @@ def cases_from_folder(preprocessed_dataset_base: str, data_identifier: str, expe
     if missing:
         raise FileNotFoundError(f"{len(missing)} unlabeled cases listed in {mpath} are missing from {folder} "
                                 f"(e.g. {missing[:3]}). Re-run `{fix}`.")
-    if raw_unlabeled_folder and os.path.isdir(raw_unlabeled_folder) and manifest["files"]:
+    if raw_unlabeled_folder and ids:
+        if not os.path.isdir(raw_unlabeled_folder):  # moved or deleted: every case vanished
+            raise FileNotFoundError(
+                f"{raw_unlabeled_folder} does not exist, but the {len(ids)} unlabeled cases in {folder} were "
+                f"preprocessed from it: every case vanished, and training would use images that are gone. Put the "
+                f"folder back, or, to train without these unlabeled images, delete {folder} and {mpath}.")
         changes = source_changes(manifest, group_channel_files(raw_unlabeled_folder, file_ending))
         if changes.vanished or changes.changed:
             raise ValueError(f"{raw_unlabeled_folder} changed after preprocessing: {changes.describe()}. Training "
-                             f"would use stale or deleted images. Re-run `nnunet_proto preprocess-unlabeled -d "
-                             f"{dataset_id_hint} -c {configuration}` (it drops vanished and redoes changed cases).")
+                             f"would use stale or deleted images. Re-run "
+                             f"`{preprocess_command(dataset_id_hint, configuration, plans_identifier)}` (it drops "
+                             f"vanished and redoes changed cases).")
+        from nnunet_proto.data.unlabeled_preprocessing import manifest_test_leaks  # (imports this module)
+
+        leaks = manifest_test_leaks(manifest, os.path.dirname(os.path.normpath(raw_unlabeled_folder)), file_ending)
+        if leaks:
+            raise ValueError(f"{len(leaks)} unlabeled case(s) of {mpath} are test cases (test leakage): "
+                             f"{'; '.join(list(leaks.values())[:5])}. Training on test images, even without labels, "
+                             f"leaks the test set. Remove them from {raw_unlabeled_folder} (or from the test folders) "
+                             f"and re-run `{preprocess_command(dataset_id_hint, configuration, plans_identifier)}`.")
     return [UnlabeledCase(i, folder, "folder") for i in ids]
 
 
