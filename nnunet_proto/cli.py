@@ -223,7 +223,7 @@ def cmd_benchmark(args) -> int:
 
 
 def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # noqa: F821
-    from nnunet_proto.benchmark.spec import CONTROL, BenchmarkSpec
+    from nnunet_proto.benchmark.spec import CONTROL, SELF_TRAINING, BenchmarkSpec
     from nnunet_proto.training.compat import nnUNet_raw
 
     name = _dataset_name(args.dataset)
@@ -233,14 +233,16 @@ def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # n
     if not test_images or not test_labels:
         raise ValueError("give --test-images and --test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
     return BenchmarkSpec(
-        dataset=args.dataset, configuration=args.configuration, plans=args.plans, trainers=tuple(args.trainers),
+        dataset=args.dataset, configuration=args.configuration, plans=args.plans,
+        trainers=tuple(dict.fromkeys([*args.trainers, *([SELF_TRAINING] if args.self_training else [])])),
         amounts=tuple(args.labeled), seeds=tuple(args.seeds), test_images=test_images,
         test_labels=test_labels, epochs=args.epochs, iterations_per_epoch=args.iterations,
         val_iterations_per_epoch=args.val_iterations, group_regex=args.group_regex, base_fold=args.base_fold,
         device=args.device or _default_device(), checkpoint=args.checkpoint, run_validation=not args.no_validation,
         control=None if args.no_control else CONTROL, precision=args.precision,
         test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None,
-        name=args.name, notes=args.notes or "", extra=extra or {})
+        name=args.name, notes=args.notes or "", extra=extra or {}, equal_compute=args.equal_compute,
+        equal_compute_source=args.equal_compute_source or "")
 
 
 def _default_device() -> str:
@@ -248,6 +250,41 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _teacher(args) -> "Teacher":  # noqa: F821
+    from nnunet_proto.data.pseudo_labels import Teacher
+
+    return Teacher(trainer=args.trainer, plans=args.plans, configuration=args.configuration, fold=args.fold,
+                   checkpoint=args.checkpoint, use_mirroring=not args.disable_tta)
+
+
+def cmd_pseudo_label(args) -> int:
+    from nnunet_proto.data.pseudo_labels import make_pseudo_labels
+
+    s = make_pseudo_labels(args.dataset, _teacher(args), args.round, args.drop_least_confident, args.postprocessing,
+                           overwrite=args.overwrite, skip_bad=args.skip_bad, device=args.device or _default_device())
+    conf = s["confidence"]
+    order = s["ranking"]
+    show = order if len(order) <= 10 else order[:5] + ["..."] + order[-5:]
+    print("confidence (mean max-softmax in the predicted foreground), most confident first: "
+          + ", ".join(c if c == "..." else f"{c} {conf[c]:.3f}" for c in show), file=sys.stderr)
+    pp = s["postprocessing"]
+    print(f"postprocessing: {', '.join(x['function'] for x in pp['steps']) or 'none'}"
+          + (f" ({pp['note']})" if pp.get("note") else f" ({pp['file']})"), file=sys.stderr)
+    extra = "".join(f", {len(s[k])} {k}" for k in ("redone", "vanished", "skipped") if s[k])
+    print(f"{s['cases']} pseudo labels ({s['new']} predicted now{extra}) in {s['folder']}; "
+          f"{len(s['dropped'])} least confident left out by the student (share {args.drop_least_confident})")
+    return 0
+
+
+def cmd_self_train(args) -> int:
+    from nnunet_proto.training.self_train import describe_result, self_train
+
+    names = self_train(args.dataset, _teacher(args), args.rounds, args.student, args.drop_least_confident,
+                       args.init_from_teacher, device=args.device or _default_device())
+    print(describe_result(args.dataset, names, args.plans, args.configuration, args.fold))
+    return 0
 
 
 def cmd_trainers_path(args) -> int:
@@ -399,9 +436,65 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="report folder (default: <results-dir>/report)")
     s.add_argument("--notes", help="free text for the report (what was run and why)")
     s.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    s.add_argument("--self-training", action="store_true",
+                   help="add the offline self-training row nnUNetTrainerSelfTraining: the plain run of the same fold "
+                        "and seed pseudo-labels the unlabeled pool (mirroring, its postprocessing), the student "
+                        "trains on labeled + pseudo-labeled cases with the same budget")
+    s.add_argument("--equal-compute", type=float, metavar="FACTOR",
+                   help="add plain nnU-Net trained for FACTOR x the steps (the measured s/step ratio of the most "
+                        "expensive trainer of the comparison, rounded): the equal-compute row")
+    s.add_argument("--equal-compute-source", metavar="TEXT",
+                   help="where FACTOR comes from, for the report (e.g. 'nnUNetTrainerPCCS, CPU bf16, "
+                        "docs/benchmarks/timing_acdc_2d_cpu.md')")
     s.add_argument("--forget", nargs="+", metavar="TRAINER",
                    help="drop these trainers' runs from the benchmark (runs.json, saved spec, report); their run "
                         "folders stay on disk")
+
+    from nnunet_proto.data.pseudo_labels import DEFAULT_DROP
+
+    for cmd, summary, example, func in [
+            ("pseudo-label", "predict the fold's unlabeled pool with a finished nnU-Net run (the teacher) into a "
+             "pseudo-label set for nnUNetTrainerSelfTraining (resumable)",
+             "nnunet_proto pseudo-label -d 27 -c 2d -p nnUNetPlans -f 0 -tr nnUNetTrainer", cmd_pseudo_label),
+            ("self-train", "offline self-training end to end: pseudo-label with the teacher, train the student, "
+             "and repeat for --rounds (resumable)",
+             "nnunet_proto self-train -d 27 -c 2d -p nnUNetPlans -f 0 -tr nnUNetTrainer --rounds 2", cmd_self_train)]:
+        s = _add(sub, cmd, summary, example, func)
+        s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+        s.add_argument("-c", "--configuration", required=True, help="configuration of the teacher and the student")
+        s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier of the teacher and the student")
+        s.add_argument("-f", "--fold", type=int, required=True,
+                       help="fold of the teacher run; the student trains on the same fold")
+        s.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="the teacher run's trainer")
+        s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="the teacher's checkpoint file")
+        s.add_argument("--disable-tta", "--disable_tta", dest="disable_tta", action="store_true",
+                       help="predict the pseudo labels without mirroring (nnUNetv2_predict --disable_tta)")
+        s.add_argument("--drop-least-confident", type=float, default=DEFAULT_DROP,
+                       help="share of the least confident pseudo labels the student leaves out, in [0, 1) (the "
+                            "default was chosen on ACDC validation; docs/self_training.md)")
+        s.add_argument("-device", "--device", dest="device", help="torch device (default: cuda if available, else "
+                                                                  "cpu)")
+        if cmd == "pseudo-label":
+            s.add_argument("--round", type=int, default=1,
+                           help="the student round this set is for (round r is learnt by nnUNetTrainerSelfTraining"
+                                "_round<r>; round 1 by nnUNetTrainerSelfTraining)")
+            s.add_argument("--postprocessing", default="auto",
+                           help="'auto': the teacher run's nnU-Net postprocessing where it was determined "
+                                "(fold_X/validation/postprocessing.pkl or crossval_results_folds_X), 'none', or a "
+                                "postprocessing.pkl file")
+            s.add_argument("--overwrite", action="store_true",
+                           help="replace a set made by another teacher or with other settings (deletes it)")
+            s.add_argument("--skip-bad", action="store_true", help="skip unreadable or degenerate images with a "
+                                                                   "warning instead of refusing")
+        else:
+            s.add_argument("--rounds", type=int, default=1, help="rounds of self-training (1 to 3); the student of "
+                                                                 "round r teaches round r + 1")
+            s.add_argument("--student", default="nnUNetTrainerSelfTraining",
+                           help="student trainer of round 1 (a variant such as nnUNetTrainerSelfTraining_noisy; "
+                                "later rounds use nnUNetTrainerSelfTraining_round<r>)")
+            s.add_argument("--init-from-teacher", action="store_true",
+                           help="start each student from its teacher's weights (nnU-Net's -pretrained_weights: all "
+                                "but the segmentation heads) instead of from scratch")
 
     _add(sub, "trainers-path", "print the folder to export as nnUNet_extTrainer",
          "export nnUNet_extTrainer=$(nnunet_proto trainers-path)", cmd_trainers_path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import DATASET_ID, PLANS, run_cli
 
-from nnunet_proto.benchmark.report import Results, case_table
+from nnunet_proto.benchmark.results import Results, case_table
 from nnunet_proto.benchmark.spec import BenchmarkSpec
 
 

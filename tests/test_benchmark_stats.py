@@ -5,7 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_proto.benchmark.report import OLD_RUN_REASON, Results, portable, validation_agreement, write_report
+from nnunet_proto.benchmark.report import portable, write_report
+from nnunet_proto.benchmark.results import OLD_RUN_REASON, Results
+from nnunet_proto.benchmark.sections import validation_agreement
 from nnunet_proto.benchmark.spec import CONTROL, PLAIN, BenchmarkSpec, Run, run_finished
 from nnunet_proto.benchmark.stats import (
     BOOTSTRAP_RESAMPLES,
@@ -269,7 +271,9 @@ def test_postprocess_without_validation_predictions_says_so(tmp_path):
 
     spec = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=(), amounts=("2",), seeds=(0,),
                          test_images=".", test_labels=".", epochs=1, iterations_per_epoch=1, run_validation=False)
-    status = postprocess(spec, tmp_path / "fold_5", tmp_path, tmp_path / "pred", tmp_path / "run")
+    run = tmp_path / "run"
+    status = postprocess(spec, tmp_path / "fold_5" / "validation", tmp_path, tmp_path / "pred",
+                         run / "test_predictions_postprocessed", run / "metrics_postprocessed.json")
     assert status["available"] is False and "--no-validation" in status["reason"]
     assert not (tmp_path / "run" / "metrics_postprocessed.json").exists()
 

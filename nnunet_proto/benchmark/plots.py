@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.report import KIND_TITLE, KINDS, Results, log_ratio, log_series, short_name
+from nnunet_proto.benchmark.results import KIND_TITLE, KINDS, Results, log_ratio, log_series, short_name
 from nnunet_proto.benchmark.spec import PLAIN
 
 
@@ -26,7 +26,7 @@ def _amount_value(amount: str) -> float:
 
 
 def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[str]:
-    """Write the report's figures into ``out``; ``comp`` = report.comparisons(res). Returns the file names."""
+    """Write the report's figures into ``out``; ``comp`` = results.comparisons(res). Returns the file names."""
     import matplotlib
 
     matplotlib.use("agg")

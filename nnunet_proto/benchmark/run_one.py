@@ -27,11 +27,18 @@ import shutil
 import sys
 from pathlib import Path
 from time import perf_counter
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from nnunet_proto.benchmark.spec import PLAIN, BenchmarkSpec
+from nnunet_proto.benchmark.spec import (
+    PLAIN,
+    TEACHER_CHECKPOINT,
+    TEACHER_DONE_FILE,
+    BenchmarkSpec,
+    is_self_training,
+)
 from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb
 from nnunet_proto.training.base_trainer import seed_everything
 from nnunet_proto.training.precision import PRECISION_ENV
@@ -40,7 +47,27 @@ from nnunet_proto.training.precision import PRECISION_ENV
 BF16_PLAIN = {PLAIN: "nnUNetTrainer_cpubf16"}
 
 
-def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device) -> dict:
+def plain_trainer(spec: BenchmarkSpec) -> str:
+    """The class plain nnU-Net runs as in this benchmark (its bf16 twin under CPU bf16)."""
+    return BF16_PLAIN[PLAIN] if spec.precision == "bf16" else PLAIN
+
+
+def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device) -> dict:
+    """The self-training row's pseudo labels: the plain run of the same fold (and seed) is the teacher; nnU-Net's
+    predictor with mirroring and that run's postprocessing (determined on its validation predictions)."""
+    from nnunet_proto.data.pseudo_labels import DEFAULT_DROP, Teacher, make_pseudo_labels
+
+    checkpoint = "checkpoint_final.pth" if spec.checkpoint == "final" else "checkpoint_best.pth"
+    teacher = Teacher(plain_trainer(spec), spec.plans, spec.configuration, fold, checkpoint, use_mirroring=True)
+    t0 = perf_counter()
+    summary = make_pseudo_labels(spec.dataset, teacher, 1, DEFAULT_DROP, device=str(device))
+    return {"pseudo_label_wall_s": perf_counter() - t0, "pseudo_labels_predicted": summary["new"],
+            "pseudo_labels": summary["cases"], "pseudo_label_teacher": teacher.describe(),
+            "pseudo_label_postprocessing": [x["function"] for x in summary["postprocessing"]["steps"]]}
+
+
+def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device,
+          steps_factor: float = 1.0) -> dict:
     from nnunet_proto.training.compat import get_trainer_from_args
 
     seed_everything(seed)
@@ -49,12 +76,13 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
         trainer_name = BF16_PLAIN.get(trainer_name, trainer_name)
     trainer = get_trainer_from_args(spec.dataset, spec.configuration, fold, trainer_name, spec.plans,
                                     continue_training=True, device=device)
-    trainer.num_epochs = spec.epochs
+    trainer.num_epochs = int(round(spec.epochs * steps_factor))
     trainer.num_iterations_per_epoch = spec.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = spec.val_iterations_per_epoch
     trainer.save_every = spec.save_every
     out = Path(trainer.output_folder)
-    info = {"output_folder": str(out), "resumed_from_epoch": 0}
+    info = {"output_folder": str(out), "resumed_from_epoch": 0, "epochs_planned": trainer.num_epochs,
+            "steps_factor": steps_factor}
     if (out / "checkpoint_final.pth").is_file():
         print(f"training already finished: {out / 'checkpoint_final.pth'}", flush=True)
     else:
@@ -79,35 +107,47 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
     return info
 
 
-def predict(spec: BenchmarkSpec, trainer_name: str, fold: int, model_dir: Path, out: Path,
-            device: torch.device) -> None:
+def _checkpoint_name(spec: BenchmarkSpec) -> str:
+    return "checkpoint_final.pth" if spec.checkpoint == "final" else "checkpoint_best.pth"
+
+
+def predict(spec: BenchmarkSpec, fold: int, model_dir: Path, out: Path, device: torch.device,
+            checkpoint: Optional[str] = None, cases: Optional[Dict[str, List[str]]] = None,
+            mirroring: Optional[bool] = None, desc: str = "predicting test cases") -> None:
+    """nnU-Net's predictor on the test images (or on ``cases``: {case: image files}) into ``out``; cases already
+    predicted are skipped (an interrupted prediction resumes)."""
     from nnunet_proto.training.compat import load_json, nnUNetPredictor
 
-    checkpoint = "checkpoint_final.pth" if spec.checkpoint == "final" else "checkpoint_best.pth"
     ending = load_json(str(model_dir / "dataset.json"))["file_ending"]
-    cases = sorted({p.name[: -len(ending) - 5] for p in Path(spec.test_images).glob(f"*_0000{ending}")})
-    todo = [c for c in cases if not (out / f"{c}{ending}").is_file()]
+    if cases is None:
+        names = sorted({p.name[: -len(ending) - 5] for p in Path(spec.test_images).glob(f"*_0000{ending}")})
+        cases = {c: sorted(str(p) for p in Path(spec.test_images).glob(f"{c}_[0-9][0-9][0-9][0-9]{ending}"))
+                 for c in names}
+    todo = [c for c in sorted(cases) if not (out / f"{c}{ending}").is_file()]
     if not todo:
         return
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=spec.test_time_mirroring,
-                                device=device,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True,
+                                use_mirroring=spec.test_time_mirroring if mirroring is None else mirroring,
+                                device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,),
+                                                   checkpoint_name=checkpoint or _checkpoint_name(spec))
     out.mkdir(parents=True, exist_ok=True)
     from nnunet_proto.benchmark.runner import folder_progress
 
-    with folder_progress(out, f"*{ending}", len(todo), "predicting test cases"):
-        predictor.predict_from_files(spec.test_images, str(out), save_probabilities=False, overwrite=False,
-                                     num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    with folder_progress(out, f"*{ending}", len(todo), desc):
+        predictor.predict_from_files([cases[c] for c in todo], [str(out / c) for c in todo], save_probabilities=False,
+                                     overwrite=False, num_processes_preprocessing=1,
+                                     num_processes_segmentation_export=1)
 
 
-def postprocess(spec: BenchmarkSpec, fold_dir: Path, model_dir: Path, pred_dir: Path, run_dir: Path) -> dict:
-    """Determine nnU-Net's postprocessing on the run's validation predictions, apply it to its test predictions.
+def postprocess(spec: BenchmarkSpec, val: Path, model_dir: Path, pred_dir: Path, out: Path, metrics_file: Path) -> dict:
+    """Determine nnU-Net's postprocessing on the validation predictions in ``val``, apply it to ``pred_dir``.
 
-    Every trainer is treated alike (the same nnU-Net function, its own validation cases). Returns the
-    status written to ``run_dir/postprocessing.json``: ``{"available": True, "steps": [{"function",
-    "kwargs"}], "validation_dice_before", "validation_dice_after"}`` or ``{"available": False, "reason"}``.
-    Post-processed metrics go to ``run_dir/metrics_postprocessed.json``.
+    Every trainer is treated alike (the same nnU-Net function, its own validation cases). Returns the status
+    (written to ``postprocessing.json`` / ``teacher.json`` by the caller): ``{"available": True, "steps":
+    [{"function", "kwargs"}], "validation_dice_before", "validation_dice_after", "test_foreground_dice"}`` or
+    ``{"available": False, "reason"}``. The post-processed test predictions go to ``out``, their metrics to
+    ``metrics_file``.
     """
     from nnunet_proto.evaluation.metrics import evaluate_folders, write_results
     from nnunet_proto.training.compat import (
@@ -120,7 +160,6 @@ def postprocess(spec: BenchmarkSpec, fold_dir: Path, model_dir: Path, pred_dir: 
         require_env_path,
     )
 
-    val = fold_dir / "validation"
     if not (val / "summary.json").is_file():
         return {"available": False,
                 "reason": f"no validation predictions in {val} (run with --no-validation): nnU-Net's postprocessing "
@@ -138,17 +177,54 @@ def postprocess(spec: BenchmarkSpec, fold_dir: Path, model_dir: Path, pred_dir: 
         fns, kwargs = determine_postprocessing(str(val), str(reference), plans, dataset_json, num_processes=1,
                                                keep_postprocessed_files=False)
     chosen = load_json(str(val / "postprocessing.json"))
-    out = run_dir / "test_predictions_postprocessed"
     apply_postprocessing_to_folder(str(pred_dir), str(out), fns, kwargs, plans, dataset_json, num_processes=1)
     if (pred_dir / "dataset.json").is_file():  # labels and file ending for the evaluation, as in pred_dir
         shutil.copy(pred_dir / "dataset.json", out / "dataset.json")
     results = evaluate_folders(spec.test_labels, out, labels=list(spec.labels) if spec.labels else None)
-    write_results(results, run_dir / "metrics_postprocessed.json")
+    write_results(results, metrics_file)
     return {"available": True,
             "steps": [{"function": f.__name__, "kwargs": k} for f, k in zip(fns, kwargs)],
             "validation_dice_before": chosen["input_folder"]["foreground_mean"]["Dice"],
             "validation_dice_after": chosen["postprocessed"]["foreground_mean"]["Dice"],
             "test_foreground_dice": results["foreground_mean"]["Dice"]}
+
+
+def evaluate_teacher(spec: BenchmarkSpec, fold: int, fold_dir: Path, model_dir: Path, run_dir: Path,
+                     device: torch.device) -> dict:
+    """The EMA teacher of a teacher-student run as its own row: predicted on the fold's validation cases (with
+    mirroring, as nnU-Net's final validation of the student), its own postprocessing determined there, then the
+    test cases raw and post-processed (``metrics_teacher.json``, ``metrics_teacher_postprocessed.json``)."""
+    from nnunet_proto.evaluation.metrics import evaluate_folders, write_results
+    from nnunet_proto.training.compat import (
+        load_json,
+        maybe_convert_to_dataset_name,
+        nnUNet_preprocessed,
+        nnUNet_raw,
+        require_env_path,
+    )
+    from nnunet_proto.training.unlabeled import load_fold
+
+    name = maybe_convert_to_dataset_name(spec.dataset)
+    fold_dict = load_fold(str(Path(require_env_path(nnUNet_preprocessed)) / name / "splits_final.json"), fold) or {}
+    ending = load_json(str(model_dir / "dataset.json"))["file_ending"]
+    images = Path(require_env_path(nnUNet_raw)) / name / "imagesTr"
+    val_cases = {c: sorted(str(p) for p in images.glob(f"{c}_[0-9][0-9][0-9][0-9]{ending}"))
+                 for c in fold_dict.get("val", [])}
+    val_dir = fold_dir / "validation_teacher"
+    predict(spec, fold, model_dir, val_dir, device, TEACHER_CHECKPOINT, val_cases, mirroring=True,
+            desc="teacher: validation cases")
+    pred = run_dir / "test_predictions_teacher"
+    predict(spec, fold, model_dir, pred, device, TEACHER_CHECKPOINT, desc="teacher: test cases")
+    if not (run_dir / "metrics_teacher.json").is_file():
+        write_results(evaluate_folders(spec.test_labels, pred, labels=list(spec.labels) if spec.labels else None),
+                      run_dir / "metrics_teacher.json")
+    status = postprocess(spec, val_dir, model_dir, pred, run_dir / "test_predictions_teacher_postprocessed",
+                         run_dir / "metrics_teacher_postprocessed.json") if val_cases else \
+        {"available": False, "reason": f"fold {fold} has no validation cases"}
+    if (val_dir / "summary.json").is_file():
+        status["validation_foreground_dice"] = load_json(str(val_dir / "summary.json"))["foreground_mean"]["Dice"]
+    status["checkpoint"] = str(fold_dir / TEACHER_CHECKPOINT)
+    return status
 
 
 def _num(x) -> str:
@@ -166,19 +242,28 @@ def main(argv=None) -> int:
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--run-dir", required=True)
+    p.add_argument("--steps-factor", type=float, default=1.0)
     args = p.parse_args(argv)
     spec = BenchmarkSpec.from_json(Path(args.spec).read_text())
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(spec.device)
+    previous = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
 
-    info = train(spec, args.trainer, args.fold, args.seed, device)
+    labels = {}
+    if is_self_training(args.trainer):  # the pseudo labels first (kept in the run folder: resumes skip them)
+        record = run_dir / "pseudo_labels.json"
+        if not record.is_file():
+            print(f"pseudo-labeling the unlabeled pool with the plain run of fold {args.fold} (seed {args.seed})",
+                  flush=True)
+            record.write_text(json.dumps(pseudo_label(spec, args.fold, device), indent=2, default=str))
+        labels = json.loads(record.read_text())
+    info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor), **labels}
     fold_dir = Path(info["output_folder"])
     model_dir = fold_dir.parent
     ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logging = ckpt["logging"]
     (run_dir / "curves.json").write_text(json.dumps(logging, default=float))
-    previous = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
     secs = epoch_seconds(logging)
     info.update(trainer=args.trainer, fold=args.fold, seed=args.seed, checkpoint=spec.checkpoint,
                 epochs=len(secs), seconds_per_epoch_median=float(np.median(secs)) if secs else None,
@@ -192,7 +277,7 @@ def main(argv=None) -> int:
         info["validation_foreground_dice"] = summary["foreground_mean"]["Dice"]
 
     pred_dir = run_dir / "test_predictions"
-    predict(spec, args.trainer, args.fold, model_dir, pred_dir, device)
+    predict(spec, args.fold, model_dir, pred_dir, device)
     from nnunet_proto.evaluation.metrics import evaluate_folders, write_results
 
     if not (run_dir / "metrics.json").is_file():  # written only after every test case was predicted
@@ -200,9 +285,15 @@ def main(argv=None) -> int:
         write_results(results, run_dir / "metrics.json")
     dice = json.loads((run_dir / "metrics.json").read_text())["foreground_mean"]["Dice"]
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
-    status = postprocess(spec, fold_dir, model_dir, pred_dir, run_dir)
+    status = postprocess(spec, fold_dir / "validation", model_dir, pred_dir, run_dir / "test_predictions_postprocessed",
+                         run_dir / "metrics_postprocessed.json")
     pp = (f", after postprocessing {_num(status['test_foreground_dice'])}" if status["available"]
           else " (no postprocessing: no validation predictions)")
+    if (fold_dir / TEACHER_CHECKPOINT).is_file():  # before postprocessing.json: run_finished needs teacher.json
+        teacher = evaluate_teacher(spec, args.fold, fold_dir, model_dir, run_dir, device)
+        (run_dir / TEACHER_DONE_FILE).write_text(json.dumps(teacher, indent=2, default=str))
+        dice_t = json.loads((run_dir / "metrics_teacher.json").read_text())["foreground_mean"]["Dice"]
+        pp += f"; EMA teacher {_num(dice_t)}"
     (run_dir / "postprocessing.json").write_text(json.dumps(status, indent=2, default=str))  # last: run finished
     print(f"RUN DONE {args.trainer} fold {args.fold} seed {args.seed}: test foreground Dice {_num(dice)}{pp}",
           flush=True)

@@ -27,17 +27,14 @@ from pathlib import Path
 from time import perf_counter, strftime
 from typing import Iterator, List, Sequence
 
-from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, run_finished
-from nnunet_proto.paths import trainers_path
+from nnunet_proto.benchmark.spec import SPEC_FILE, STEPS_MARK, BenchmarkSpec, Run, load_runs, run_finished
+from nnunet_proto.data.pseudo_labels import PSEUDO_LABELS_ENV
+from nnunet_proto.paths import ext_trainer_paths, trainers_path
 from nnunet_proto.training.precision import PRECISION_ENV
 
 
 def _repo_trainers() -> str:
     return str(trainers_path())
-
-
-def _ext_trainer_paths() -> str:
-    return os.pathsep.join(p for p in (_repo_trainers(), os.environ.get("nnUNet_extTrainer")) if p)
 
 
 def resolve_trainers(names: Sequence[str]) -> None:
@@ -49,7 +46,7 @@ def resolve_trainers(names: Sequence[str]) -> None:
 
     unknown = []
     previous = os.environ.get("nnUNet_extTrainer")
-    os.environ["nnUNet_extTrainer"] = _ext_trainer_paths()
+    os.environ["nnUNet_extTrainer"] = ext_trainer_paths()
     try:
         for name in names:
             try:
@@ -68,7 +65,7 @@ def resolve_trainers(names: Sequence[str]) -> None:
         hints = [f"{n} (did you mean {', '.join(difflib.get_close_matches(n, known, 3)) or 'none close'}?)"
                  for n in unknown]
         raise ValueError(f"unknown trainer(s) {', '.join(hints)}: not found in nnunetv2 or nnUNet_extTrainer "
-                         f"({_ext_trainer_paths()}). Nothing was run. This repository's trainers: {', '.join(known)}")
+                         f"({ext_trainer_paths()}). Nothing was run. This repository's trainers: {', '.join(known)}")
 
 
 def record_started(runs_file: Path, run: Run) -> None:
@@ -76,7 +73,7 @@ def record_started(runs_file: Path, run: Run) -> None:
     known = load_runs(runs_file) if runs_file.is_file() else []
     if run not in known:
         tmp = runs_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([r.__dict__ for r in known + [run]], indent=2))
+        tmp.write_text(json.dumps([r.to_json() for r in known + [run]], indent=2))
         os.replace(tmp, runs_file)
 
 
@@ -89,7 +86,7 @@ def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:
     known = load_runs(runs_file) if runs_file.is_file() else []
     dropped = [r for r in known if r.trainer in trainers]
     tmp = runs_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps([r.__dict__ for r in known if r.trainer not in trainers], indent=2))
+    tmp.write_text(json.dumps([r.to_json() for r in known if r.trainer not in trainers], indent=2))
     os.replace(tmp, runs_file)
     if spec_file.is_file():
         spec = BenchmarkSpec.from_json(spec_file.read_text())
@@ -136,7 +133,7 @@ def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
         for seed in spec.seeds:
             fold, _ = make_label_scarce_fold(str(pre), LabeledAmount.parse(amount), seed, spec.group_regex,
                                              spec.base_fold, file_ending=ending)
-            runs += [Run(trainer, amount, seed, fold) for trainer in spec.all_trainers]
+            runs += spec.runs_of(amount, seed, fold)
     spec_file.write_text(spec.to_json())
     # runs.json lists the runs that have started (also those of earlier invocations: other seeds or trainers);
     # each run is added when it starts (record_started)
@@ -179,9 +176,10 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
     runs_root = results_root / "runs"
     env = dict(os.environ)
     env["nnUNet_results"] = str(results_root / "nnUNet_results")
-    env["nnUNet_extTrainer"] = _ext_trainer_paths()
+    env["nnUNet_extTrainer"] = ext_trainer_paths()
     env.setdefault("nnUNet_compile", "f")
     env[PRECISION_ENV] = spec.precision  # every semi-supervised run; run_one maps plain to its bf16 variant
+    env[PSEUDO_LABELS_ENV] = str(results_root / "pseudo_labels")  # the self-training rows' sets, per benchmark
     spec_file = results_root / SPEC_FILE
     todo = [r for r in runs if not run_finished(r.dir(runs_root))]
     for run in runs:  # finished earlier (e.g. a trainer forgotten and added again): part of the report again
@@ -200,9 +198,13 @@ def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> 
               f"seed {run.seed}, fold {run.fold}{eta}", flush=True)
         record_started(results_root / "runs.json", run)
         cmd = [sys.executable, "-m", "nnunet_proto.benchmark.run_one", "--spec", str(spec_file), "--trainer",
-               run.trainer, "--fold", str(run.fold), "--seed", str(run.seed), "--run-dir", str(run_dir)]
+               run.trainer, "--fold", str(run.fold), "--seed", str(run.seed), "--run-dir", str(run_dir),
+               "--steps-factor", repr(run.steps_factor)]
+        run_env = dict(env)
+        if run.steps_factor != 1.0:  # the same trainer class on the same fold: its own nnU-Net results tree
+            run_env["nnUNet_results"] = str(results_root / f"nnUNet_results{STEPS_MARK}{run.steps_factor:g}")
         with open(run_dir / "log.txt", "a") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     bufsize=1)
             for line in proc.stdout:
                 log.write(line)

@@ -12,6 +12,11 @@ PLAIN = "nnUNetTrainer"
 # A/A control: the semi-supervised base trainer's whole path with every semi-supervised weight at 0. It must
 # match plain nnU-Net within the bootstrap CI; if it does not, the shared glue has a defect.
 CONTROL = "nnUNetTrainerZeroSSL"
+#: the offline self-training row (--self-training): its teacher is the plain run of the same fold and seed
+SELF_TRAINING = "nnUNetTrainerSelfTraining"
+#: row-name suffixes: a plain run trained for more steps (equal compute) and a run's EMA teacher evaluated
+STEPS_MARK = "@x"
+TEACHER_MARK = "@teacher"
 SPEC_FILE = "benchmark_spec.json"
 # files a run folder holds once every stage (train, validate, predict, evaluate, postprocess) is done
 RUN_DONE_FILES = ("metrics.json", "postprocessing.json")
@@ -49,6 +54,10 @@ class BenchmarkSpec:
     name: str = "benchmark"
     notes: str = ""
     save_every: int = 1  # checkpoint_latest every epoch: an interrupted run loses at most one epoch
+    # plain nnU-Net again for equal_compute x the steps (the s/step ratio of the most expensive trainer of the
+    # comparison, rounded; equal_compute_source says which measurement); None = no such row
+    equal_compute: Optional[float] = None
+    equal_compute_source: str = ""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,15 +75,33 @@ class BenchmarkSpec:
         if self.precision == "bf16" and not self.device.startswith("cpu"):
             raise ValueError(f"precision 'bf16' is CPU autocast; on {self.device!r} nnU-Net trains with its own fp16 "
                              f"AMP, so leave precision at 'fp32'")
-        bad = [t for t in self.trainers if "__" in t]
+        bad = [t for t in self.trainers if "__" in t or "@" in t]
         if bad:
-            raise ValueError(f"trainer names must not contain '__': {bad}")
+            raise ValueError(f"trainer names must not contain '__' or '@': {bad}")
+        if self.equal_compute is not None and not 1.0 < self.equal_compute <= 20.0:
+            raise ValueError(f"equal_compute is the factor of plain nnU-Net's steps, in (1, 20], got "
+                             f"{self.equal_compute}")
+        if self.equal_compute is not None and not self.equal_compute_source.strip():
+            raise ValueError("say where the equal-compute factor comes from (--equal-compute-source, e.g. "
+                             "'nnUNetTrainerPCCS bf16, docs/benchmarks/timing_acdc_2d_cpu.md'): the report records it")
+        later = [t for t in self.trainers if is_self_training(t) and "_round" in t]
+        if later:
+            raise ValueError(f"{later}: the benchmark runs self-training round 1 only (its teacher is the plain run "
+                             f"of the same fold); run later rounds with nnunet_proto self-train")
 
     @property
     def all_trainers(self) -> Tuple[str, ...]:
         """Plain nnU-Net first, always included, then the A/A control (unless disabled), then the trainers."""
         first = (PLAIN,) + ((self.control,) if self.control and self.control != PLAIN else ())
         return first + tuple(t for t in self.trainers if t not in first)
+
+    def runs_of(self, amount: str, seed: int, fold: int) -> List["Run"]:
+        """The runs of one label-scarce fold in execution order: every trainer (plain first: the self-training
+        students' teacher), then plain at equal compute."""
+        runs = [Run(t, amount, seed, fold) for t in self.all_trainers]
+        if self.equal_compute is not None:
+            runs.append(Run(PLAIN, amount, seed, fold, steps_factor=self.equal_compute))
+        return runs
 
     def budget_key(self) -> dict:
         """Fields that must not change when a benchmark is resumed."""
@@ -91,10 +118,30 @@ class BenchmarkSpec:
         d = json.loads(text)
         # a spec written before the A/A control existed: keep its behaviour (no control run) on resume
         d.setdefault("control", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"the saved benchmark spec has fields this version does not know: {unknown} (written "
+                             f"by a newer nnunet_proto?)")
         for k in ("trainers", "amounts", "seeds", "labels"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+def is_self_training(trainer: str) -> bool:
+    """Whether ``trainer`` is an offline self-training student (it needs a teacher run's pseudo labels)."""
+    return trainer.startswith(SELF_TRAINING)
+
+
+def steps_row(trainer: str, factor: float) -> str:
+    """Row name of ``trainer`` trained for ``factor`` x the benchmark's steps (``nnUNetTrainer@x2.3``)."""
+    return f"{trainer}{STEPS_MARK}{factor:g}"
+
+
+def teacher_row(row: str) -> str:
+    """Row name of a run's EMA teacher (``nnUNetTrainerCPCL@teacher``)."""
+    return row + TEACHER_MARK
 
 
 @dataclass(frozen=True)
@@ -103,19 +150,44 @@ class Run:
     amount: str
     seed: int
     fold: int
+    steps_factor: float = 1.0  # > 1: the equal-compute row (trained for steps_factor x the spec's steps)
+
+    @property
+    def row(self) -> str:
+        """The report row: the trainer, or ``<trainer>@x<factor>`` for a run with more steps."""
+        return self.trainer if self.steps_factor == 1.0 else steps_row(self.trainer, self.steps_factor)
 
     @property
     def tag(self) -> str:
         amount = self.amount.replace("%", "pct")
-        return f"{self.trainer}/labeled{amount}_seed{self.seed}"
+        return f"{self.row}/labeled{amount}_seed{self.seed}"
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.steps_factor == 1.0:  # runs.json as older versions wrote it
+            d.pop("steps_factor")
+        return d
 
     def dir(self, runs_root: Path) -> Path:
         return runs_root / self.tag
 
 
+#: written once a teacher-student run's EMA teacher is evaluated too (its own report row)
+TEACHER_DONE_FILE = "teacher.json"
+TEACHER_CHECKPOINT = "checkpoint_final_teacher.pth"
+
+
 def run_finished(run_dir: Path) -> bool:
-    """Every stage of a run is done (a run finished by older code without postprocessing is not)."""
-    return all((run_dir / f).is_file() for f in RUN_DONE_FILES)
+    """Every stage of a run is done (a run finished by older code without postprocessing is not; a teacher-student
+    run also needs its EMA teacher's evaluation)."""
+    if not all((run_dir / f).is_file() for f in RUN_DONE_FILES):
+        return False
+    info = run_dir / "run_info.json"
+    if info.is_file() and not (run_dir / TEACHER_DONE_FILE).is_file():
+        folder = json.loads(info.read_text()).get("output_folder")
+        if folder and (Path(folder) / TEACHER_CHECKPOINT).is_file():
+            return False
+    return True
 
 
 def load_runs(path: Path) -> List[Run]:

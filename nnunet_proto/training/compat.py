@@ -16,11 +16,13 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
 from nnunetv2.postprocessing.remove_connected_components import (
+    apply_postprocessing,
     apply_postprocessing_to_folder,
     determine_postprocessing,
 )
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
-from nnunetv2.run.run_training import get_trainer_from_args
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.run.run_training import get_trainer_from_args, run_training
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import (
     comp_blosc2_params,
@@ -29,9 +31,11 @@ from nnunetv2.training.dataloading.nnunet_dataset import (
 )
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch._dynamo import OptimizedModule
@@ -41,10 +45,11 @@ NNUNET_VERSION_TESTED = "2.8.1"
 
 __all__ = [
     "ConfigurationManager", "DefaultPreprocessor", "LocalLogger", "NNUNET_VERSION_TESTED",
-    "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "apply_postprocessing_to_folder",
+    "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "apply_postprocessing",
+    "apply_postprocessing_to_folder", "get_output_folder", "load_pretrained_weights", "nnUNetTrainerDA5",
     "checkpoint_payload", "comp_blosc2_params", "determine_postprocessing", "generate_crossval_split",
     "get_allowed_n_proc_DA", "get_pool_and_conv_props",
-    "get_trainer_from_args", "infer_dataset_class", "pseudo_dice_history", "load_json", "load_pickle",
+    "get_trainer_from_args", "run_training", "infer_dataset_class", "pseudo_dice_history", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",
     "nnUNetTrainer", "nnUNet_preprocessed", "nnUNet_raw", "nnUNet_results", "nnunet_version",
     "recursive_find_trainer_class_by_name", "require_env_path", "save_json", "is_compiled", "unwrap_network",
