@@ -8,7 +8,10 @@
     nnunet_proto convert-acdc /data/acdc30_h5 -d 27 --test-count 10 --seed 0 [-o RAW_ROOT]
     nnunet_proto convert-la /data/la20_h5 -d 28 [--test-list ID ...]
     nnunet_proto evaluate labelsTs predictions [-o results.json | -o folder/] [-l 1 2 3] [--overwrite]
-    nnunet_proto benchmark -d 27 -c 2d -tr nnUNetTrainerCPCL --labeled 2 4 --epochs 20 --name acdc
+    nnunet_proto pseudo-label -d 27 -c 2d -f 0 -tr nnUNetTrainer [--drop-least-confident 0.25] [--disable_tta]
+    nnunet_proto self-train -d 27 -c 2d -f 0 -tr nnUNetTrainer --rounds 2
+    nnunet_proto benchmark -d 27 -c 2d -tr nnUNetTrainerCPCL --labeled 2 4 --epochs 20 --name acdc \
+        [--self-training] [--equal-compute 2.3 --equal-compute-source TEXT]
     nnunet_proto --version
 
 Every subcommand's --help shows its defaults and an example. Diagnostics go to stderr; stdout carries
@@ -218,7 +221,7 @@ def cmd_benchmark(args) -> int:
         raise ValueError(f"the following arguments are required to run a benchmark: {', '.join(missing)} "
                          f"(see nnunet_proto benchmark --help)")
     spec = _benchmark_spec(args, extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
-    run_benchmark(spec, results, report_dir)
+    run_benchmark(spec, results, report_dir, reevaluate=args.reevaluate_test_set)
     return 0
 
 
@@ -238,11 +241,28 @@ def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # n
         amounts=tuple(args.labeled), seeds=tuple(args.seeds), test_images=test_images,
         test_labels=test_labels, epochs=args.epochs, iterations_per_epoch=args.iterations,
         val_iterations_per_epoch=args.val_iterations, group_regex=args.group_regex, base_fold=args.base_fold,
-        device=args.device or _default_device(), checkpoint=args.checkpoint, run_validation=not args.no_validation,
+        device=_checked_device(args.device) if args.device else _default_device(), checkpoint=args.checkpoint,
+        run_validation=not args.no_validation,
         control=None if args.no_control else CONTROL, precision=args.precision,
         test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None,
         name=args.name, notes=args.notes or "", extra=extra or {}, equal_compute=args.equal_compute,
         equal_compute_source=args.equal_compute_source or "")
+
+
+def _checked_device(device: str) -> str:
+    """``-device`` checked before any run starts: a torch device type this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"-device {device!r} is not a torch device; use cpu, cuda or cuda:N (as nnUNetv2_train "
+                         f"-device)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"-device {device}: no CUDA device is available on this machine; use -device cpu")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"-device {device}: nnU-Net trains on cpu, cuda or mps, not {parsed.type}")
+    return device
 
 
 def _default_device() -> str:
@@ -407,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semi-supervised trainers; plain nnUNetTrainer is always added")
     s.add_argument("--labeled", nargs="+", help="labeled amounts, counts or percentages (2 4 / 10%%); required to "
                                                 "run")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed picks the labeled cases and seeds "
-                                                                      "training")
+    s.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0],
+                   help="each seed picks the labeled cases and seeds training")
     s.add_argument("--epochs", type=int, help="epochs per run; required to run")
     s.add_argument("--iterations", type=int, default=250, help="iterations per epoch")
     s.add_argument("--val-iterations", type=int, default=10, help="nnU-Net's validation iterations per epoch")
@@ -446,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--equal-compute-source", metavar="TEXT",
                    help="where FACTOR comes from, for the report (e.g. 'nnUNetTrainerPCCS, CPU bf16, "
                         "docs/benchmarks/timing_acdc_2d_cpu.md')")
+    s.add_argument("--reevaluate-test-set", action="store_true",
+                   help="the test set changed since the finished runs were evaluated: evaluate them again on the new "
+                        "one (their old predictions and metrics are moved to runs/<run>/superseded/; no retraining)")
     s.add_argument("--forget", nargs="+", metavar="TRAINER",
                    help="drop these trainers' runs from the benchmark (runs.json, saved spec, report); their run "
                         "folders stay on disk")
@@ -471,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict the pseudo labels without mirroring (nnUNetv2_predict --disable_tta)")
         s.add_argument("--drop-least-confident", type=float, default=DEFAULT_DROP,
                        help="share of the least confident pseudo labels the student leaves out, in [0, 1) (the "
-                            "default was chosen on ACDC validation; docs/self_training.md)")
+                            "default was chosen on ACDC validation; docs/methods/self_training.md)")
         s.add_argument("-device", "--device", dest="device", help="torch device (default: cuda if available, else "
                                                                   "cpu)")
         if cmd == "pseudo-label":
@@ -483,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(fold_X/validation/postprocessing.pkl or crossval_results_folds_X), 'none', or a "
                                 "postprocessing.pkl file")
             s.add_argument("--overwrite", action="store_true",
-                           help="replace a set made by another teacher or with other settings (deletes it)")
+                           help="replace a set made by another teacher or with other settings, or a damaged one "
+                                "(deletes it; a set of this teacher and settings is resumed, not redone)")
             s.add_argument("--skip-bad", action="store_true", help="skip unreadable or degenerate images with a "
                                                                    "warning instead of refusing")
         else:
@@ -545,6 +569,9 @@ _KEPT_ON_INTERRUPT = {
     "preprocess-unlabeled": "the cases finished so far are kept (recorded in the manifest; an --overwrite rebuild "
                             "in <folder>.partial, the old data untouched)",
     "benchmark": "finished runs are kept and an interrupted run continues from its last checkpoint",
+    "pseudo-label": "the pseudo labels finished so far are kept (recorded in the set's manifest)",
+    "self-train": "finished rounds are kept, an interrupted pseudo-labeling continues where it stopped and an "
+                  "interrupted student from its last checkpoint",
 }
 
 

@@ -10,7 +10,12 @@
 #                                                                            # validation (a method's default or a variant)
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
-#                                                                            # CPU bf16 for all (NNUNET_PROTO_CONFIRM_PRECISION=fp32)
+#                                                                            # CPU bf16 for all (NNUNET_PROTO_CONFIRM_PRECISION=fp32),
+#                                                                            # with offline self-training and plain at equal compute
+#   bash scripts/acdc_benchmark.sh selftrain-screen                          # self-training students on validation (labeled 4,
+#                                                                            # seed 0): defaults vs share, drop, noisy, warm start
+#   bash scripts/acdc_benchmark.sh selftrain                                 # plain, offline self-training, plain at equal compute:
+#                                                                            # labeled 2 and 4, seeds 0 1 2, the confirmation's budget
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
@@ -22,14 +27,21 @@
 # screening's summary.json), never on the test frames.
 set -euo pipefail
 case "${1:-}" in
-  setup|screen|ablate|best|bf16|confirm) ;;
-  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+  setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain) ;;
+  *) sed -n '2,27p' "$0" >&2; exit 2 ;;
 esac
 bench=acdc
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
 # one budget per stage (steps = epochs x 100 iterations); the CPU plan of plans/acdc_2d_cpu.json
 common=(-d 27 -c 2d -p nnUNetPlans_cpu --iterations 100 --group-regex '(patient\d+)' --disable-tta)
 screen=(nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA nnUNetTrainerMPER nnUNetTrainerPCCS nnUNetTrainerBCP)
+# plain nnU-Net at equal compute: steps x the s/step ratio of the most expensive trainer of the confirmation (PCCS,
+# 2.32x plain under CPU bf16 in the side-by-side timing), rounded; override both together
+equal_compute="${NNUNET_PROTO_EQUAL_COMPUTE:-2.3}"
+equal_source="${NNUNET_PROTO_EQUAL_COMPUTE_SOURCE:-nnUNetTrainerPCCS, 2.32x plain per step under CPU bf16 (docs/benchmarks/timing_acdc_2d_cpu.md), rounded to 2.3}"
+# offline self-training's screening: the default student and one change each, on validation only
+students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrainerSelfTraining_share75
+          nnUNetTrainerSelfTraining_drop25 nnUNetTrainerSelfTraining_noisy nnUNetTrainerSelfTraining_fromteacher)
 stage="${1:-}"
 shift || true
 case "$stage" in
@@ -76,10 +88,27 @@ PY
     [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
     precision="${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}"
     "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision "$precision" \
+      --self-training --equal-compute "$equal_compute" --equal-compute-source "$equal_source" \
       --name "acdc_confirm_$precision" -o "$work/reports/acdc_confirm_$precision" -tr "$@"
     ;;
+  selftrain-screen)
+    # the screening runs sit in the self-training benchmark (they share its plain teacher of labeled 4, seed 0);
+    # its report here is written before `selftrain` drops them from the confirmation's report (--forget)
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision bf16 --no-control \
+      --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_screen" -tr "${students[@]}" "$@"
+    ;;
+  selftrain)
+    results="$nnUNet_results/nnunet_proto_benchmarks/acdc_selftrain_bf16"
+    if grep -q '_share25' "$results/runs.json" 2>/dev/null; then  # the screening's variants: their own report
+      "${cli[@]}" benchmark --report-only --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_screen" >/dev/null
+      "${cli[@]}" benchmark --name acdc_selftrain_bf16 --forget "${students[@]:1}"
+    fi
+    "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision bf16 --no-control \
+      --self-training --equal-compute "$equal_compute" --equal-compute-source "$equal_source" \
+      --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_bf16" -tr nnUNetTrainer "$@"
+    ;;
   *)
-    sed -n '2,22p' "$0" >&2
+    sed -n '2,27p' "$0" >&2
     exit 2
     ;;
 esac

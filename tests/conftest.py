@@ -6,6 +6,7 @@ nnU-Net's own API (about 20 s on 2 CPU cores); tests that train get their own re
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,19 @@ def fresh_results(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     torch.manual_seed(0)
     return tmp_path / "results"
+
+
+@pytest.fixture
+def copied(synthetic_dataset, tmp_path, monkeypatch):
+    """Private copies of the raw and preprocessed dataset; nnUNet_raw/_preprocessed point at them (the session
+    fixture stays untouched, so a test may damage its copy)."""
+    ds = synthetic_dataset
+    raw, pre = tmp_path / "raw" / ds.name, tmp_path / "pre" / ds.name
+    shutil.copytree(ds.raw, raw)
+    shutil.copytree(ds.preprocessed, pre)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    return raw, pre
 
 
 def build_trainer(trainer_name: str, ds: SyntheticDataset, configuration: str = "2d", fold=None,

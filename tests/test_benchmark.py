@@ -1,4 +1,5 @@
-"""Benchmark smoke run on the synthetic dataset: plain nnU-Net + CPCL, one amount, one seed, a few iterations.
+"""Benchmark smoke run on the synthetic dataset: plain nnU-Net, CPCL (and its EMA teacher's row), offline
+self-training and plain at equal compute, one amount, one seed, a few iterations.
 
 The A/A control is left out (--no-control) to keep it cheap; its report row is tested on hand-made results in
 test_benchmark_stats.py.
@@ -22,7 +23,8 @@ def benchmark_args(synthetic_dataset, tmp_path, monkeypatch):
     report = tmp_path / "report"
     args = ["benchmark", "-d", str(DATASET_ID), "-c", "2d", "-p", PLANS, "-tr", "nnUNetTrainerCPCL",
             "--labeled", "3", "--seeds", "0", "--epochs", "1", "--iterations", "3", "--val-iterations", "1",
-            "--no-control", "--disable-tta", "--name", "smoke", "--results-dir", str(results), "-o", str(report)]
+            "--no-control", "--disable-tta", "--name", "smoke", "--results-dir", str(results), "-o", str(report),
+            "--self-training", "--equal-compute", "2", "--equal-compute-source", "test: twice plain's steps"]
     return args, results, report
 
 
@@ -40,8 +42,35 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
                 "paired_difference.png"):
         assert (report / png).stat().st_size > 1000
     runs = json.loads((results / "runs.json").read_text())
-    assert {r["trainer"] for r in runs} == {"nnUNetTrainer", "nnUNetTrainerCPCL"}
-    assert len({r["fold"] for r in runs}) == 1  # both trainers on the same label-scarce fold
+    assert {r["trainer"] for r in runs} == {"nnUNetTrainer", "nnUNetTrainerCPCL", "nnUNetTrainerSelfTraining"}
+    assert sorted(r.get("steps_factor", 1.0) for r in runs) == [1.0, 1.0, 1.0, 2.0]
+    assert len({r["fold"] for r in runs}) == 1  # every row on the same label-scarce fold
+    # the new rows: self-training (its teacher is the plain run), plain at equal compute, CPCL's EMA teacher
+    for row in ("| 3 | nnUNetTrainerSelfTraining | 0 | 3 + 3 (teacher) |",
+                "| 3 | nnUNetTrainer ×2 steps (equal compute) | 0 | 6 |",
+                "| 3 | nnUNetTrainerCPCL, EMA teacher | 0 | 3 |"):
+        assert row in text, row
+    assert "## Offline self-training" in text and "Factor: test: twice plain's steps" in text
+    summary = json.loads((report / "summary.json").read_text())
+    kinds = {r["trainer"]: r["kind"] for r in summary["comparisons"]}
+    assert kinds == {"nnUNetTrainerCPCL": "trainer", "nnUNetTrainerCPCL@teacher": "ema_teacher",
+                     "nnUNetTrainerSelfTraining": "self_training", "nnUNetTrainer@x2": "equal_compute"}
+    assert summary["equal_compute"] == {"factor": 2.0, "source": "test: twice plain's steps"}
+    st_row = next(r for r in summary["comparisons"] if r["kind"] == "self_training")
+    assert st_row["cost_vs_plain"]["steps"] == 2.0 and st_row["cost_vs_plain"]["pseudo_label_seconds"] > 0
+    st_dir = results / "runs" / "nnUNetTrainerSelfTraining" / "labeled3_seed0"
+    st_info = json.loads((st_dir / "run_info.json").read_text())
+    fold = json.loads((synthetic_dataset.preprocessed / "splits_final.json").read_text())[runs[0]["fold"]]
+    assert st_info["pseudo_labels"] == len(fold["unlabeled"]) + 3  # the split's unlabeled cases + imagesUnlabeled
+    assert "nnUNetTrainer" in st_info["pseudo_label_teacher"]
+    (manifest_file,) = (results / "pseudo_labels").rglob("manifest.json")  # the benchmark's own set
+    assert not set(json.loads(manifest_file.read_text())["cases"]) & set(fold["train"] + fold["val"])
+    ec_info = json.loads((results / "runs" / "nnUNetTrainer@x2" / "labeled3_seed0" / "run_info.json").read_text())
+    assert ec_info["epochs"] == 2 and "nnUNet_results@x2" in ec_info["output_folder"]
+    cpcl_dir = results / "runs" / "nnUNetTrainerCPCL" / "labeled3_seed0"
+    teacher = json.loads((cpcl_dir / "teacher.json").read_text())
+    assert teacher["available"] is True and teacher["checkpoint"].endswith("checkpoint_final_teacher.pth")
+    assert len(list((cpcl_dir / "test_predictions_teacher").glob("*.nii.gz"))) == 2
     run_dir = results / "runs" / "nnUNetTrainerCPCL" / "labeled3_seed0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["metric_per_case"]) == 2 and {"Dice", "IoU", "HD95", "ASD"} <= set(metrics["foreground_mean"])
@@ -51,7 +80,7 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     assert "ssl_loss_bpc" in curves
     assert "predicting test cases" in (run_dir / "log.txt").read_text()  # progress of the prediction phase
     # the trainer used exactly the fold's unlabeled cases and the manifest's, and says which
-    (config_file,) = (results / "nnUNet_results").rglob("nnunet_proto_config.json")
+    (config_file,) = (results / "nnUNet_results").rglob("nnUNetTrainerCPCL__*/fold_*/nnunet_proto_config.json")
     ids = json.loads(config_file.read_text())["unlabeled"]["case_ids"]
     manifest = json.loads((synthetic_dataset.preprocessed / "nnUNetPlans_2d_unlabeled.json").read_text())
     fold = json.loads((synthetic_dataset.preprocessed / "splits_final.json").read_text())[runs[0]["fold"]]
@@ -65,7 +94,6 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     pp_metrics = json.loads((run_dir / "metrics_postprocessed.json").read_text())
     assert len(pp_metrics["metric_per_case"]) == 2
     assert pp_metrics["foreground_mean"]["Dice"] == pytest.approx(pp["test_foreground_dice"], nan_ok=True)
-    summary = json.loads((report / "summary.json").read_text())
     row = summary["comparisons"][0]
     assert row["trainer"] == "nnUNetTrainerCPCL" and row["labeled_amount"] == "3" and row["seeds"] == [0]
     assert row["raw"]["n_pairs"] == 2 and row["postprocessed"]["n_pairs"] == 2
@@ -109,6 +137,69 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     assert main(changed) == 2
     # ... and so is switching test-time mirroring back on (the test predictions would differ)
     assert main([a for a in args if a != "--disable-tta"]) == 2
+    # the dataset by name is the same benchmark as by id: resumes (nothing to do)
+    by_name = list(args)
+    by_name[by_name.index("-d") + 1] = synthetic_dataset.name
+    assert main(by_name) == 0
+    assert (run_dir / "log.txt").read_text().count("RUN DONE") == 2
+
+
+def test_benchmark_refuses_another_test_set_and_reevaluates_on_request(benchmark_args, synthetic_dataset,
+                                                                        tmp_path, capsys):
+    """Issue 24 item 2: resuming a finished benchmark with other --test-images/--test-labels must not report the
+    old numbers under the new test set."""
+    from nnunet_proto.cli import main
+
+    args, results, report = benchmark_args
+    args = args[:args.index("--self-training")] + ["-tr", "nnUNetTrainer"]  # plain only: cheap
+    args[args.index("nnUNetTrainerCPCL")] = "nnUNetTrainer"
+    run_cli(*args)
+    run_dir = results / "runs" / "nnUNetTrainer" / "labeled3_seed0"
+    before = (run_dir / "metrics.json").read_bytes()
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    shutil.copytree(synthetic_dataset.raw / "imagesTs", images)
+    shutil.copytree(synthetic_dataset.raw / "labelsTs", labels)
+    gone = sorted(labels.iterdir())[0]
+    gone.unlink()
+    for f in images.glob(gone.name.replace(".nii.gz", "_*.nii.gz")):
+        f.unlink()
+    other = args + ["--test-images", str(images), "--test-labels", str(labels)]
+    capsys.readouterr()
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "evaluated on another test set" in err and "--reevaluate-test-set" in err and "1 gone" in err
+    assert (run_dir / "metrics.json").read_bytes() == before  # nothing touched
+    assert main(other + ["--reevaluate-test-set"]) == 0
+    assert len(json.loads((run_dir / "metrics.json").read_text())["metric_per_case"]) == 1
+    (old,) = (run_dir / "superseded").iterdir()
+    assert (old / "metrics.json").read_bytes() == before and (old / "test_predictions").is_dir()
+    assert (run_dir / "log.txt").read_text().count("Epoch 0") == 1  # evaluated again, not retrained
+
+
+def test_benchmark_flags_are_checked_before_anything_runs(benchmark_args, capsys):
+    from nnunet_proto.cli import main
+
+    args, results, _ = benchmark_args
+    for change, needle in ((["-device", "tpu7"], "-device 'tpu7'"), (["--seeds", "-1"], "--seeds"),
+                           (["--equal-compute", "2.5", "--equal-compute-source", " "], "--equal-compute-source")):
+        code = None
+        try:
+            code = main(args + change)  # the last of a repeated flag wins
+        except SystemExit as e:  # argparse: exit 2 with the flag named
+            code = e.code
+        assert code == 2 and needle in capsys.readouterr().err, change
+    assert not results.exists()
+    # --forget with a trainer that has no runs names it and drops nothing
+    results.mkdir(parents=True)
+    (results / "benchmark_spec.json").write_text(BenchmarkSpec(
+        dataset="1", configuration="2d", plans="p", trainers=("nnUNetTrainerCPCL",), amounts=("3",), seeds=(0,),
+        test_images=".", test_labels=".", epochs=1, iterations_per_epoch=1).to_json())
+    (results / "runs.json").write_text(json.dumps([{"trainer": "nnUNetTrainerCPCL", "amount": "3", "seed": 0,
+                                                     "fold": 5}]))
+    assert main(["benchmark", "--results-dir", str(results), "--forget", "nnUNetTrainerCPLC"]) == 2
+    err = capsys.readouterr().err
+    assert "nnUNetTrainerCPLC" in err and "did you mean nnUNetTrainerCPCL" in err
+    assert len(json.loads((results / "runs.json").read_text())) == 1
 
 
 def test_spec_written_before_the_mirroring_option_loads_with_nnunet_default():

@@ -22,16 +22,6 @@ MANIFEST_2D = "nnUNetPlans_2d_unlabeled.json"
 FOLDER_2D = "nnUNetPlans_2d_unlabeled"
 
 
-@pytest.fixture
-def copied(synthetic_dataset, tmp_path, monkeypatch):
-    """Private copies of the raw and preprocessed dataset (the session fixture stays untouched)."""
-    ds = synthetic_dataset
-    raw, pre = tmp_path / "raw" / ds.name, tmp_path / "pre" / ds.name
-    shutil.copytree(ds.raw, raw)
-    shutil.copytree(ds.preprocessed, pre)
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    return raw, pre
 
 
 def _snapshot(pre):

@@ -24,16 +24,6 @@ FOLDER_2D = "nnUNetPlans_2d_unlabeled"
 PREPROCESS = ["preprocess-unlabeled", "-d", str(DATASET_ID), "-c", "2d", "-p", PLANS]
 
 
-@pytest.fixture
-def copied(synthetic_dataset, tmp_path, monkeypatch):
-    """Private copies of the raw and preprocessed dataset; nnUNet_raw/_preprocessed point at them."""
-    ds = synthetic_dataset
-    raw, pre = tmp_path / "raw" / ds.name, tmp_path / "pre" / ds.name
-    shutil.copytree(ds.raw, raw)
-    shutil.copytree(ds.preprocessed, pre)
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    return raw, pre
 
 
 def checksums(*roots: Path) -> dict:

@@ -103,16 +103,6 @@ def _kept(out: Path):
 
 
 # ---------------------------------------------------------------- copies of the planned synthetic dataset
-@pytest.fixture
-def copied(synthetic_dataset, tmp_path, monkeypatch):
-    """Private copies of the raw and preprocessed dataset (the session fixture stays untouched)."""
-    ds = synthetic_dataset
-    raw, pre = tmp_path / "raw" / ds.name, tmp_path / "pre" / ds.name
-    shutil.copytree(ds.raw, raw)
-    shutil.copytree(ds.preprocessed, pre)
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    return raw, pre
 
 
 def _bench_args(results, *extra):

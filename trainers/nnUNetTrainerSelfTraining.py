@@ -5,7 +5,7 @@ student like any nnU-Net trainer; ``nnunet_proto self-train`` runs the rounds en
 batch labeled, from scratch, nnU-Net's augmentation, every pseudo label kept. Variants (one setting each):
 ``_share25``, ``_share75``, ``_drop25``, ``_noisy`` (nnU-Net's DA5 augmentation), ``_fromteacher``,
 ``_round2``, ``_round3``; short schedules ``_smoke``, ``_demo``, ``_5epochs`` ... See
-nnunet_proto/training/self_training.py and docs/self_training.md.
+nnunet_proto/training/self_training.py and docs/methods/self_training.md.
 """
 from nnunet_proto.training.self_training import student_classes
 from nnunet_proto.training.variants import SCHEDULES, schedule_variant

@@ -17,6 +17,18 @@ written, evaluation when ``metrics.json`` exists. Writes into DIR: ``metrics.jso
 * ``postprocessing.json`` records the chosen steps, or why post-processed numbers are missing (a run
   without validation predictions). Its presence marks the run finished (spec.RUN_DONE_FILES), so a run
   finished by older code without this stage is completed on resume, without retraining.
+
+Two kinds of run do more:
+
+* an offline self-training student (``nnUNetTrainerSelfTraining...``) first has the plain run of the same fold
+  pseudo-label the unlabeled pool (``pseudo_labels.make_pseudo_labels``, into the benchmark's own
+  ``pseudo_labels/`` folder; ``pseudo_labels.json`` in the run folder records it and its cost);
+* a teacher-student run (``checkpoint_final_teacher.pth`` in its fold folder) has its EMA teacher evaluated as its
+  own row: the fold's validation cases predicted with the teacher (``validation_teacher/``), nnU-Net's
+  postprocessing determined there, the test cases raw and post-processed (``metrics_teacher*.json``,
+  ``teacher.json``, written before ``postprocessing.json``);
+* ``--steps-factor F``: plain nnU-Net trained for F x the spec's epochs (the equal-compute row; the runner gives it
+  its own nnU-Net results folder).
 """
 from __future__ import annotations
 
@@ -140,7 +152,8 @@ def predict(spec: BenchmarkSpec, fold: int, model_dir: Path, out: Path, device: 
                                      num_processes_segmentation_export=1)
 
 
-def postprocess(spec: BenchmarkSpec, val: Path, model_dir: Path, pred_dir: Path, out: Path, metrics_file: Path) -> dict:
+def postprocess(spec: BenchmarkSpec, val: Path, model_dir: Path, pred_dir: Path, out: Path, metrics_file: Path,
+                require_summary: bool = True) -> dict:
     """Determine nnU-Net's postprocessing on the validation predictions in ``val``, apply it to ``pred_dir``.
 
     Every trainer is treated alike (the same nnU-Net function, its own validation cases). Returns the status
@@ -160,7 +173,11 @@ def postprocess(spec: BenchmarkSpec, val: Path, model_dir: Path, pred_dir: Path,
         require_env_path,
     )
 
-    if not (val / "summary.json").is_file():
+    # nnU-Net's final validation writes summary.json; other validation predictions (the EMA teacher's) get theirs
+    # from determine_postprocessing
+    predicted = (val / "summary.json").is_file() or (not require_summary and val.is_dir() and any(
+        val.glob("*" + load_json(str(model_dir / "dataset.json"))["file_ending"])))
+    if not predicted:
         return {"available": False,
                 "reason": f"no validation predictions in {val} (run with --no-validation): nnU-Net's postprocessing "
                           f"is determined on them, so post-processed numbers are missing for this run"}
@@ -219,7 +236,7 @@ def evaluate_teacher(spec: BenchmarkSpec, fold: int, fold_dir: Path, model_dir: 
         write_results(evaluate_folders(spec.test_labels, pred, labels=list(spec.labels) if spec.labels else None),
                       run_dir / "metrics_teacher.json")
     status = postprocess(spec, val_dir, model_dir, pred, run_dir / "test_predictions_teacher_postprocessed",
-                         run_dir / "metrics_teacher_postprocessed.json") if val_cases else \
+                         run_dir / "metrics_teacher_postprocessed.json", require_summary=False) if val_cases else \
         {"available": False, "reason": f"fold {fold} has no validation cases"}
     if (val_dir / "summary.json").is_file():
         status["validation_foreground_dice"] = load_json(str(val_dir / "summary.json"))["foreground_mean"]["Dice"]

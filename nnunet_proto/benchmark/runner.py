@@ -84,6 +84,13 @@ def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:
     """
     runs_file, spec_file = results_root / "runs.json", results_root / SPEC_FILE
     known = load_runs(runs_file) if runs_file.is_file() else []
+    present = sorted({r.trainer for r in known})
+    unknown = [t for t in trainers if t not in present]
+    if unknown:
+        hints = [f"{t} (did you mean {', '.join(difflib.get_close_matches(t, present, 3)) or 'none close'}?)"
+                 for t in unknown]
+        raise ValueError(f"--forget: no run of {', '.join(hints)} in {runs_file}; nothing was dropped. Trainers with "
+                         f"runs: {', '.join(present) or 'none'}")
     dropped = [r for r in known if r.trainer in trainers]
     tmp = runs_file.with_suffix(".tmp")
     tmp.write_text(json.dumps([r.to_json() for r in known if r.trainer not in trainers], indent=2))
@@ -95,9 +102,10 @@ def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:
     return dropped
 
 
-def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
-    """Check inputs (trainer classes, test leakage), create the folds, save the spec; returns the runs in
-    execution order. Nothing is written before every check passed."""
+def prepare(spec: BenchmarkSpec, results_root: Path, reevaluate: bool = False) -> List[Run]:
+    """Check inputs (trainer classes, test leakage, the test set of finished runs), create the folds, save the spec;
+    returns the runs in execution order. Nothing is written before every check passed (``reevaluate``: finished
+    runs evaluated on another test set are set aside for re-evaluation, see ``check_test_set``)."""
     from nnunet_proto.data.leakage import check_test_leakage
     from nnunet_proto.data.splits import LabeledAmount, make_label_scarce_fold
     from nnunet_proto.training.compat import (
@@ -119,15 +127,24 @@ def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
     spec_file = results_root / SPEC_FILE
     if spec_file.is_file():
         old = BenchmarkSpec.from_json(spec_file.read_text())
-        if old.budget_key() != spec.budget_key():
-            raise ValueError(f"{results_root} holds a benchmark with another setup ({old.budget_key()} vs "
-                             f"{spec.budget_key()}); resume it with the same settings or use another --name")
+        # -d 27 and -d Dataset027_ACDC are the same dataset
+        old_key, new_key = ({**x.budget_key(), "dataset": maybe_convert_to_dataset_name(x.dataset)}
+                            for x in (old, spec))
+        if old_key != new_key:
+            diffs = ", ".join(f"{k}: {old_key[k]!r} then, {new_key[k]!r} now" for k in old_key
+                              if old_key[k] != new_key[k])
+            raise ValueError(f"{results_root} holds a benchmark with another setup ({diffs}); resume it with the same "
+                             f"settings or use another --name")
     resolve_trainers(spec.all_trainers)
     ending = load_json(str(pre / "dataset.json"))["file_ending"]
     raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() and (Path(nnUNet_raw.get()) / name).is_dir() else None
     results_root.mkdir(parents=True, exist_ok=True)
+    cache = results_root / "test_leakage_hashes.json"
+    # the pseudo-label sets of this benchmark and the user's own (nnunet_proto pseudo-label) count as training data
+    sets = [results_root / "pseudo_labels" / name, pre / "pseudo_labels"]
     print("[benchmark] " + check_test_leakage(Path(spec.test_images), Path(spec.test_labels), ending, pre, raw,
-                                              results_root / "test_leakage_hashes.json"), flush=True)
+                                              cache, sets), flush=True)
+    check_test_set(spec, results_root, ending, cache, reevaluate)
     runs = []
     for amount in spec.amounts:
         for seed in spec.seeds:
@@ -138,6 +155,57 @@ def prepare(spec: BenchmarkSpec, results_root: Path) -> List[Run]:
     # runs.json lists the runs that have started (also those of earlier invocations: other seeds or trainers);
     # each run is added when it starts (record_started)
     return runs
+
+
+TEST_SET_FILE = "test_set.json"
+#: what a run's evaluation on the test set wrote (set aside when the test set changes; training is kept)
+EVALUATION_OUTPUTS = ("test_predictions", "test_predictions_postprocessed", "test_predictions_teacher",
+                      "test_predictions_teacher_postprocessed", "metrics.json", "metrics.csv",
+                      "metrics_postprocessed.json", "metrics_postprocessed.csv", "metrics_teacher.json",
+                      "metrics_teacher.csv", "metrics_teacher_postprocessed.json", "metrics_teacher_postprocessed.csv",
+                      "postprocessing.json", "teacher.json", "islands.json", "islands_test_predictions_teacher.json")
+
+
+def check_test_set(spec: BenchmarkSpec, results_root: Path, file_ending: str, cache_file: Path,
+                   reevaluate: bool = False) -> None:
+    """The finished runs were evaluated on this test set (file names and voxel hashes of images and labels).
+
+    A benchmark resumed with another test set would report the old numbers under the new name: refused, naming
+    the command that evaluates the finished runs again (``reevaluate``: their evaluation outputs move to
+    ``runs/<run>/superseded/<old test set>/``, nothing is deleted, training is kept). Only the folders' paths
+    changed (same files): the record follows them.
+    """
+    from nnunet_proto.data.leakage import test_set_identity
+
+    record = results_root / TEST_SET_FILE
+    now = test_set_identity(Path(spec.test_images), Path(spec.test_labels), file_ending, cache_file)
+    old = json.loads(record.read_text()) if record.is_file() else None
+    evaluated = [d for d in (results_root / "runs").glob("*/*") if (d / "metrics.json").is_file()]
+    if old is not None and old.get("digest") != now["digest"] and evaluated:
+        if not reevaluate:
+            gone = sorted(set(old.get("cases", {})) - set(now["cases"]))
+            new = sorted(set(now["cases"]) - set(old.get("cases", {})))
+            changed = sorted(c for c in set(now["cases"]) & set(old.get("cases", {}))
+                             if now["cases"][c] != old["cases"][c])
+            raise ValueError(
+                f"{len(evaluated)} finished run(s) in {results_root} were evaluated on another test set "
+                f"({old.get('images')}, {len(old.get('cases', {}))} cases; now {spec.test_images}, "
+                f"{len(now['cases'])} cases: {len(new)} new, {len(gone)} gone, {len(changed)} with other voxels"
+                f"{', e.g. ' + (new + gone + changed)[0] if new + gone + changed else ''}). Their numbers would be "
+                f"reported under the new test set. Run the same command with --reevaluate-test-set to evaluate them "
+                f"again on it (no retraining; the old predictions and metrics are kept under runs/<run>/superseded/),"
+                f" or use another --name.")
+        for d in evaluated:
+            target = d / "superseded" / old["digest"]
+            target.mkdir(parents=True, exist_ok=True)
+            for name in EVALUATION_OUTPUTS:
+                if (d / name).exists():
+                    os.replace(d / name, target / name)
+        print(f"[benchmark] the test set changed: {len(evaluated)} finished run(s) are evaluated again (old results "
+              f"under runs/<run>/superseded/{old['digest']})", flush=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(now, indent=2))
+    os.replace(tmp, record)
 
 
 @contextlib.contextmanager
@@ -168,11 +236,11 @@ def folder_progress(folder: Path, pattern: str, total: int, desc: str, interval_
         bar.close()
 
 
-def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path) -> Path:
+def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path, reevaluate: bool = False) -> Path:
     """Run everything that is not finished yet, then write the report; returns the report file."""
     from nnunet_proto.benchmark.report import write_report
 
-    runs = prepare(spec, results_root)
+    runs = prepare(spec, results_root, reevaluate)
     runs_root = results_root / "runs"
     env = dict(os.environ)
     env["nnUNet_results"] = str(results_root / "nnUNet_results")

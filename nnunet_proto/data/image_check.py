@@ -198,17 +198,22 @@ def check_file_complete(path: str) -> None:
             _check_raw_finite(raw, layout, path)
 
 
+def read_complete(path: str) -> "sitk.Image":
+    """``check_file_complete``, then SimpleITK's read; an unreadable file raises ImageError naming it."""
+    check_file_complete(path)
+    try:
+        return sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise ImageError(f"{path}: SimpleITK cannot read it ({str(e).strip().splitlines()[-1]})") from None
+
+
 def read_checked(path: str) -> Tuple[Tuple[int, ...], str]:
     """Read a whole image after ``check_file_complete``; returns (shape in numpy axis order, voxel hash).
 
     Raises ImageError for unreadable, vector, non-2D/3D or non-finite images and for degenerate content
     (constant, or more than MAX_ZERO_FRACTION exact zeros).
     """
-    check_file_complete(path)
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as e:
-        raise ImageError(f"{path}: SimpleITK cannot read it ({str(e).strip().splitlines()[-1]})") from None
+    image = read_complete(path)
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise ImageError(f"{path}: a vector image ({image.GetNumberOfComponentsPerPixel()} components per voxel); "
                          f"nnU-Net expects one scalar image per channel file. Split the components into separate "
@@ -254,11 +259,7 @@ def image_content_hash(path: str, version: int = HASH_VERSION) -> str:
     The file is checked first (``check_file_complete``: truncated, corrupt, non-finite raw voxels); a float
     image of another format with NaN or infinite values is refused too. Raises ImageError naming the file.
     """
-    check_file_complete(path)
-    try:
-        image = sitk.ReadImage(path)  # keep a reference: the array view borrows its buffer
-    except RuntimeError as e:
-        raise ImageError(f"{path}: SimpleITK cannot read it ({str(e).strip().splitlines()[-1]})") from None
+    image = read_complete(path)  # keep a reference: the array view borrows its buffer
     array = sitk.GetArrayViewFromImage(image)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ImageError(f"{path}: contains NaN or infinite values; replace them and save the image again, or "

@@ -94,8 +94,40 @@ class HashCache:
             os.replace(tmp, self.file)
 
 
+def _manifest_cases(path: Path, key: str, repair: str):
+    """The ``key`` entry (case list or {case: record}) of a JSON manifest; a damaged one is named, with its repair."""
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the manifest {path} is damaged (not valid JSON: {e}); repair it with `{repair}`") from None
+    cases = manifest.get(key, []) if isinstance(manifest, dict) else None
+    if not isinstance(cases, (list, dict)):
+        raise ValueError(f"the manifest {path} is damaged (no list or object {key!r}); repair it with `{repair}`")
+    return cases
+
+
+def test_set_identity(test_images: Path, test_labels: Path, file_ending: str, cache_file: Optional[Path]) -> dict:
+    """What a benchmark's numbers were measured on: the folders, and per case its image and label files with voxel
+    hashes (cached in ``cache_file``, as by the leakage check); ``digest`` hashes the cases, not the paths."""
+    import hashlib
+
+    cache = HashCache(cache_file)
+    cases: Dict[str, dict] = {}
+    for folder, role in ((test_images, "images"), (test_labels, "label")):
+        hashes = cache.hashes(_image_files(folder, file_ending), f"test {role}", refuse="")
+        for digest, path in sorted(hashes.items(), key=lambda x: x[1].name):
+            m = re.match(r"^(.+)_\d{4}" + re.escape(file_ending) + "$", path.name) if role == "images" else None
+            case = m.group(1) if m else path.name[: -len(file_ending)]
+            entry = cases.setdefault(case, {})
+            entry.setdefault(role, []).append([path.name, digest])
+    cache.save()
+    digest = hashlib.sha256(json.dumps(cases, sort_keys=True).encode()).hexdigest()[:16]
+    return {"images": str(test_images), "labels": str(test_labels), "digest": digest, "cases": cases}
+
+
 def check_test_leakage(test_images: Path, test_labels: Path, file_ending: str, preprocessed_folder: Path,
-                       raw_folder: Optional[Path], cache_file: Optional[Path] = None) -> str:
+                       raw_folder: Optional[Path], cache_file: Optional[Path] = None,
+                       pseudo_label_roots: Iterable[Path] = ()) -> str:
     """Raise TestLeakageError if a test case is among the labeled or unlabeled training data.
 
     Args:
@@ -104,6 +136,8 @@ def check_test_leakage(test_images: Path, test_labels: Path, file_ending: str, p
             unlabeled manifests ``*_unlabeled.json``).
         raw_folder: nnUNet_raw/DatasetXXX (imagesTr, imagesUnlabeled) for the content check; None = ids only.
         cache_file: where to keep the voxel hashes between invocations.
+        pseudo_label_roots: folders of pseudo-label sets (``pseudo_labels.pseudo_label_root``): their cases and
+            recorded image hashes count as unlabeled training data.
 
     Returns:
         A one-line summary of what was checked.
@@ -128,21 +162,31 @@ def check_test_leakage(test_images: Path, test_labels: Path, file_ending: str, p
         labeled |= {f[: -len(file_ending)] for f in os.listdir(gt) if f.endswith(file_ending)}
     unlabeled: Set[str] = set()
     for manifest in preprocessed_folder.glob("*_unlabeled.json"):
-        unlabeled |= set(json.loads(manifest.read_text()).get("cases", []))
+        unlabeled |= set(_manifest_cases(manifest, "cases", "nnunet_proto preprocess-unlabeled ... --overwrite"))
+    # pseudo-label sets (nnunet_proto pseudo-label): their cases and the voxel hashes recorded for their images
+    pseudo: Dict[str, str] = {}
+    for root in pseudo_label_roots or ():
+        for manifest in sorted(Path(root).glob("*/manifest.json")):
+            for case, record in _manifest_cases(manifest, "cases", "nnunet_proto pseudo-label ... --overwrite").items():
+                unlabeled.add(case)
+                for image in record.get("images", []) if isinstance(record, dict) else []:
+                    pseudo[image.get("sha256", "")] = f"{case} of the pseudo-label set {manifest.parent}"
     if raw_folder is not None:
         labeled |= _ids_of_images(raw_folder / "imagesTr", file_ending)
         unlabeled |= _ids_of_images(raw_folder / "imagesUnlabeled", file_ending)
 
     problems = [f"test case {c} is also a labeled case (imagesTr / splits_final.json)"
                 for c in sorted(test_ids & labeled)]
-    problems += [f"test case {c} is also an unlabeled case (imagesUnlabeled / preprocessed unlabeled manifest)"
-                 for c in sorted(test_ids & unlabeled)]
+    problems += [f"test case {c} is also an unlabeled case (imagesUnlabeled / preprocessed unlabeled manifest / "
+                 f"pseudo-label set)" for c in sorted(test_ids & unlabeled)]
     # every test image and label is read completely, also without nnUNet_raw: a zero-filled test file would be
     # predicted and scored without a word
     cache = HashCache(cache_file)
     nothing_run = ("The benchmark reads the test set completely before it starts; nothing was run. Export or copy "
                    "the file again (or remove the case from both test folders).")
     test_hashes = cache.hashes(_image_files(test_images, file_ending), "checking test images", refuse=nothing_run)
+    problems += [f"test image {test_hashes[h].name} has the same voxels as the image of {pseudo[h]}"
+                 for h in sorted(set(test_hashes) & set(pseudo))]
     cache.hashes(_image_files(test_labels, file_ending), "checking test labels", refuse=nothing_run)
     content = "ids only (nnUNet_raw not available, image contents not compared)"
     if raw_folder is not None:

@@ -53,7 +53,7 @@ PSEUDO_LABELS_ENV = "NNUNET_PROTO_PSEUDO_LABELS"
 MANIFEST = "manifest.json"
 SET_FORMAT = 1
 #: share of the least confident pseudo labels the student leaves out unless told otherwise. 0.0: on ACDC
-#: validation (docs/self_training.md) dropping the least confident quarter did not help; see there.
+#: validation (docs/methods/self_training.md) dropping the least confident quarter did not help; see there.
 DEFAULT_DROP = 0.0
 SOURCE_FOLDER = "imagesUnlabeled"
 SOURCE_SPLIT = "split"
@@ -276,8 +276,16 @@ def _teacher_identity(record: dict) -> dict:
                                         "use_mirroring", "postprocessing_sha256")}
 
 
+def _same_source(manifest: dict, teacher_record: dict, fingerprint: str) -> bool:
+    return (_teacher_identity(manifest["teacher"]) == _teacher_identity(teacher_record)
+            and manifest.get("fingerprint") == fingerprint)
+
+
 def manifest_digest(manifest: dict) -> str:
-    """Short hash of what a student learns from: the teacher, the cases with their labels, the dropped share."""
+    """Short hash of what a student learns from: the teacher, the preprocessing, the cases with their labels.
+
+    Not the least-confident share dropped (re-running with another ``--drop-least-confident`` keeps the digest);
+    student checkpoints record the cases they trained on for that."""
     content = {"teacher": _teacher_identity(manifest["teacher"]), "fingerprint": manifest.get("fingerprint"),
                "labels": {c: v.get("label_sha256") for c, v in sorted(manifest["cases"].items())}}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -347,6 +355,7 @@ def make_pseudo_labels(dataset: str, teacher: Teacher, round_: int = 1, drop: fl
         PlansManager,
         apply_postprocessing,
         comp_blosc2_params,
+        convert_predicted_logits_to_segmentation_with_correct_shape,
         load_json,
         maybe_convert_to_dataset_name,
         nnUNet_preprocessed,
@@ -387,7 +396,16 @@ def make_pseudo_labels(dataset: str, teacher: Teacher, round_: int = 1, drop: fl
                       "postprocessing_sha256": pp_record.get("sha256")}
     fingerprint = preprocessing_fingerprint(plans, teacher.configuration, dataset_json)
     # with --overwrite a damaged manifest is no obstacle: it is the documented repair
-    old = read_set_manifest(folder) if folder.is_dir() and not overwrite else None
+    try:
+        old = read_set_manifest(folder) if folder.is_dir() else None
+    except PseudoLabelError:
+        if not overwrite:
+            raise
+        old = None
+    if old is not None and overwrite and _same_source(old, teacher_record, fingerprint):
+        overwrite = False  # the same teacher and settings (an interrupted --overwrite run): resume, do not redo
+    elif overwrite:
+        old = None
     if old is not None:
         diffs = [f"{k}: set {v!r} vs now {_teacher_identity(teacher_record)[k]!r}"
                  for k, v in _teacher_identity(old["teacher"]).items() if v != _teacher_identity(teacher_record)[k]]
@@ -465,15 +483,24 @@ def make_pseudo_labels(dataset: str, teacher: Teacher, round_: int = 1, drop: fl
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=teacher.use_mirroring,
                                     device=torch.device(device), verbose=False, verbose_preprocessing=False,
                                     allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(teacher.model_folder(name)), use_folds=(teacher.fold,),
-                                                       checkpoint_name=teacher.checkpoint)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every folder it searches for the trainer
+            predictor.initialize_from_trained_model_folder(
+                str(teacher.model_folder(name)), use_folds=(teacher.fold,), checkpoint_name=teacher.checkpoint)
         pm = PlansManager(plans)
         rw = pm.image_reader_writer_class()
+        lm = pm.get_label_manager(dataset_json)
         preprocessor = cm.preprocessor_class(verbose=False)
         for case in tqdm(todo, desc="pseudo-labeling", unit="case", disable=not verbose, file=sys.stderr):
             source, files = pool[case]
-            image, props = rw.read_images(files)
-            seg, probs = predictor.predict_single_npy_array(image, props, None, None, True)
+            # nnUNetPredictor's own steps, in this process (predict_single_npy_array would spawn a worker per
+            # case): the plans' preprocessing, the sliding window with mirroring, resampling back with softmax
+            image, _, props = preprocessor.run_case(files, None, pm, cm, dataset_json)
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(image)).cpu()
+            seg, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, pm, cm, lm, props, return_probabilities=True, num_threads_torch=torch.get_num_threads())
             seg = apply_postprocessing(seg, fns, fn_kwargs) if fns else seg
             stats = confidence_stats(probs, seg)
             tmp = _temp_name(labels_dir, case, ending)

@@ -58,7 +58,7 @@ from surface_distance import (
 )
 from tqdm import tqdm
 
-from nnunet_proto.data.image_check import ImageError, check_file_complete
+from nnunet_proto.data.image_check import ImageError, read_complete
 
 METRIC_NAMES: Tuple[str, ...] = ("Dice", "IoU", "HD95", "ASD")
 RULE_BOTH_PRESENT = "both_present"
@@ -156,11 +156,7 @@ def read_segmentation_image(path: os.PathLike) -> Segmentation:
     labels would score as empty). Integer-valued float maps are accepted and returned as integers.
     """
     path = str(path)
-    check_file_complete(path)
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as e:
-        raise ImageError(f"{path}: SimpleITK cannot read it ({str(e).strip().splitlines()[-1]})") from None
+    image = read_complete(path)
     if image.GetNumberOfComponentsPerPixel() > 1:
         raise ImageError(f"{path}: a vector image ({image.GetNumberOfComponentsPerPixel()} components per voxel), "
                          f"not a label map; write one integer label per voxel")

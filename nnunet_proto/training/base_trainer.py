@@ -119,6 +119,19 @@ def atomic_torch_save(obj: Any, filename: str) -> None:
     os.replace(tmp, filename)
 
 
+def save_checkpoint_with(trainer, filename: str, key: str, extra) -> None:
+    """nnUNetTrainer.save_checkpoint's file plus ``{key: extra()}`` in one atomic write (rank 0 only, and not when
+    checkpointing is disabled, as nnU-Net does)."""
+    if trainer.local_rank != 0:
+        return
+    if trainer.disable_checkpointing:
+        trainer.print_to_log_file("No checkpoint written, checkpointing is disabled")
+        return
+    checkpoint = checkpoint_payload(trainer)
+    checkpoint[key] = extra()
+    atomic_torch_save(checkpoint, filename)
+
+
 class nnUNetTrainerSemiSupervised(nnUNetTrainer):
     """Abstract base: leaf classes set ``method_class`` and ``config``."""
 
@@ -622,14 +635,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 "unlabeled": self.unlabeled_info}
 
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = checkpoint_payload(self)
-        checkpoint[CHECKPOINT_KEY] = self.extra_checkpoint_state()
-        atomic_torch_save(checkpoint, filename)
+        save_checkpoint_with(self, filename, CHECKPOINT_KEY, self.extra_checkpoint_state)
 
     def save_teacher_checkpoint(self, filename: str) -> None:
         """Slim checkpoint with the teacher as ``network_weights`` for ``nnUNetv2_predict -chk``."""

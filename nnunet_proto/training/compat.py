@@ -13,6 +13,7 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle, save_json
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
 from nnunetv2.postprocessing.remove_connected_components import (
@@ -47,7 +48,8 @@ __all__ = [
     "ConfigurationManager", "DefaultPreprocessor", "LocalLogger", "NNUNET_VERSION_TESTED",
     "NonDetMultiThreadedAugmenter", "PlansManager", "SingleThreadedAugmenter", "apply_postprocessing",
     "apply_postprocessing_to_folder", "get_output_folder", "load_pretrained_weights", "nnUNetTrainerDA5",
-    "checkpoint_payload", "comp_blosc2_params", "determine_postprocessing", "generate_crossval_split",
+    "checkpoint_payload", "comp_blosc2_params", "convert_predicted_logits_to_segmentation_with_correct_shape",
+    "determine_postprocessing", "generate_crossval_split",
     "get_allowed_n_proc_DA", "get_pool_and_conv_props",
     "get_trainer_from_args", "run_training", "infer_dataset_class", "pseudo_dice_history", "load_json", "load_pickle",
     "maybe_convert_to_dataset_name", "nnUNetDataLoader", "nnUNetDatasetBlosc2", "nnUNetPredictor",

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from nnunet_proto.data.pseudo_labels import PseudoLabelSet, SetKey, open_set
+from nnunet_proto.training.base_trainer import save_checkpoint_with
 from nnunet_proto.training.compat import (
     NonDetMultiThreadedAugmenter,
     SingleThreadedAugmenter,
-    checkpoint_payload,
     get_allowed_n_proc_DA,
     infer_dataset_class,
     nnUNetDataLoader,
@@ -226,18 +226,15 @@ class SelfTrainingMixin(CPUAutocastMixin):
                 json.dump({**self.resolved_config(), "cpu_precision": self.cpu_precision}, f, indent=2, default=str)
 
     def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        from nnunet_proto.training.base_trainer import atomic_torch_save
+        save_checkpoint_with(self, filename, CHECKPOINT_KEY, self._checkpoint_state)
 
-        checkpoint = checkpoint_payload(self)
-        checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(),
-                                      "pseudo_labels_digest": self.pseudo_set.digest if self.pseudo_set else None,
-                                      "pseudo_labels_folder": str(self.pseudo_set.folder) if self.pseudo_set else None}
-        atomic_torch_save(checkpoint, filename)
+    def _checkpoint_state(self) -> Dict[str, Any]:
+        st = self.pseudo_set
+        return {"config": self.config.to_dict(), "pseudo_labels_digest": st.digest if st else None,
+                "pseudo_labels_folder": str(st.folder) if st else None,
+                # the digest does not cover the least-confident share the set drops (the default student takes
+                # the set's share): record the cases trained on
+                "pseudo_labels_cases": list(st.cases) if st else None}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not isinstance(filename_or_checkpoint, str):
@@ -252,6 +249,11 @@ class SelfTrainingMixin(CPUAutocastMixin):
             if saved.get("pseudo_labels_digest") != self.pseudo_set.digest:
                 diffs.append(f"pseudo labels: checkpoint trained on set {saved.get('pseudo_labels_digest')} "
                              f"({saved.get('pseudo_labels_folder')}), the set is now {self.pseudo_set.digest}")
+            elif saved.get("pseudo_labels_cases") is not None and \
+                    sorted(saved["pseudo_labels_cases"]) != sorted(self.pseudo_set.cases):
+                diffs.append(f"pseudo-labeled cases: checkpoint trained on {len(saved['pseudo_labels_cases'])}, now "
+                             f"{len(self.pseudo_set.cases)} (least confident share left out: "
+                             f"{self.pseudo_set.drop}, dropped {self.pseudo_set.dropped})")
             if diffs:
                 raise ValueError(f"Cannot resume from {filename_or_checkpoint}: it was trained with other settings "
                                  f"or pseudo labels.\n  " + "\n  ".join(diffs) + "\nStart a new run in a fresh output "
