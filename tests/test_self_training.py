@@ -567,3 +567,58 @@ def test_self_train_two_rounds_and_skip_finished(ws, capsys):
     err = capsys.readouterr().err
     assert err.count("(finished earlier)") == 2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was trained or predicted again
+
+
+# ---------------------------------------------------------------------------------------------- options
+def test_postprocessing_none_or_a_given_file_and_skip_bad(ws, capsys):
+    """--postprocessing none / FILE are recorded and applied; a broken pool image is refused by name, or skipped
+    with --skip-bad."""
+    from nnunet_proto.training.compat import apply_postprocessing
+
+    out = pseudo_label(ws, "--postprocessing", "none")
+    assert ws.manifest()["teacher"]["postprocessing"]["steps"] == [] and "8 pseudo labels" in out
+    # nnU-Net's own step: keep only the largest component of class 1 (pickled as nnU-Net writes it)
+    import pickle
+
+    from nnunetv2.postprocessing.remove_connected_components import remove_all_but_largest_component_from_segmentation
+
+    pkl = ws.pre.parent / "pp.pkl"
+    pkl.write_bytes(pickle.dumps(([remove_all_but_largest_component_from_segmentation], [{"labels_or_regions": 1}])))
+    assert main(["pseudo-label", "-d", str(DATASET_ID), "-c", "2d", "-p", PLANS, "-f", str(ws.fold), "-tr", TEACHER,
+                 "-device", "cpu", "--postprocessing", str(pkl)]) == 2  # another postprocessing: a stale set
+    assert "postprocessing_sha256" in capsys.readouterr().err
+    pseudo_label(ws, "--postprocessing", str(pkl), "--overwrite")
+    m = ws.manifest()
+    assert [s["function"] for s in m["teacher"]["postprocessing"]["steps"]] == [
+        "remove_all_but_largest_component_from_segmentation"]
+    for case, v in m["cases"].items():  # every label is its own postprocessing's fixed point
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(ws.folder / v["label"])))
+        again = apply_postprocessing(seg.copy(), [remove_all_but_largest_component_from_segmentation],
+                                     [{"labels_or_regions": 1}])
+        assert np.array_equal(seg, again), case
+
+    # a truncated image in the pool: refused by name, nothing written; --skip-bad leaves it out
+    shutil.rmtree(ws.folder)
+    broken = ws.image("unl_002")
+    data = broken.read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    assert main(["pseudo-label", "-d", str(DATASET_ID), "-c", "2d", "-p", PLANS, "-f", str(ws.fold), "-tr", TEACHER,
+                 "-device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unl_002_0000.nii.gz" in err and "--skip-bad" in err and not ws.folder.exists()
+    out = pseudo_label(ws, "--skip-bad")
+    m = ws.manifest()
+    assert "unl_002" not in m["cases"] and "unl_002" in m["skipped"] and len(m["cases"]) == 7 and m["complete"]
+
+
+def test_region_datasets_and_cascades_are_refused():
+    from nnunet_proto.data.pseudo_labels import PseudoLabelError, _check_dataset
+
+    plans = {"plans_name": "p", "configurations": {"2d": {"data_identifier": "x", "preprocessor_name":
+                                                           "DefaultPreprocessor", "batch_size": 2,
+                                                           "patch_size": [8, 8], "spacing": [1, 1]}}}
+    regions = {"labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}
+    with pytest.raises(PseudoLabelError, match="region-based"):
+        _check_dataset(plans, "2d", regions)
+    with pytest.raises(KeyError, match="3d_fullres"):
+        _check_dataset(plans, "3d_fullres", {"labels": {"background": 0, "a": 1}})
