@@ -29,6 +29,9 @@ from nnunet_proto.ops.schedules import (
 #: accepts "encoder:<i>" and "decoder:<i>" for methods that need several stages)
 FEATURE_LAYERS = ("decoder", "decoder-2", "bottleneck")
 RAMPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
+#: where the unlabeled stream reads cases: the fold's ``unlabeled`` split list, ``imagesUnlabeled`` (preprocessed), or
+#: (control only, alone) the fold's labeled training images with their labels unused
+UNLABELED_SOURCES = ("split", "folder", "labeled")
 #: ``time_constants`` modes: rescale EMA/momentum decays to the run length, or use the paper's values as written
 TIME_CONSTANT_MODES = ("run_relative", "paper")
 
@@ -49,7 +52,9 @@ class SemiSupervisedConfig:
         unlabeled_batch_size: unlabeled patches per step; ``None`` = the labeled batch size.
         unlabeled_sources: where unlabeled cases come from: ``"split"`` = the fold's ``unlabeled`` list
             in splits_final.json (cases of the labeled folder whose labels are never read),
-            ``"folder"`` = ``<data_identifier>_unlabeled/`` made by ``nnunet_proto preprocess-unlabeled``.
+            ``"folder"`` = ``<data_identifier>_unlabeled/`` made by ``nnunet_proto preprocess-unlabeled``;
+            ``("labeled",)`` alone = a control: the fold's own labeled training images, labels unused, so
+            the method runs unchanged without any unlabeled image (does a gain need the unlabeled data?).
         unlabeled_workers: background workers of the unlabeled stream; ``None`` = half of nnU-Net's
             ``nnUNet_n_proc_DA`` budget (at least 1; 0 workers when that budget is 0).
         feature_layer: prototype feature map: ``"decoder"`` (last decoder stage, full resolution),
@@ -106,10 +111,14 @@ class SemiSupervisedConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.unlabeled_batch_size is not None and self.unlabeled_batch_size < 1:
             raise ValueError(f"unlabeled_batch_size must be >= 1 or None, got {self.unlabeled_batch_size}")
-        bad = [s for s in self.unlabeled_sources if s not in ("split", "folder")]
+        bad = [s for s in self.unlabeled_sources if s not in UNLABELED_SOURCES]
         if bad or not self.unlabeled_sources:
-            raise ValueError(f"unlabeled_sources must be a non-empty subset of ('split', 'folder'), "
-                             f"got {self.unlabeled_sources}")
+            raise ValueError(f"unlabeled_sources must be a non-empty subset of ('split', 'folder'), or ('labeled',) "
+                             f"for the labeled-images control, got {self.unlabeled_sources}")
+        if "labeled" in self.unlabeled_sources and len(self.unlabeled_sources) > 1:
+            raise ValueError(f"unlabeled_sources ('labeled',) is the control that feeds the fold's labeled images "
+                             f"(labels unused) to the unlabeled stream; it cannot be combined with "
+                             f"{[s for s in self.unlabeled_sources if s != 'labeled']}")
         if self.unlabeled_workers is not None and self.unlabeled_workers < 0:
             raise ValueError(f"unlabeled_workers must be >= 0 or None, got {self.unlabeled_workers}")
         if self.feature_layer not in FEATURE_LAYERS:

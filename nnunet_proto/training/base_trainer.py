@@ -65,6 +65,7 @@ from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
     UnlabeledDataset,
     cases_from_folder,
+    cases_from_labeled,
     cases_from_split,
     check_input_channels,
     load_fold,
@@ -267,6 +268,10 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         fold_dict = load_fold(os.path.join(base, "splits_final.json"), self.fold)
         if "split" in sources and fold_dict is not None:
             cases += cases_from_split(fold_dict, self.preprocessed_dataset_folder, self.fold)
+        if "labeled" in sources:  # the labeled-images control: no unlabeled image at all
+            if fold_dict is None:
+                raise ValueError(f"the labeled-images control needs fold {self.fold} in splits_final.json")
+            cases += cases_from_labeled(fold_dict, self.preprocessed_dataset_folder, self.fold)
         if "folder" in sources:
             fingerprint = preprocessing_fingerprint(self.plans_manager.plans, self.configuration_name,
                                                     self.dataset_json)

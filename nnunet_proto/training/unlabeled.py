@@ -230,6 +230,17 @@ def cases_from_split(fold_dict: dict, labeled_folder: str, fold) -> List[Unlabel
     return [UnlabeledCase(i, labeled_folder, "split") for i in ids]
 
 
+def cases_from_labeled(fold_dict: dict, labeled_folder: str, fold) -> List[UnlabeledCase]:
+    """The fold's labeled training cases as an "unlabeled" stream (labels unused): the labeled-images control."""
+    ids = list(fold_dict.get("train", []))
+    if not ids:
+        raise ValueError(f"splits_final.json fold {fold} has no 'train' cases for the labeled-images control")
+    missing = [i for i in ids if not os.path.isfile(os.path.join(labeled_folder, i + ".b2nd"))]
+    if missing:
+        raise FileNotFoundError(f"fold {fold}: training cases {missing[:5]} are not preprocessed in {labeled_folder}")
+    return [UnlabeledCase(i, labeled_folder, "labeled") for i in ids]
+
+
 def preprocess_command(dataset: str, configuration: str, plans_identifier: str = DEFAULT_PLANS,
                        overwrite: bool = False) -> str:
     """The ``nnunet_proto preprocess-unlabeled`` command for this data; ``-p`` only for other than the default plans
