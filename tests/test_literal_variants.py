@@ -16,6 +16,7 @@ from nnunet_proto.methods.mean_teacher import MeanTeacherConfig
 from nnunet_proto.methods.mper import MPERConfig
 from nnunet_proto.methods.mspa import MSPAConfig
 from nnunet_proto.methods.pccs import PCCSConfig
+from nnunet_proto.methods.unimatch import UniMatchConfig
 
 LITERAL = {
     "nnUNetTrainerMeanTeacher": MeanTeacherConfig.ssl4mis(),
@@ -24,6 +25,7 @@ LITERAL = {
     "nnUNetTrainerMPER": MPERConfig.paper(),
     "nnUNetTrainerPCCS": PCCSConfig.paper(),
     "nnUNetTrainerBCP": BCPConfig.paper(),
+    "nnUNetTrainerUniMatch": UniMatchConfig.paper(),
 }
 
 

@@ -24,6 +24,7 @@ from nnunet_proto.ops.schedules import (
     run_relative_decay,
     sigmoid_rampup,
 )
+from nnunet_proto.ops.strong_views import CUTMIX_P, STRONG_INTENSITY_P
 
 #: named prototype feature layers (nnU-Net U-Net stages; see training/feature_tap.py, which also
 #: accepts "encoder:<i>" and "decoder:<i>" for methods that need several stages)
@@ -83,6 +84,21 @@ class SemiSupervisedConfig:
             before the network is built and the data loaders start. With nnUNet_n_proc_DA=0 a CPU run is
             then repeatable step for step (docs/reproducibility.md); background augmentation workers
             (nnUNet_n_proc_DA > 0) draw their own random seeds, as in nnU-Net.
+        strong_view: weak-to-strong consistency (FixMatch, UniMatch; off by default, so every existing trainer
+            keeps its step bit for bit). When on, the teacher predicts on the *weak* view, the unlabeled patches
+            as nnU-Net's augmentation delivers them, *without* the method's ``teacher_input`` perturbation (Mean
+            Teacher's noise would make the teacher's view the noisier one, the reverse of the rule); the student
+            trains on a *strong* view of the same patches (``ops.strong_views``: strong intensity perturbations,
+            then CutMix between the unlabeled patches of the batch), and every teacher tensor the method receives
+            for the unlabeled patches (``teacher_logits_u``, ``teacher_feats_u``, ``teacher_features``) is mixed
+            with the same boxes, so voxel v of the student's input and of the teacher's target come from the same
+            image (coarser feature maps with a nearest-resized box mask). The collapse diagnostics read the
+            teacher's un-mixed weak-view logits. Needs a teacher (``use_teacher``) and a method whose student
+            sees the unlabeled patches through the shared step (the trainer refuses it otherwise, e.g. for
+            copy-paste trainers with their own step).
+        strong_intensity_p: per-patch probability of the strong brightness/contrast/gamma change (UniMatch's
+            ColorJitter probability 0.8); blur and noise have their own (``ops.strong_views``).
+        cutmix_p: per-patch probability of a CutMix box (UniMatch 0.5).
     """
 
     use_teacher: bool = True
@@ -101,6 +117,9 @@ class SemiSupervisedConfig:
     pseudo_label_threshold: float = 0.9
     threshold_mode: str = "fixed"
     seed: Optional[int] = None
+    strong_view: bool = False
+    strong_intensity_p: float = STRONG_INTENSITY_P
+    cutmix_p: float = CUTMIX_P
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +158,12 @@ class SemiSupervisedConfig:
             raise ValueError(f"pseudo_label_threshold is a probability in [0, 1], got {self.pseudo_label_threshold}")
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        for name in ("strong_intensity_p", "cutmix_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.strong_view and not self.use_teacher:
+            raise ValueError("strong_view needs a teacher (use_teacher=True): the teacher predicts on the weak view "
+                             "and the student learns its targets on the strong view")
 
     def ramp(self, progress: float) -> float:
         """λ(t) = w_max · ramp(progress / rampup_length), progress in [0, 1]."""
@@ -189,7 +214,16 @@ class StepInputs:
         teacher_features: every tapped layer of the teacher on the unlabeled patches.
         modules / teacher_modules: the method's own trainable modules (``build_modules``) and their
             EMA copy (None if the method has none).
-        data_l / data_u: the network inputs (labeled / unlabeled patches).
+        data_l / data_u: the labeled / unlabeled patches as nnU-Net's data loaders deliver them (the weak view);
+            without ``strong_view`` they are the network inputs.
+        data_u_strong: with ``strong_view``: the student's input on the unlabeled patches, its strong views one
+            after the other (k·B_u, k = ``SemiSupervisedMethod.num_strong_views``); ``logits_u``, ``feats_u``,
+            ``teacher_logits_u``, ``teacher_feats_u`` and ``teacher_features`` are then k·B_u long too (view-major),
+            the teacher tensors mixed with each view's CutMix boxes. None without ``strong_view``.
+        teacher_logits_weak_u: with ``strong_view``: the teacher's un-mixed logits on the weak view (B_u);
+            None without it (then ``teacher_logits_u`` is un-mixed). See :attr:`weak_teacher_logits_u`.
+        logits_fp_u: student logits of a feature-perturbed pass on the weak unlabeled view (B_u; UniMatch's FP
+            stream) when the method asks for one (``SemiSupervisedMethod.feature_dropout``), else None.
         reduce_fn: sums a tensor across DDP ranks (identity without torch.distributed).
         progress: training progress in [0, 1].
     """
@@ -211,6 +245,14 @@ class StepInputs:
     data_u: Optional[torch.Tensor] = None
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
     progress: float = 0.0
+    data_u_strong: Optional[torch.Tensor] = None
+    teacher_logits_weak_u: Optional[torch.Tensor] = None
+    logits_fp_u: Optional[torch.Tensor] = None
+
+    @property
+    def weak_teacher_logits_u(self) -> Optional[torch.Tensor]:
+        """The teacher's un-mixed logits on the unlabeled patches (B_u), with or without ``strong_view``."""
+        return self.teacher_logits_weak_u if self.teacher_logits_weak_u is not None else self.teacher_logits_u
 
 
 class SemiSupervisedMethod(ABC):
@@ -324,8 +366,22 @@ class SemiSupervisedMethod(ABC):
         return True
 
     def teacher_input(self, data_u: torch.Tensor) -> torch.Tensor:
-        """Perturbation applied to the teacher's input (default: none)."""
+        """Perturbation applied to the teacher's input (default: none). Not used with ``config.strong_view``:
+        the teacher then sees the weak view as delivered."""
         return data_u
+
+    @property
+    def num_strong_views(self) -> int:
+        """Strong views of every unlabeled patch the student trains on with ``config.strong_view`` (default 1;
+        UniMatch 2). The student's unlabeled outputs hold them one after the other (view-major, k·B_u)."""
+        return 1
+
+    @property
+    def feature_dropout(self) -> Optional[float]:
+        """Channel-dropout rate of a feature-perturbed student pass on the weak unlabeled view (UniMatch's FP
+        stream: dropout on every encoder output before the decoder), delivered as ``StepInputs.logits_fp_u``;
+        None (default) = no such pass."""
+        return None
 
     @abstractmethod
     def losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:

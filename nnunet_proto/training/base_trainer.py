@@ -8,6 +8,9 @@ validation, checkpoints, prediction) and adds:
   mode, saved in checkpoints and exported as ``checkpoint_final_teacher.pth``;
 * feature taps (forward hooks) on the student and teacher for prototype methods;
 * the method's loss terms with their ramp-ups, each logged per epoch and drawn in progress.png;
+* opt-in weak/strong views (config ``strong_view``): the teacher on the weak view, the student on strong views
+  (strong intensity + CutMix, ``ops.strong_views``), the teacher's tensors mixed with the same boxes; and an
+  optional feature-perturbed student pass on the weak view (``method.feature_dropout``, UniMatch's FP stream);
 * time constants (EMA decay, method momenta) resolved for this run's length (``time_constants``);
 * collapse diagnostics: the teacher's pseudo-label class shares on unlabeled patches next to the labeled
   class shares, its mean confidence and the gate's kept fraction, logged and plotted every epoch, with a
@@ -31,6 +34,7 @@ from torch import distributed as dist
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.distributed import all_reduce_gradients_, all_reduce_sum
 from nnunet_proto.ops.pseudo_labels import collapse_diagnostics
+from nnunet_proto.ops.strong_views import StrongIntensity, StrongView, channel_dropout, strong_view
 from nnunet_proto.training.compat import (
     NonDetMultiThreadedAugmenter,
     SingleThreadedAugmenter,
@@ -155,6 +159,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                              f"({configuration!r} needs segmentations of a previous stage, which unlabeled cases "
                              f"do not have). Use 2d, 3d_fullres or 3d_lowres.")
         self.method: SemiSupervisedMethod = self.method_class(self.config)
+        if self.config.strong_view:
+            self.check_strong_view()
         self.teacher: Optional[EMATeacher] = None
         self.method_modules: Optional[torch.nn.Module] = None  # method-owned trainable modules
         self.teacher_modules: Optional[EMATeacher] = None  # their EMA copy
@@ -177,6 +183,17 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             diagnostic_names=self.diagnostic_keys, class_names=class_names_from_dataset_json(self.dataset_json))
 
     # ------------------------------------------------------------------ configuration
+    def check_strong_view(self) -> None:
+        """Refuse ``strong_view`` where the shared step cannot apply it: a trainer with its own step (copy-paste
+        trainers mix their own batches) or a method whose student does not see the unlabeled patches."""
+        own_step = type(self).compute_loss is not nnUNetTrainerSemiSupervised.compute_loss
+        if own_step or not self.method.student_sees_unlabeled:
+            why = ("it has its own training step (compute_loss), which the shared strong view does not enter"
+                   if own_step else "its student does not see the unlabeled patches")
+            raise ValueError(f"{type(self).__name__} cannot use strong_view=True: {why}. Use strong_view=False, or a "
+                             f"teacher-student trainer on the shared step (Mean Teacher, CPCL with "
+                             f"student_unlabeled_features, PCCS, UniMatch).")
+
     @property
     def unlabeled_batch_size(self) -> int:
         return self.config.unlabeled_batch_size or self.batch_size
@@ -343,6 +360,11 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             f"unlabeled batch {info['batch_size']} ({info['workers']} workers), teacher "
             f"{'EMA %.4f' % self.teacher.decay if self.teacher is not None else 'none'}, "
             f"features {', '.join(self.method.feature_layers) or 'none'}")
+        if self.config.strong_view:
+            self.print_to_log_file(
+                f"strong view: the teacher predicts on the weak view (nnU-Net's augmentation), the student trains on "
+                f"{self.method.num_strong_views} strong view(s) (intensity p {self.config.strong_intensity_p:g}, "
+                f"CutMix p {self.config.cutmix_p:g}; ops/strong_views.py), teacher targets mixed with the same boxes")
         self.print_to_log_file("time constants for this run of " + str(self.run_steps) + " steps: "
                                + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in tc.items()))
@@ -514,7 +536,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         method = self.method
         n_l = data_l.shape[0]
         sees_u = method.student_sees_unlabeled
-        x = torch.cat([data_l, data_u]) if sees_u else data_l
+        views = self.strong_views(data_u) if self.config.strong_view else []  # [] keeps the step bit for bit
+        x_u = torch.cat([v.images for v in views]) if views else data_u
+        x = torch.cat([data_l, x_u]) if sees_u else data_l
         out = self.network(x)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         features = {layer: tap.pop() for layer, tap in self.student_taps.items()}
@@ -522,10 +546,15 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         sup = self.loss(out_l if isinstance(out, (list, tuple)) else out_l[0], target)
         target_full = target[0] if isinstance(target, list) else target
 
-        t_logits, t_features = None, {}
+        t_logits, t_features, t_weak = None, {}, None
         if self.teacher is not None:
-            t_logits, t_features = self.teacher_forward(method.teacher_input(data_u))
-            self.record_pseudo_label_diagnostics(t_logits, target_full)
+            # strong view: the teacher sees the weak view as delivered (no teacher_input perturbation)
+            t_logits, t_features = self.teacher_forward(data_u if views else method.teacher_input(data_u))
+            self.record_pseudo_label_diagnostics(t_logits, target_full)  # the un-mixed weak-view logits
+            if views:  # the student's voxel v and the teacher's target at v come from the same image
+                t_weak = t_logits
+                t_logits = torch.cat([v.mix(t_logits) for v in views])
+                t_features = {k: torch.cat([v.mix(f) for v in views]) for k, f in t_features.items()}
         elif sees_u:  # single-network methods (MSPA): the network's own predictions are the pseudo-label source
             self.record_pseudo_label_diagnostics(outs[0][n_l:].detach(), target_full)
         primary = method.feature_layers[0] if method.feature_layers else None
@@ -541,9 +570,46 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             features=features, teacher_features=t_features,
             modules=self.method_modules,
             teacher_modules=self.teacher_modules.module if self.teacher_modules is not None else None,
-            data_l=data_l, data_u=data_u, reduce_fn=all_reduce_sum, progress=self.progress)
+            data_l=data_l, data_u=data_u, reduce_fn=all_reduce_sum, progress=self.progress,
+            data_u_strong=x_u if views else None, teacher_logits_weak_u=t_weak,
+            logits_fp_u=(self.feature_perturbed_logits(data_u, method.feature_dropout)
+                         if method.feature_dropout is not None else None))
         terms = self.method_losses(inputs)
         return self.combine(sup, terms)
+
+    def strong_views(self, data_u: torch.Tensor) -> List[StrongView]:
+        """``method.num_strong_views`` independent strong views of the unlabeled patches (config ``strong_view``):
+        strong intensity perturbations, then CutMix between the patches (``ops.strong_views``), each with its boxes.
+
+        Drawn from torch's global RNGs of the data's device and the CPU (seeded by config ``seed``), like the
+        copy-paste boxes, so a seeded CPU run replays them.
+        """
+        intensity = StrongIntensity(p=self.config.strong_intensity_p)
+        return [strong_view(data_u, intensity, self.config.cutmix_p) for _ in range(self.method.num_strong_views)]
+
+    def feature_perturbed_logits(self, data: torch.Tensor, p: float) -> torch.Tensor:
+        """The student's highest-resolution logits on ``data`` with channel dropout ``p`` on every encoder output (the
+        skips and the bottleneck) before the decoder: UniMatch's feature-perturbation stream, with gradient.
+
+        A forward hook on ``network.encoder`` of the unwrapped network (eager: a hook added to a compiled network
+        would be ignored; under DDP the gradients still reach the reducer through the shared parameters). The
+        feature taps fired on this pass too; they are cleared, the method reads the main pass's features.
+        """
+        net = unwrap_network(self.network)
+
+        def drop(module, inputs, output):
+            if isinstance(output, (list, tuple)):
+                return type(output)(channel_dropout(o, p) for o in output)
+            return channel_dropout(output, p)
+
+        handle = net.encoder.register_forward_hook(drop)
+        try:
+            out = net(data)
+        finally:
+            handle.remove()
+        for tap in self.student_taps.values():
+            tap.clear()
+        return out[0] if isinstance(out, (list, tuple)) else out
 
     def method_losses(self, inputs: StepInputs) -> Dict[str, torch.Tensor]:
         """The method's loss terms, computed in float32 with autocast off (fp16/bf16 network outputs are cast)."""
