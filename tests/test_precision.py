@@ -10,6 +10,7 @@ from conftest import build_trainer, semi_supervised_trainer_names
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec
 from nnunet_proto.training.compat import unwrap_network
 from nnunet_proto.training.precision import PRECISION_ENV, cpu_precision, float32_fields, to_float32
+from nnunet_proto.training.progress import partial_collapse_keys
 
 TRAINERS = semi_supervised_trainer_names()
 
@@ -63,7 +64,9 @@ def test_bf16_switch_takes_bf16_steps(name, synthetic_dataset, fresh_results, mo
         before = [p.detach().clone() for p in trainer.network.parameters()]
         for _ in range(2):
             out = trainer.train_step(next(trainer.dataloader_train))
-            assert np.isfinite(out["loss"]) and all(np.isfinite(v) for v in out.values())
+            # pl_kept_c<k> (class not predicted) and teacher_disagreement (not measured in this step) are NaN by design
+            partial = set(partial_collapse_keys(trainer.label_manager.num_segmentation_heads))
+            assert np.isfinite(out["loss"]) and all(np.isfinite(v) for k, v in out.items() if k not in partial)
         handle.remove()
         assert seen and all(d == torch.bfloat16 for d in seen), f"network output dtypes {seen}"
         assert all(p.dtype == torch.float32 for p in trainer.network.parameters())  # weights stay fp32

@@ -293,16 +293,22 @@ def _capture(trainer):
 
     def spy_views(data_u):
         seen["views"] = views(data_u)
+        seen["teacher_calls"] = []
         return seen["views"]
 
     def spy_teacher(data):
-        seen["teacher_input"] = data.clone()
-        seen["teacher"] = teacher_forward(data)
-        return seen["teacher"]
+        # the step's first teacher forward gives the targets; on an epoch's first step a second one on the student's
+        # input measures the teacher-student disagreement
+        out = teacher_forward(data)
+        seen.setdefault("teacher_calls", []).append((data.clone(), out))
+        if len(seen["teacher_calls"]) == 1:
+            seen["teacher_input"], seen["teacher"] = data.clone(), out
+        return out
 
-    def spy_record(logits, target):
+    def spy_record(logits, target, **kwargs):
         seen["diagnostics_logits"] = logits
-        return record(logits, target)
+        seen["disagreement"] = kwargs.get("disagreement")
+        return record(logits, target, **kwargs)
 
     def spy_losses(inputs):
         seen["inputs"] = inputs
@@ -340,6 +346,10 @@ def test_strong_view_teacher_on_weak_student_on_strong_targets_mixed(name, confi
         torch.testing.assert_close(inputs.data_u, data_u)
         weak_logits, weak_features = seen["teacher"]
         assert seen["diagnostics_logits"] is weak_logits  # collapse diagnostics: the un-mixed weak logits
+        # the disagreement: on the epoch's first step the teacher predicts once more, on the student's first view
+        assert len(seen["teacher_calls"]) == 2
+        torch.testing.assert_close(seen["teacher_calls"][1][0], view.images)
+        assert 0.0 <= float(seen["disagreement"]) <= 1.0
         torch.testing.assert_close(inputs.teacher_logits_weak_u, weak_logits)
         torch.testing.assert_close(inputs.teacher_logits_u, view.mix(weak_logits))
         assert not torch.equal(inputs.teacher_logits_u, inputs.teacher_logits_weak_u)

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Unio
 import torch
 from torch import nn
 
-from nnunet_proto.ops.pseudo_labels import THRESHOLD_MODES, PseudoLabels, confidence_gate
+from nnunet_proto.ops.pseudo_labels import DEFAULT_KEEP, THRESHOLD_MODES, PseudoLabels, confidence_gate
 from nnunet_proto.ops.schedules import (
     MIN_RUN_RELATIVE_DECAY,
     ema_horizon,
@@ -35,6 +35,9 @@ RAMPS = {"sigmoid": sigmoid_rampup, "linear": linear_rampup}
 UNLABELED_SOURCES = ("split", "folder", "labeled")
 #: ``time_constants`` modes: rescale EMA/momentum decays to the run length, or use the paper's values as written
 TIME_CONSTANT_MODES = ("run_relative", "paper")
+#: ``ema_mode`` of the teacher's EMA decay alone: as ``time_constants`` says (``"follow"``), the decay as written per
+#: optimiser step (``"per_step"``), or rescaled to the run (``"run_relative"``), whatever ``time_constants`` says
+EMA_MODES = ("follow", "per_step", "run_relative")
 
 
 def _as_stored(value: Any) -> Any:
@@ -69,7 +72,15 @@ class SemiSupervisedConfig:
         time_constants: ``"run_relative"`` (default): every decay α is replaced by
             α' = 1 − (1 − α)·reference_steps/run_steps (``ops.schedules.run_relative_decay``), so its horizon
             1/(1 − α) is the same fraction of this run (num_epochs × num_iterations_per_epoch) as of the
-            paper's; at the paper's run length α' = α. ``"paper"``: the literal values.
+            paper's; at the paper's run length α' = α. ``"paper"``: the literal values. This covers the teacher's
+            EMA decay and the method's momenta (PCCS's memory, MPER's prototypes) together; ``ema_mode`` sets the
+            teacher's decay alone.
+        ema_mode: the teacher's EMA decay alone: ``"follow"`` (default) = as ``time_constants`` says
+            (``"paper"`` → per step, ``"run_relative"`` → rescaled); ``"per_step"`` = ``ema_decay`` as written, per
+            optimiser step (the published 0.99 is a 100-step horizon whatever the run length), while the method's
+            momenta stay as ``time_constants`` says; ``"run_relative"`` = rescaled to the run even when
+            ``time_constants="paper"``. The resolved mode is written to nnunet_proto_config.json
+            (``time_constants.ema_mode``) and the training log.
         min_decay: floor of a run-relative decay (default 0.9, a 10-step horizon; see
             ``ops.schedules.MIN_RUN_RELATIVE_DECAY``).
         pseudo_label_threshold: confidence gate τ for argmax pseudo labels of the teacher
@@ -79,7 +90,12 @@ class SemiSupervisedConfig:
         threshold_mode: ``"fixed"``: τ for every class; ``"class_relative"``: τ_c = max(0.5, τ·σ_c/max σ) with
             σ_c the batch's mean confidence of voxels predicted as c
             (``ops.pseudo_labels.class_relative_thresholds``): a class the teacher is unsure of keeps its
-            most confident voxels instead of vanishing from the pseudo labels.
+            most confident voxels instead of vanishing from the pseudo labels; ``"quantile"``: of the voxels predicted
+            as c in the batch, the ``pseudo_label_keep`` share with the highest confidence is kept (τ_c = the
+            (1 − keep) quantile of their confidences, ``ops.pseudo_labels.quantile_gate``), and none below the floor
+            min(0.5, τ) (τ = 0: no floor): a gate that selects even when the teacher is confident everywhere.
+        pseudo_label_keep: the share of each predicted class's voxels the ``"quantile"`` mode keeps, in (0, 1]
+            (default 0.5; unused by the other modes).
         seed: if set, Python, NumPy and torch are seeded (seed + DDP rank) when the trainer initialises,
             before the network is built and the data loaders start. With nnUNet_n_proc_DA=0 a CPU run is
             then repeatable step for step (docs/reproducibility.md); background augmentation workers
@@ -116,6 +132,8 @@ class SemiSupervisedConfig:
     min_decay: float = MIN_RUN_RELATIVE_DECAY
     pseudo_label_threshold: float = 0.9
     threshold_mode: str = "fixed"
+    ema_mode: str = "follow"
+    pseudo_label_keep: float = DEFAULT_KEEP
     seed: Optional[int] = None
     strong_view: bool = False
     strong_intensity_p: float = STRONG_INTENSITY_P
@@ -158,6 +176,11 @@ class SemiSupervisedConfig:
             raise ValueError(f"pseudo_label_threshold is a probability in [0, 1], got {self.pseudo_label_threshold}")
         if self.threshold_mode not in THRESHOLD_MODES:
             raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        if self.ema_mode not in EMA_MODES:
+            raise ValueError(f"ema_mode must be one of {EMA_MODES}, got {self.ema_mode!r}")
+        if not 0.0 < self.pseudo_label_keep <= 1.0:
+            raise ValueError(f"pseudo_label_keep is the share of each class's voxels the quantile gate keeps, in "
+                             f"(0, 1], got {self.pseudo_label_keep}")
         for name in ("strong_intensity_p", "cutmix_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
@@ -288,10 +311,16 @@ class SemiSupervisedMethod(ABC):
 
     def gate_teacher(self, teacher_logits: torch.Tensor) -> PseudoLabels:
         """The config's confidence gate on teacher logits (B, C, *S): ``pseudo_label_threshold`` per
-        ``threshold_mode``. Every method and the trainer's collapse diagnostics use this one gate."""
+        ``threshold_mode`` (and ``pseudo_label_keep`` in the quantile mode). Every method and the trainer's
+        collapse diagnostics use this one gate."""
         with torch.no_grad():
             probs = torch.softmax(teacher_logits.detach().float(), dim=1)
-        return confidence_gate(probs, self.config.pseudo_label_threshold, self.config.threshold_mode)
+        return self.gate_probs(probs)
+
+    def gate_probs(self, probs: torch.Tensor) -> PseudoLabels:
+        """The config's gate (:meth:`gate_teacher`) on probabilities (B, C, *S) a method computed itself."""
+        cfg = self.config
+        return confidence_gate(probs, cfg.pseudo_label_threshold, cfg.threshold_mode, keep=cfg.pseudo_label_keep)
 
     # ------------------------------------------------------------------ time constants relative to the run
     def set_run_steps(self, run_steps: int) -> None:
@@ -301,28 +330,45 @@ class SemiSupervisedMethod(ABC):
         self.run_steps = int(run_steps)
 
     def resolve_decay(self, decay: float, reference_steps: Optional[int] = None,
-                      run_steps: Optional[int] = None) -> float:
+                      run_steps: Optional[int] = None, mode: Optional[str] = None) -> float:
         """A paper decay for this run: ``run_relative_decay`` in mode ``"run_relative"``, else ``decay``.
 
         ``reference_steps`` defaults to ``config.reference_steps`` and ``run_steps`` to this run's length
-        (pass the stage length for a constant that lives in one stage). Returns ``decay`` unchanged when
-        either length is unknown or ``time_constants == "paper"``.
+        (pass the stage length for a constant that lives in one stage); ``mode`` to ``config.time_constants``
+        (the teacher's decay passes its own, :attr:`ema_mode`). Returns ``decay`` unchanged when either length is
+        unknown or the mode is ``"paper"``.
         """
         ref = self.config.reference_steps if reference_steps is None else reference_steps
         run = self.run_steps if run_steps is None else run_steps
-        if self.config.time_constants == "paper" or ref is None or run is None:
+        mode = self.config.time_constants if mode is None else mode
+        if mode == "paper" or ref is None or run is None:
             return float(decay)
         return run_relative_decay(decay, ref, run, min_decay=self.config.min_decay)
+
+    @property
+    def ema_mode(self) -> str:
+        """The teacher's EMA mode, resolved: ``"per_step"`` or ``"run_relative"`` (config ``ema_mode``; ``"follow"``
+        takes it from ``time_constants``)."""
+        if self.config.ema_mode == "follow":
+            return "per_step" if self.config.time_constants == "paper" else "run_relative"
+        return self.config.ema_mode
+
+    def resolve_ema_decay(self, reference_steps: Optional[int] = None, run_steps: Optional[int] = None) -> float:
+        """The teacher's EMA decay for this run: ``ema_decay`` as written (:attr:`ema_mode` ``"per_step"``) or
+        :meth:`resolve_decay` of it relative to the run."""
+        return self.resolve_decay(self.config.ema_decay, reference_steps, run_steps,
+                                  mode="paper" if self.ema_mode == "per_step" else "run_relative")
 
     def time_constants(self) -> Dict[str, Any]:
         """Resolved time constants of this run, for the log, nnunet_proto_config.json and checkpoints.
 
-        ``ema_decay`` is what the trainer's EMA teacher uses. Methods with more constants (momenta,
+        ``ema_decay`` is what the trainer's EMA teacher uses (``ema_mode``: per step or run-relative). Methods
+        with more constants (momenta,
         stage switches) extend the dict (call ``super().time_constants()``).
         """
-        decay = self.resolve_decay(self.config.ema_decay)
+        decay = self.resolve_ema_decay()
         out: Dict[str, Any] = {"mode": self.config.time_constants, "run_steps": self.run_steps,
-                               "reference_steps": self.config.reference_steps,
+                               "reference_steps": self.config.reference_steps, "ema_mode": self.ema_mode,
                                "ema_decay_paper": self.config.ema_decay, "ema_decay": decay,
                                "ema_horizon_steps": ema_horizon(decay)}
         if self.run_steps:

@@ -208,7 +208,7 @@ class BCP(SemiSupervisedMethod):
         if self.run_steps is not None:  # this run's self-training stage: known at the switch, else the plan
             start = self.stage_two_start if self.stage_two_start is not None else self.pretrain_fraction
             stage_two = max(1, round(self.run_steps * (1.0 - start)))
-        decay = self.resolve_decay(self.config.ema_decay, reference, stage_two) if reference else self.config.ema_decay
+        decay = self.resolve_ema_decay(reference, stage_two) if reference else self.config.ema_decay
         out = super().time_constants()
         out.update({"reference_steps": reference, "stage_switch": self.config.stage_switch,
                     "pretrain_fraction": self.pretrain_fraction, "stage_two_steps": stage_two,

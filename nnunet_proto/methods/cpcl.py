@@ -91,7 +91,7 @@ class CPCLConfig(SemiSupervisedConfig):
                    rampup="sigmoid", rampup_length=1.0, reference_steps=CPCL_PAPER_ITERATIONS,
                    time_constants="run_relative", min_decay=0.9, pseudo_label_threshold=0.9, threshold_mode="fixed",
                    seed=None, alpha=20.0, beta=10.0, prototype_reduction="batch_mean", student_unlabeled_features=True,
-                   strong_view=False)
+                   strong_view=False, ema_mode="follow")
 
     def validate(self) -> None:
         super().validate()
@@ -139,7 +139,7 @@ def cpcl_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
     fpc = masked_mean((p_l2u - probs_u) ** 2, has_proto_l.view(-1, *([1] * (probs_u.dim() - 1))))
 
     # U2L: prototypes of the unlabeled features under the teacher's confident pseudo labels classify F_l
-    pl = confidence_gate(probs_u, config.pseudo_label_threshold, config.threshold_mode)
+    pl = confidence_gate(probs_u, config.pseudo_label_threshold, config.threshold_mode, keep=config.pseudo_label_keep)
     onehot_u = labels_to_onehot(pl.labels, num_classes) * pl.keep
     protos_u = masked_average_pooling(feats_u, resize_masks(onehot_u, tuple(feats_u.shape[2:])),
                                       config.prototype_reduction, reduce_fn)

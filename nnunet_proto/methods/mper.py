@@ -74,7 +74,6 @@ from nnunet_proto.ops.multi_prototype import (
     nearest_prototype_infonce,
     update_bank,
 )
-from nnunet_proto.ops.pseudo_labels import gate_logits
 
 #: MPER paper §III.A: pre-training / self-training iterations, LA (3D) 2k + 15k, ACDC (2D) 10k + 30k
 PAPER_PRETRAIN_FRACTION = {2: 10_000 / 40_000, 3: 2_000 / 17_000}
@@ -385,10 +384,10 @@ class MPER(SemiSupervisedMethod):
         return PAPER_RUN_STEPS.get(self.spatial_dims) if self.spatial_dims is not None else None
 
     def resolve_decay(self, decay: float, reference_steps: Optional[int] = None,
-                      run_steps: Optional[int] = None) -> float:
+                      run_steps: Optional[int] = None, mode: Optional[str] = None) -> float:
         """As the base method, with the paper's run length by dimensionality as the default reference."""
         ref = self.reference_steps if reference_steps is None else reference_steps
-        return super().resolve_decay(decay, ref, run_steps)
+        return super().resolve_decay(decay, ref, run_steps, mode)
 
     def stage_two_steps(self) -> Optional[int]:
         """Optimiser steps of stage two in this run (known once the switch happened and the run length is set)."""
@@ -479,7 +478,7 @@ class MPER(SemiSupervisedMethod):
         if data_u is None or teacher_logits_u is None:
             raise ValueError("stage two needs the unlabeled patches and the teacher's logits on them")
         with torch.no_grad(), torch.autocast(device_type=data_l.device.type, enabled=False):
-            gate = gate_logits(teacher_logits_u, self.config.pseudo_label_threshold)
+            gate = self.gate_teacher(teacher_logits_u)  # the config's gate (threshold_mode), as in the diagnostics
         # voxels below the confidence gate get DROPPED_LABEL (−1): no loss, no prototype update (BCP: ungated)
         labels = (largest_component_only(gate.labels, teacher_logits_u.shape[1])
                   if self.config.pseudo_label_largest_component else gate.labels)

@@ -48,7 +48,7 @@ from nnunet_proto.ops.prototypes import (
     resize_logits,
     resize_masks,
 )
-from nnunet_proto.ops.pseudo_labels import class_shares, gate_pseudo_labels
+from nnunet_proto.ops.pseudo_labels import class_shares, confidence_gate
 from nnunet_proto.ops.voting import (
     NO_LABEL,
     RELIABLE_RULES,
@@ -107,7 +107,7 @@ class MSPAConfig(SemiSupervisedConfig):
             prototypes, i.e. trains on ungated pseudo-label errors.
         pseudo_label_threshold: confidence gate on the voting pseudo label S_u (Eq. 7): a voxel keeps its
             voted class c only if the network's own argmax is c with softmax Ŝ_up^c ≥ threshold
-            (``ops.pseudo_labels.gate_pseudo_labels``).
+            (``ops.pseudo_labels.confidence_gate``, per ``threshold_mode``).
             Paper: no gate (0.0). Default 0.9 (ours; MPER's α for trusting a pseudo label). It applies
             to the hard labels of UPA's prototypes; SPA's regions keep the paper's vote levels, because its
             uncertain region exists to be pulled towards the reliable one and Eq. 10 already weights every
@@ -248,9 +248,10 @@ def mspa_losses(feats_l: torch.Tensor, target_l: torch.Tensor, feats_u: torch.Te
         pseudo = majority_vote(votes, threshold)  # (B_u, 1, *S), NO_LABEL where no majority
         # confidence gate: the network must give the voted class at least the threshold (not in the paper)
         voted = pseudo != NO_LABEL
-        gate = gate_pseudo_labels(probs_u, config.pseudo_label_threshold)
+        gate = confidence_gate(probs_u, config.pseudo_label_threshold, config.threshold_mode,
+                               keep=config.pseudo_label_keep)
         gated = voted & gate.keep.reshape(pseudo.shape) & (gate.labels.reshape(pseudo.shape) == pseudo)
-        if config.pseudo_label_threshold <= 0.0:
+        if config.pseudo_label_threshold <= 0.0 and config.threshold_mode != "quantile":  # quantile, τ 0: no floor
             gated = voted  # the paper's ungated rule, also where the network's argmax lost the vote
         upa_pseudo = torch.where(gated, pseudo, torch.full_like(pseudo, NO_LABEL))
         stats = {"vote_labelled": voted.float().mean(),

@@ -47,7 +47,7 @@ from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod
 from nnunet_proto.ops.contrastive import NORM_EPS, prototype_contrastive_loss, segment_sums
 from nnunet_proto.ops.losses import cross_entropy_ignore
 from nnunet_proto.ops.prototypes import mask_invalid_logits, resize_masks
-from nnunet_proto.ops.pseudo_labels import gate_pseudo_labels
+from nnunet_proto.ops.pseudo_labels import confidence_gate
 from nnunet_proto.ops.schedules import ema_horizon, sigmoid_rampup
 from nnunet_proto.ops.sdm import depth_to_layers, own_class_depth
 from nnunet_proto.ops.sinkhorn import sinkhorn_assignment
@@ -103,8 +103,8 @@ class PCCSConfig(SemiSupervisedConfig):
             ``prototype_start``, ~3 % of the run]. The aux targets are the teacher's argmax; at full weight
             from 3 % of the run they pull the encoder towards an untrained teacher.
         pseudo_label_threshold: L_aux targets only where the teacher's max softmax on the grid ≥ this
-            value (``ops.pseudo_labels.gate_pseudo_labels``) [ours: 0.9, MPER's α; code: every unlabeled
-            pixel, 0]. The kept share is logged (``aux_kept``).
+            value (``ops.pseudo_labels.confidence_gate``, per ``threshold_mode``) [ours: 0.9, MPER's α; code:
+            every unlabeled pixel, 0]. The kept share is logged (``aux_kept``).
         aux_encoder_gradient: L_aux's gradient reaches encoder stages 1-3 through the projection branch
             [paper intent: True; the code's aux CE sends no gradient at all]. We keep it: it is the only
             way L_aux can shape the features the segmentation uses (the projection branch is not used at
@@ -493,7 +493,8 @@ def pccs_losses(student_proj: torch.Tensor, teacher_proj: torch.Tensor, student_
         assignment = plan.gather(1, pseudo.view(-1, 1, 1).expand(-1, 1, num_sub)).squeeze(1).argmax(-1)
         usable = memory.seen[pseudo] | ~memory.seen.any()
         # confidence gate on the L_aux targets (not in the code): only confident teacher pixels teach
-        confident_aux = gate_pseudo_labels(probs_t_grid, config.pseudo_label_threshold).keep.reshape(-1)
+        confident_aux = confidence_gate(probs_t_grid, config.pseudo_label_threshold, config.threshold_mode,
+                                        keep=config.pseudo_label_keep).keep.reshape(-1)
         target = torch.where(usable & confident_aux, pseudo * num_sub + assignment, torch.full_like(pseudo, -100))
         f_aux = f_s if student_proj_aux is None else F.normalize(_flat(student_proj_aux.float()), dim=1, eps=NORM_EPS)
         aux = cross_entropy_ignore(f_aux @ bank.t() / config.aux_temperature, target)

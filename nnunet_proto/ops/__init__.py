@@ -15,6 +15,7 @@ from nnunet_proto.ops.prototypes import (
 )
 from nnunet_proto.ops.pseudo_labels import (
     PseudoLabels,
+    argmax_disagreement,
     class_relative_thresholds,
     class_shares,
     collapse_diagnostic_names,
@@ -24,6 +25,7 @@ from nnunet_proto.ops.pseudo_labels import (
     gate_pseudo_labels,
     pseudo_label_stat_names,
     pseudo_label_stats,
+    quantile_gate,
 )
 from nnunet_proto.ops.schedules import (
     ema_decay,
@@ -36,10 +38,11 @@ from nnunet_proto.ops.schedules import (
 )
 
 __all__ = [
-    "PseudoLabels", "class_relative_thresholds", "class_shares", "confidence_gate", "collapse_diagnostic_names",
+    "PseudoLabels", "argmax_disagreement", "class_relative_thresholds", "class_shares", "confidence_gate",
+    "collapse_diagnostic_names",
     "collapse_diagnostics", "ema_horizon",
     "fraction_to_steps", "gate_logits", "gate_pseudo_labels",
-    "pseudo_label_stat_names", "pseudo_label_stats", "run_fraction", "run_relative_decay",
+    "pseudo_label_stat_names", "pseudo_label_stats", "quantile_gate", "run_fraction", "run_relative_decay",
     "Prototypes", "all_reduce_mean_", "all_reduce_sum", "any_valid", "class_feature_sums",
     "cosine_similarity_map", "cross_entropy_ignore", "ema_decay", "is_distributed", "labels_to_onehot",
     "linear_rampup", "mask_invalid_logits", "masked_average_pooling", "masked_mean", "prototype_logits",

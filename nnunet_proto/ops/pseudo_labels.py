@@ -17,6 +17,7 @@ Pure torch, (B, C, *spatial) for 2D and 3D; everything returned is detached.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
@@ -124,7 +125,8 @@ def class_shares(labels: torch.Tensor, num_classes: int, valid: Optional[torch.T
 def pseudo_label_stat_names(num_classes: int) -> Tuple[str, ...]:
     """Keys of :func:`pseudo_label_stats`, in a fixed order (to register logger keys up front)."""
     return (*(f"share_c{c}" for c in range(num_classes)), *(f"share_kept_c{c}" for c in range(num_classes)),
-            "confidence", "kept", *(f"threshold_c{c}" for c in range(num_classes)))
+            "confidence", "kept", *(f"threshold_c{c}" for c in range(num_classes)),
+            *(f"kept_c{c}" for c in range(num_classes)))
 
 
 def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Tensor]:
@@ -136,7 +138,9 @@ def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Te
         ``confidence``: mean max probability over all voxels;
         ``kept``: fraction of voxels kept by the gate;
         ``threshold_c<k>``: the gate's threshold τ_k for voxels predicted as class k (all equal to τ in the
-        fixed mode; per batch in the class-relative one).
+        fixed mode; per batch in the class-relative and quantile ones);
+        ``kept_c<k>``: among the voxels predicted as class k, the share the gate keeps (NaN when no voxel is
+        predicted as k: there is nothing to keep; the trainer averages it over the steps that have one).
     """
     share = class_shares(pl.labels, num_classes)
     share_kept = class_shares(pl.labels, num_classes, pl.keep)
@@ -146,20 +150,48 @@ def pseudo_label_stats(pl: PseudoLabels, num_classes: int) -> Dict[str, torch.Te
     out["kept"] = pl.kept_fraction
     thr = pl.threshold.detach().float().reshape(-1).expand(num_classes)  # (C,) per class (a scalar broadcast)
     out.update({f"threshold_c{c}": thr[c] for c in range(num_classes)})
+    with torch.no_grad():
+        labels = pl.labels.detach().reshape(-1).long()
+        predicted = torch.bincount(labels, minlength=num_classes)[:num_classes].float()
+        kept = torch.bincount(labels[pl.keep.detach().reshape(-1)], minlength=num_classes)[:num_classes].float()
+        kept_share = torch.where(predicted > 0, kept / predicted.clamp_min(1.0), torch.full_like(kept, float("nan")))
+    out.update({f"kept_c{c}": kept_share[c] for c in range(num_classes)})
     return out
+
+
+def argmax_disagreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Share of voxels whose argmax class differs between two predictions of the same voxels, 0-dim float32.
+
+    ``logits_a``, ``logits_b``: (B, C, *S) logits or probabilities (argmax is the same for both). For an EMA
+    teacher and its student on the same input, 0 means the teacher is a copy of the student (no temporal
+    ensemble, nothing to learn from its argmax); detached, no host sync.
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"argmax_disagreement needs two predictions of the same voxels, got shapes "
+                         f"{tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
+    with torch.no_grad():
+        return (logits_a.detach().argmax(dim=1) != logits_b.detach().argmax(dim=1)).float().mean()
 
 
 def collapse_diagnostic_names(num_classes: int) -> Tuple[str, ...]:
     """Keys of :func:`collapse_diagnostics`: ``pl_<stat>`` for every pseudo-label statistic, then
-    ``labeled_share_c<k>``."""
+    ``labeled_share_c<k>``, then ``teacher_disagreement``."""
     return (*(f"pl_{k}" for k in pseudo_label_stat_names(num_classes)),
-            *(f"labeled_share_c{c}" for c in range(num_classes)))
+            *(f"labeled_share_c{c}" for c in range(num_classes)), "teacher_disagreement")
+
+
+def partial_collapse_names(num_classes: int) -> Tuple[str, ...]:
+    """Keys of :func:`collapse_diagnostics` that are NaN in some steps by design: ``pl_kept_c<k>`` (no voxel
+    predicted as k) and ``teacher_disagreement`` (measured on the first step of an epoch only where the teacher's
+    input differs from the student's). Their epoch value is the mean over the steps that measured them."""
+    return (*(f"pl_kept_c{c}" for c in range(num_classes)), "teacher_disagreement")
 
 
 def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor, num_classes: int,
                          threshold: Union[float, torch.Tensor] = 0.0,
                          ignore_index: Optional[int] = None,
-                         pseudo: Optional[PseudoLabels] = None) -> Dict[str, torch.Tensor]:
+                         pseudo: Optional[PseudoLabels] = None,
+                         disagreement: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Teacher pseudo-label statistics on unlabeled patches next to the labeled class shares of the step.
 
     One function for every trainer with a teacher (the shared step and methods with their own step, e.g.
@@ -171,6 +203,8 @@ def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor,
         target_l: (B_l, 1, *S) labels of the labeled patches (ignore label not counted).
         threshold: the confidence gate τ (float or (C,)), as the method uses it.
         pseudo: the method's own gated pseudo labels of ``teacher_logits_u``; when given, ``threshold`` is unused.
+        disagreement: :func:`argmax_disagreement` of the teacher and the student on the same unlabeled input,
+            logged as ``teacher_disagreement``; None (no teacher, or the student does not see these patches): NaN.
     Returns: 0-dim float32 tensors, keys :func:`collapse_diagnostic_names`.
     """
     if teacher_logits_u.shape[1] != num_classes:
@@ -184,6 +218,8 @@ def collapse_diagnostics(teacher_logits_u: torch.Tensor, target_l: torch.Tensor,
         valid = target_l != ignore_index
     shares = class_shares(target_l, num_classes, valid)
     out.update({f"labeled_share_c{c}": shares[c] for c in range(num_classes)})
+    out["teacher_disagreement"] = (disagreement.detach().float().reshape(()) if disagreement is not None
+                                   else torch.full((), float("nan"), device=shares.device))
     return out
 
 
@@ -218,15 +254,80 @@ def class_relative_thresholds(probs: torch.Tensor, threshold: float, floor: floa
         return scaled.clamp(min=floor, max=threshold)
 
 
+def kept_count(num_voxels: int, keep: float) -> int:
+    """Voxels of a class the quantile gate keeps: ⌈keep · n⌉ (at least 1 of a predicted class, at most n).
+
+    Rounded to 6 decimals before the ceiling, so 0.3 · 10 (3.0000000000000004 in floating point) keeps 3, not 4.
+    """
+    if num_voxels <= 0:
+        return 0
+    return min(num_voxels, max(1, math.ceil(round(keep * num_voxels, 6))))
+
+
+def quantile_gate(probs: torch.Tensor, keep: float, floor: float = 0.0) -> PseudoLabels:
+    """Per-class quantile gate: of the voxels predicted as class c, keep the ⌈keep · n_c⌉ most confident ones.
+
+    The threshold of class c is the (1 − keep) quantile of the confidences of the batch's voxels predicted as c
+    (an order statistic, exact and deterministic: ``torch.kthvalue``), so every predicted class keeps its top
+    share whatever its size and however (mis)calibrated the teacher is. A fixed τ does not select once the
+    teacher is confident everywhere: under nnU-Net's Dice + CE the teacher's mean confidence is 0.986–0.992 and
+    τ = 0.9 keeps 96–100 % of the voxels (issue 23). ``floor`` additionally drops voxels below that confidence:
+
+        keep(v) = [ d(v) ≤ d*_ĉ(v) ] · [ p_ĉ(v)(v) ≥ floor ],   d(v) = Σ_{c ≠ ĉ(v)} p_c(v) = 1 − p_ĉ(v)(v)
+
+    with d*_c the ⌈keep · n_c⌉-th smallest d among the voxels predicted as c. Voxels are ranked by d, the other
+    classes' probability mass, not by p_ĉ: in float32 p_ĉ rounds to exactly 1 once the logit gap exceeds ~17,
+    which would tie most voxels of a confident class at the top and keep far more than the requested share;
+    the small probabilities keep their order (down to ~1e-38). The share kept is exact up to genuine ties of d.
+
+    Args:
+        probs: (B, C, *S) class probabilities, read in float32 without gradient.
+        keep: share of each predicted class's voxels to keep, in (0, 1]; 1 keeps every voxel above ``floor``.
+        floor: minimum confidence in [0, 1] (0: none).
+    Returns:
+        :class:`PseudoLabels`; ``threshold[c]`` = max(1 − d*_c, floor), the confidence threshold of class c in
+        this batch (1 for a class not predicted in the batch: there is nothing to keep).
+
+    Cost: one ``kthvalue`` per class predicted in the batch (a host sync each on a GPU, for the voxel count).
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep is the share of each class's voxels to keep, in (0, 1], got {keep}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor is a confidence in [0, 1], got {floor}")
+    if probs.dim() < 3:
+        raise ValueError(f"probs must be (B, C, *spatial) with 1-3 spatial dims, got shape {tuple(probs.shape)}")
+    with torch.no_grad():
+        p = probs.detach().float()
+        num_classes = p.shape[1]
+        confidence, labels = p.max(dim=1, keepdim=True)
+        doubt = p.scatter(1, labels, 0.0).sum(dim=1, keepdim=True)  # 1 − p_ĉ without float32's rounding to 1
+        flat_doubt, flat_labels = doubt.reshape(-1), labels.reshape(-1)
+        cut = torch.full((num_classes,), -1.0, device=p.device)  # −1: class not predicted, nothing kept
+        for c in range(num_classes):
+            d = flat_doubt[flat_labels == c]
+            if d.numel():
+                cut[c] = torch.kthvalue(d, kept_count(d.numel(), keep)).values
+        keep_mask = (doubt <= cut[labels]) & (confidence >= floor)
+        threshold = torch.where(cut >= 0, (1.0 - cut).clamp(min=floor), torch.ones_like(cut))
+    return PseudoLabels(labels=labels, confidence=confidence, keep=keep_mask, threshold=threshold)
+
+
 #: modes of :func:`confidence_gate`
-THRESHOLD_MODES = ("fixed", "class_relative")
+THRESHOLD_MODES = ("fixed", "class_relative", "quantile")
+#: default share of each class's voxels the ``"quantile"`` mode keeps (config ``pseudo_label_keep``)
+DEFAULT_KEEP = 0.5
 
 
-def confidence_gate(probs: torch.Tensor, threshold: float, mode: str = "fixed", floor: float = 0.5) -> PseudoLabels:
-    """:func:`gate_pseudo_labels` with τ for every class (``"fixed"``) or :func:`class_relative_thresholds`
-    (``"class_relative"``, floor ``min(floor, τ)``). ``probs`` (B, C, *S)."""
+def confidence_gate(probs: torch.Tensor, threshold: float, mode: str = "fixed", floor: float = 0.5,
+                    keep: float = DEFAULT_KEEP) -> PseudoLabels:
+    """:func:`gate_pseudo_labels` with τ for every class (``"fixed"``), :func:`class_relative_thresholds`
+    (``"class_relative"``, floor ``min(floor, τ)``) or :func:`quantile_gate` (``"quantile"``: each predicted class
+    keeps its ``keep`` share of most confident voxels, floor ``min(floor, τ)``; τ = 0 gives the pure quantile
+    gate). ``probs`` (B, C, *S); ``keep`` is used by the quantile mode only."""
     if mode == "fixed":
         return gate_pseudo_labels(probs, threshold)
     if mode == "class_relative":
         return gate_pseudo_labels(probs, class_relative_thresholds(probs, threshold, min(floor, threshold)))
+    if mode == "quantile":
+        return quantile_gate(probs, keep, min(floor, threshold))
     raise ValueError(f"threshold mode must be one of {THRESHOLD_MODES}, got {mode!r}")

@@ -13,8 +13,9 @@ validation, checkpoints, prediction) and adds:
   optional feature-perturbed student pass on the weak view (``method.feature_dropout``, UniMatch's FP stream);
 * time constants (EMA decay, method momenta) resolved for this run's length (``time_constants``);
 * collapse diagnostics: the teacher's pseudo-label class shares on unlabeled patches next to the labeled
-  class shares, its mean confidence and the gate's kept fraction, logged and plotted every epoch, with a
-  warning when a foreground class vanishes from the pseudo labels; plus the method's own diagnostics;
+  class shares, its mean confidence, the gate's kept fraction (overall and per predicted class) and the share of
+  voxels where teacher and student argmax disagree, logged and plotted every epoch, with a warning when a
+  foreground class vanishes from the pseudo labels; plus the method's own diagnostics;
 * resolved config + method state in every checkpoint, checked and restored on ``--c``.
 
 Leaf trainers (``trainers/``) set ``method_class`` and ``config`` and nothing else, or override
@@ -33,7 +34,7 @@ from torch import distributed as dist
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.distributed import all_reduce_gradients_, all_reduce_sum
-from nnunet_proto.ops.pseudo_labels import collapse_diagnostics
+from nnunet_proto.ops.pseudo_labels import argmax_disagreement, collapse_diagnostics
 from nnunet_proto.ops.strong_views import StrongIntensity, StrongView, channel_dropout, strong_view
 from nnunet_proto.training.compat import (
     NonDetMultiThreadedAugmenter,
@@ -64,6 +65,7 @@ from nnunet_proto.training.progress import (
     class_names_from_dataset_json,
     collapse_keys,
     collapsing_classes,
+    partial_collapse_keys,
 )
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
@@ -453,19 +455,43 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         out.update({DIAG_PREFIX + k: float(v) for k, v in diagnostics.items()})
         return out
 
-    def record_pseudo_label_diagnostics(self, teacher_logits_u: Optional[torch.Tensor], target_l: torch.Tensor) -> None:
+    def record_pseudo_label_diagnostics(self, teacher_logits_u: Optional[torch.Tensor], target_l: torch.Tensor,
+                                        disagreement: Optional[torch.Tensor] = None) -> None:
         """Collapse diagnostics of this step from the teacher's logits on the *un-mixed* unlabeled patches
         (single-network methods: the student's own logits on them, detached).
 
         Called by the shared ``compute_loss`` and by every trainer with its own step (copy-paste), so that all
-        trainers log the same numbers; the gate is the method's ``gate_teacher`` (config ``pseudo_label_threshold``
-        and ``threshold_mode``).
+        trainers log the same numbers; the gate is the method's ``gate_teacher`` (config ``pseudo_label_threshold``,
+        ``threshold_mode``, ``pseudo_label_keep``). ``disagreement``: :meth:`teacher_disagreement` of this step
+        (None: logged as NaN, e.g. for the copy-paste trainers, whose student never sees an un-mixed patch).
         """
         if teacher_logits_u is None:
             return
         self._step_collapse = collapse_diagnostics(
             teacher_logits_u, target_l, self.label_manager.num_segmentation_heads,
-            ignore_index=self.label_manager.ignore_label, pseudo=self.method.gate_teacher(teacher_logits_u))
+            ignore_index=self.label_manager.ignore_label, pseudo=self.method.gate_teacher(teacher_logits_u),
+            disagreement=disagreement)
+
+    def teacher_disagreement(self, student_logits_u: Optional[torch.Tensor], student_input_u: torch.Tensor,
+                             teacher_logits_u: torch.Tensor, teacher_input_u: torch.Tensor) -> Optional[torch.Tensor]:
+        """Share of unlabeled voxels where the teacher's and the student's argmax differ on the *same* input
+        (``ops.pseudo_labels.argmax_disagreement``): 0 for a teacher that is a copy of the student.
+
+        Where the teacher saw the student's input (``teacher_input`` is the identity and no strong view: CPCL, PCCS)
+        every step measures it from the logits the step has. Where the views differ (Mean Teacher's input noise, the
+        strong view) the difference of views would add to the lag, so on the first step of every epoch the teacher
+        predicts once more, on the student's input (one extra forward without gradient per epoch; no random draw,
+        so training is unchanged), and the other steps give None. None also without student logits on the
+        unlabeled patches (CPCL's paper form). ``student_logits_u`` (B_u, C, *S): the student's first view.
+        """
+        if student_logits_u is None:
+            return None
+        if teacher_input_u is student_input_u:
+            return argmax_disagreement(teacher_logits_u, student_logits_u)
+        if self._iter_in_epoch != 0:
+            return None
+        same_input, _ = self.teacher_forward(student_input_u)
+        return argmax_disagreement(same_input, student_logits_u)
 
     def _sync_and_clip(self) -> torch.Tensor:
         """Average method-module gradients across ranks, clip like nnU-Net; returns the norm before clipping."""
@@ -549,8 +575,13 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         t_logits, t_features, t_weak = None, {}, None
         if self.teacher is not None:
             # strong view: the teacher sees the weak view as delivered (no teacher_input perturbation)
-            t_logits, t_features = self.teacher_forward(data_u if views else method.teacher_input(data_u))
-            self.record_pseudo_label_diagnostics(t_logits, target_full)  # the un-mixed weak-view logits
+            t_input = data_u if views else method.teacher_input(data_u)
+            t_logits, t_features = self.teacher_forward(t_input)
+            n_u = data_u.shape[0]  # the student's first (or only) view of the unlabeled patches
+            disagreement = self.teacher_disagreement(outs[0][n_l:n_l + n_u] if sees_u else None,
+                                                     x_u[:n_u] if views else data_u, t_logits, t_input)
+            self.record_pseudo_label_diagnostics(t_logits, target_full,  # the un-mixed weak-view logits
+                                                 disagreement=disagreement)
             if views:  # the student's voxel v and the teacher's target at v come from the same image
                 t_weak = t_logits
                 t_logits = torch.cat([v.mix(t_logits) for v in views])
@@ -647,6 +678,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             key = f"gradnorm_{name}"
             values[key] = [self._epoch_probe[key]] if key in self._epoch_probe else []
         self._epoch_probe = {}
+        partial = {k[len(PREFIX):] for k in partial_collapse_keys(self.logger.local_logger.num_classes)}
+        for key in partial & set(values):  # NaN by design in some steps: the mean over the steps that measured it
+            values[key] = [v for v in values[key] if v == v]
         means = {k: float(np.mean(v)) if v else float("nan") for k, v in values.items()}
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
@@ -679,10 +713,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 + " | labeled patches " + " ".join(f"c{c} {means[f'labeled_share_c{c}']:.4f}" for c in fg)
                 + f" | mean confidence {means['pl_confidence']:.3f}, kept by the gate "
                   f"(tau {self.config.pseudo_label_threshold:g}, {self.config.threshold_mode}"
+                + (f" keep {self.config.pseudo_label_keep:g}" if self.config.threshold_mode == "quantile" else "")
                 + ("" if self.config.threshold_mode == "fixed" else
                    "; per class " + " ".join(f"c{c} {means.get(f'pl_threshold_c{c}', float('nan')):.3f}"
                                              for c in range(num_classes)))
-                + f") {means['pl_kept']:.3f}")
+                + f") {means['pl_kept']:.3f}, per predicted class "
+                + " ".join(f"c{c} {means.get(f'pl_kept_c{c}', float('nan')):.3f}" for c in range(num_classes))
+                + ("" if self.teacher is None else
+                   f" | teacher-student argmax disagreement {means.get('teacher_disagreement', float('nan')):.4f}"))
         diag = {k[len("diag_"):]: v for k, v in means.items() if k.startswith("diag_")}
         if diag:
             self.print_to_log_file("method diagnostics: " + ", ".join(f"{k} {v:.4g}" for k, v in diag.items()))

@@ -5,7 +5,8 @@ registers extra keys (one value per epoch, like nnU-Net's own) and draws more pa
 unweighted loss terms with the supervised loss, the term weights λ(t), the time the network spent
 waiting for labeled and unlabeled batches (in the epoch-time panel), the collapse diagnostics (per
 foreground class, the share of the teacher's pseudo labels on unlabeled patches next to its share in
-the labeled patches, with the teacher's mean confidence and the gate's kept fraction; for single-network
+the labeled patches, with the teacher's mean confidence, the gate's kept fraction overall and per predicted
+class, and the share of voxels where teacher and student argmax disagree; for single-network
 methods such as MSPA the network's own predictions on the unlabeled patches), the gradient norms (the
 weighted gradient of each term against the supervised one, probed on the first step of every epoch, and
 the total norm before nnU-Net's clipping at 12) and the method's own diagnostics. Everything is stored
@@ -47,6 +48,15 @@ def collapse_keys(num_classes: int) -> List[str]:
     from nnunet_proto.ops.pseudo_labels import collapse_diagnostic_names
 
     return [PREFIX + k for k in collapse_diagnostic_names(num_classes)] if num_classes > 0 else []
+
+
+def partial_collapse_keys(num_classes: int) -> List[str]:
+    """Collapse keys that are NaN in some steps by design (``ops.pseudo_labels.partial_collapse_names``): a class
+    not predicted in a step has no kept share; the teacher-student disagreement may be measured on one step per
+    epoch. Their epoch value is the mean over the steps that measured them (NaN if none did)."""
+    from nnunet_proto.ops.pseudo_labels import partial_collapse_names
+
+    return [PREFIX + k for k in partial_collapse_names(num_classes)] if num_classes > 0 else []
 
 
 def class_names_from_dataset_json(dataset_json: dict) -> Dict[int, str]:
@@ -168,8 +178,8 @@ class SemiSupervisedLogger(LocalLogger):
         ax.legend(loc=(0, 1))
 
         # 6: collapse diagnostics: per foreground class, pseudo-label share (solid) vs labeled share (dashed),
-        # share among the gate's kept voxels (dotted); background shares, teacher confidence and kept fraction
-        # on the right axis
+        # share among the gate's kept voxels (dotted), teacher-student disagreement (black dash-dot); background
+        # shares, teacher confidence, kept fraction and each class' kept share (dash-dot) on the right axis
         ax = axes[5]
         ax2 = ax.twinx()
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -182,6 +192,8 @@ class SemiSupervisedLogger(LocalLogger):
                     label=f"{name}: kept pseudo labels")
             ax.plot(x, log[f"{PREFIX}labeled_share_c{c}"][:epoch + 1], color=col, ls="--", linewidth=3,
                     label=f"{name}: labeled patches")
+            ax2.plot(x, log[f"{PREFIX}pl_kept_c{c}"][:epoch + 1], color=col, ls="dashdot", linewidth=3,
+                     label=f"{name}: share kept by the gate (right axis)")
         if self.num_classes:  # background on the right axis: its share (~0.9) would flatten the others
             ax2.plot(x, log[f"{PREFIX}pl_share_c0"][:epoch + 1], color="tab:brown", linewidth=3,
                      label="background: pseudo labels (right axis)")
@@ -189,6 +201,11 @@ class SemiSupervisedLogger(LocalLogger):
                      label="background: kept pseudo labels (right axis)")
             ax2.plot(x, log[f"{PREFIX}labeled_share_c0"][:epoch + 1], color="tab:brown", ls="--", linewidth=3,
                      label="background: labeled patches (right axis)")
+            ax2.plot(x, log[f"{PREFIX}pl_kept_c0"][:epoch + 1], color="tab:brown", ls="dashdot", linewidth=3,
+                     label="background: share kept by the gate (right axis)")
+            # a voxel share like the class shares (left axis, small values): 0 = the teacher is a copy of the student
+            ax.plot(x, log[PREFIX + "teacher_disagreement"][:epoch + 1], color="k", ls="dashdot", linewidth=4,
+                    label="teacher-student argmax disagreement (unlabeled voxels)")
             ax2.plot(x, log[PREFIX + "pl_confidence"][:epoch + 1], color="k", linewidth=3,
                      label="mean confidence of the pseudo-label source")
             ax2.plot(x, log[PREFIX + "pl_kept"][:epoch + 1], color="grey", ls="--", linewidth=3,
@@ -196,8 +213,8 @@ class SemiSupervisedLogger(LocalLogger):
         ax.set_ylim(bottom=0)
         ax2.set_ylim(0, 1.05)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("voxel share of foreground class")
-        ax2.set_ylabel("background share / confidence / kept fraction")
+        ax.set_ylabel("voxel share of foreground class / teacher-student disagreement")
+        ax2.set_ylabel("background share / confidence / kept fraction (overall, per class)")
         handles, names = ax.get_legend_handles_labels()
         handles2, names2 = ax2.get_legend_handles_labels()
         if handles or handles2:  # one legend for both axes (two would overlap above the panel)
