@@ -16,6 +16,9 @@
 #                                                                            # seed 0): defaults vs share, drop, noisy, warm start
 #   bash scripts/acdc_benchmark.sh selftrain                                 # plain, offline self-training, plain at equal compute:
 #                                                                            # labeled 2 and 4, seeds 0 1 2, the confirmation's budget
+#   bash scripts/acdc_benchmark.sh redesign-screen [TRAINER ...]             # issue 23's redesign on validation (labeled 4, seed 0,
+#                                                                            # the confirmation's budget): CPCL, its one-switch
+#                                                                            # variants and _v2, MT/PCCS _v2, UniMatch (+ these)
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
@@ -27,8 +30,8 @@
 # screening's summary.json), never on the test frames.
 set -euo pipefail
 case "${1:-}" in
-  setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain) ;;
-  *) sed -n '2,27p' "$0" >&2; exit 2 ;;
+  setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen) ;;
+  *) sed -n '2,30p' "$0" >&2; exit 2 ;;
 esac
 bench=acdc
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
@@ -42,6 +45,11 @@ equal_source="${NNUNET_PROTO_EQUAL_COMPUTE_SOURCE:-nnUNetTrainerPCCS, 2.32x plai
 # offline self-training's screening: the default student and one change each, on validation only
 students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrainerSelfTraining_share75
           nnUNetTrainerSelfTraining_drop25 nnUNetTrainerSelfTraining_noisy nnUNetTrainerSelfTraining_fromteacher)
+# issue 23's redesign (nnunet_proto/training/variants.py REDESIGN): CPCL (the one confirmed gain) switch by switch,
+# every teacher-student method with all switches (_v2), and the weak-to-strong baseline
+redesign=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
+          nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerMeanTeacher_v2
+          nnUNetTrainerPCCS_v2 nnUNetTrainerUniMatch)
 stage="${1:-}"
 shift || true
 case "$stage" in
@@ -107,8 +115,12 @@ PY
       --self-training --equal-compute "$equal_compute" --equal-compute-source "$equal_source" \
       --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_bf16" -tr nnUNetTrainer "$@"
     ;;
+  redesign-screen)
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision bf16 --no-control \
+      --name acdc_redesign_screen -o "$work/reports/acdc_redesign_screen" -tr "${redesign[@]}" "$@"
+    ;;
   *)
-    sed -n '2,27p' "$0" >&2
+    sed -n '2,30p' "$0" >&2
     exit 2
     ;;
 esac

@@ -54,3 +54,18 @@ def test_count_files_is_zero_for_a_missing_folder_under_strict_mode(tmp_path):
         (tmp_path / "a" / name).write_bytes(b"")
     out = guard(tmp_path, f"echo $(count_files {tmp_path / 'a'} '*.h5') $(count_files {tmp_path / 'missing'} '*.h5')")
     assert out.returncode == 0 and out.stdout.split() == ["2", "0"]
+
+
+def test_every_trainer_the_acdc_stages_name_exists(monkeypatch):
+    """A typo in a stage's trainer list would only fail hours into a benchmark: each name resolves through
+    nnU-Net's own trainer lookup (nnUNet_extTrainer)."""
+    import re
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "trainers"))
+    text = (REPO / "scripts" / "acdc_benchmark.sh").read_text()
+    names = set(re.findall(r"\bnnUNetTrainer\w*", text))
+    assert {"nnUNetTrainerCPCL_v2", "nnUNetTrainerUniMatch", "nnUNetTrainerSelfTraining_share25"} <= names
+    for name in sorted(names):
+        assert recursive_find_trainer_class_by_name(name) is not None, name

@@ -14,7 +14,7 @@ V1 = {"use_teacher": True, "ema_decay": 0.99, "ema_warmup": True, "unlabeled_bat
       "rampup": "sigmoid", "rampup_length": 1.0, "reference_steps": 20000, "time_constants": "run_relative",
       "min_decay": 0.9, "pseudo_label_threshold": 0.9, "threshold_mode": "fixed", "seed": None, "alpha": 20.0,
       "beta": 10.0, "prototype_reduction": "batch_mean", "student_unlabeled_features": True, "strong_view": False,
-      "ema_mode": "follow"}
+      "ema_mode": "follow", "weight_band": None}
 #: settings of switches that v1 keeps off (they do nothing while their switch is off)
 INACTIVE = {"strong_intensity_p", "cutmix_p", "pseudo_label_keep"}
 

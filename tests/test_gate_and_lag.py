@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import started_trainer
 
 from nnunet_proto.methods.base import SemiSupervisedConfig
 from nnunet_proto.methods.mean_teacher import MeanTeacher
@@ -164,3 +165,103 @@ def test_trainer_logs_kept_share_per_class_and_teacher_disagreement(synthetic_da
     assert "ema_mode per_step" in text or "'ema_mode': 'per_step'" in text
     assert "teacher-student argmax disagreement (unlabeled voxels)" in plot_labels
     assert "background: share kept by the gate (right axis)" in plot_labels
+
+
+# ------------------------------------------------------------------------------------------ weights set by signal
+def test_banded_gain_moves_the_share_at_full_ramp_into_the_band():
+    from nnunet_proto.ops.schedules import banded_gain
+
+    band = (0.3, 1.0)
+    # share = gain * full_weight * ratio
+    assert banded_gain(1.0, ratio=5.0, full_weight=0.1, band=band) == 1.0  # 0.5: inside, kept
+    mid = math.sqrt(0.3)  # the band's geometric middle
+    # 0.01 -> target gain mid / 0.01 = 54.8; half the log-space way is its square root 7.4, capped at a factor 4
+    assert banded_gain(1.0, ratio=0.1, full_weight=0.1, band=band) == pytest.approx(4.0)
+    assert banded_gain(1.0, ratio=0.1, full_weight=0.1, band=band, max_step=100.0) == pytest.approx(
+        math.sqrt(mid / 0.01))
+    # too strong: 3.0 -> target gain mid / 3
+    assert banded_gain(1.0, ratio=30.0, full_weight=0.1, band=band) == pytest.approx(math.sqrt(mid / 3.0))
+    # repeated probes converge into the band and stay
+    gain = 1.0
+    for _ in range(4):  # 4, 14.8, 28.5, 39.5: inside after four probes
+        gain = banded_gain(gain, ratio=0.1, full_weight=0.1, band=band)
+    assert 0.3 <= gain * 0.01 <= 1.0
+    assert banded_gain(gain, ratio=0.1, full_weight=0.1, band=band) == gain
+    # nothing to measure: no gradient, no weight, NaN
+    for ratio, full in ((0.0, 0.1), (float("nan"), 0.1), (1.0, 0.0)):
+        assert banded_gain(2.0, ratio=ratio, full_weight=full, band=band) == 2.0
+    assert banded_gain(1.0, ratio=1e-12, full_weight=1.0, band=band, max_step=1e9) == 1e3  # bounded
+
+
+def test_weight_band_config_is_checked():
+    with pytest.raises(ValueError, match="weight_band"):
+        SemiSupervisedConfig(weight_band=(1.0, 0.3))
+    with pytest.raises(ValueError, match="weight_band"):
+        SemiSupervisedConfig(weight_band=(0.0, 1.0))
+    assert SemiSupervisedConfig(weight_band=(0.3, 1.0)).weight_band == (0.3, 1.0)
+
+
+def test_weight_band_trainer_adapts_logs_and_resumes_its_gains(synthetic_dataset, fresh_results):
+    cls = _variant("nnUNetTrainerMeanTeacher", weight_band=(0.3, 1.0))
+    plans = synthetic_dataset.load_plans()
+    plans["continue_training"] = False
+    trainer = cls(plans=plans, configuration="2d", fold=synthetic_dataset.fold,
+                  dataset_json=synthetic_dataset.dataset_json(), device=torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 2, 2, 1
+    full = trainer.method.weights(1.0)["consistency"]
+    # the rule on a given probe: ratio 0.1, share at full ramp 0.01 * 1 -> gain x4 (the cap of one probe)
+    trainer._probe_weights = {"consistency": 0.05}
+    trainer.adapt_weight_gains({"gradnorm_sup": 2.0, "gradnorm_consistency": 0.05 * 2.0 * 0.1})
+    assert trainer.weight_gains["consistency"] == pytest.approx(min(4.0, math.sqrt(math.sqrt(0.3) / (full * 0.1))))
+    assert trainer.effective_weights(1.0)["consistency"] == pytest.approx(full * trainer.weight_gains["consistency"])
+    trainer.weight_gains["consistency"] = 1.0
+
+    trainer.run_training()
+    gain = trainer.weight_gains["consistency"]
+    assert gain != 1.0  # two probes on a fresh network: Mean Teacher's consistency is far from the band
+    text = open(trainer.log_file).read()
+    assert "weight band [0.3, 1] of the supervised gradient: gains consistency 1 ->" in text
+    log = trainer.logger.local_logger.my_fantastic_logging
+    assert len(log[f"{PREFIX}gradnorm_consistency"]) == 2
+
+    ckpt = torch.load(f"{trainer.output_folder}/checkpoint_final.pth", map_location="cpu", weights_only=False)
+    from nnunet_proto.training.base_trainer import CHECKPOINT_KEY
+
+    assert ckpt[CHECKPOINT_KEY]["weight_gains"] == {"consistency": gain}
+    plans = synthetic_dataset.load_plans()
+    plans["continue_training"] = True
+    again = cls(plans=plans, configuration="2d", fold=synthetic_dataset.fold,
+                dataset_json=synthetic_dataset.dataset_json(), device=torch.device("cpu"))
+    again.num_epochs, again.num_iterations_per_epoch = 2, 2
+    again.load_checkpoint(f"{trainer.output_folder}/checkpoint_final.pth")
+    assert again.weight_gains == {"consistency": gain}
+
+
+def test_redesign_variants_are_one_switch_each_and_v2_trains(synthetic_dataset, fresh_results):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_proto.training.variants import REDESIGN, redesign_variants
+
+    for name, suffixes in (("nnUNetTrainerMeanTeacher", ("strong", "ema99", "wband", "ramp20")),
+                           ("nnUNetTrainerCPCL", tuple(REDESIGN)), ("nnUNetTrainerPCCS", tuple(REDESIGN))):
+        base = recursive_find_trainer_class_by_name(name)
+        for suffix in suffixes:
+            variant = recursive_find_trainer_class_by_name(f"{name}_{suffix}")
+            assert variant.variant_of.__name__ == name
+            changed = {k for k, v in variant.config.to_dict().items() if base.config.to_dict()[k] != v}
+            assert changed == set(REDESIGN[suffix]), (name, suffix, changed)
+        v2 = recursive_find_trainer_class_by_name(f"{name}_v2").config
+        assert v2.strong_view and v2.ema_mode == "per_step" and v2.weight_band == (0.3, 1.0)
+        assert v2.threshold_mode == ("fixed" if name.endswith("MeanTeacher") else "quantile")
+        assert v2.rampup_length == base.config.rampup_length
+    mt = recursive_find_trainer_class_by_name("nnUNetTrainerMeanTeacher")
+    assert "nnUNetTrainerMeanTeacher_quantile" not in redesign_variants(mt, gated=False)  # no gated pseudo labels
+
+    trainer = started_trainer("nnUNetTrainerCPCL_v2", synthetic_dataset, "2d", epochs=2, iterations=2)
+    try:
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert math.isfinite(float(out["loss"]))
+        assert 0.0 <= out[f"{PREFIX}teacher_disagreement"] <= 1.0
+        assert trainer.teacher.decay == pytest.approx(0.99)  # per step, whatever the run length
+    finally:
+        trainer.on_train_end()

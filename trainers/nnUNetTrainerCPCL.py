@@ -8,10 +8,17 @@ nnUNetTrainerCPCL_v1: the form of the confirmation benchmark acdc_confirm_bf16, 
 nnUNetTrainerCPCL_labeledcontrol: CPCL unchanged, but its "unlabeled" stream serves the fold's labeled training
 images (labels unused): no unlabeled image at all. Whether CPCL's gain needs the unlabeled images.
 Short variants: nnUNetTrainerCPCL_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
+Issue 23's redesign, not validated: nnUNetTrainerCPCL_strong, _ema99, _quantile, _wband, _ramp20
+(one switch each) and _v2 (all but the ramp).
 """
 from nnunet_proto.methods.cpcl import CPCL, CPCLConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import config_variant, literal_variant, schedule_variants
+from nnunet_proto.training.variants import (
+    config_variant,
+    literal_variant,
+    redesign_variants,
+    schedule_variants,
+)
 
 
 class nnUNetTrainerCPCL(nnUNetTrainerSemiSupervised):
@@ -28,3 +35,4 @@ globals().update(config_variant(nnUNetTrainerCPCL, "labeledcontrol", CPCLConfig(
                                 "Control: nnUNetTrainerCPCL whose unlabeled stream serves the fold's labeled training "
                                 "images with their labels unused (unlabeled_sources=('labeled',)): CPCL without any "
                                 "unlabeled image."))
+globals().update(redesign_variants(nnUNetTrainerCPCL))

@@ -9,10 +9,17 @@ and consistency to the teacher's prototype prediction plus entropy minimisation 
 nnUNetTrainerPCCS_paper: L_aux at full weight from ~3 % of the run, ungated, per-step memory momentum
 (``PCCSConfig.paper()``). nnUNetTrainerPCCS_noAuxEncoder: the defaults with L_aux training only the projection
 branch (``aux_encoder_gradient=False``), an ablation. Short variants: nnUNetTrainerPCCS_smoke, _1epoch, ...
+Issue 23's redesign, not validated: nnUNetTrainerPCCS_strong, _ema99, _quantile, _wband, _ramp20
+(one switch each) and _v2 (all but the ramp).
 """
 from nnunet_proto.methods.pccs import PCCS, PCCSConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import config_variant, literal_variant, schedule_variants
+from nnunet_proto.training.variants import (
+    config_variant,
+    literal_variant,
+    redesign_variants,
+    schedule_variants,
+)
 
 
 class nnUNetTrainerPCCS(nnUNetTrainerSemiSupervised):
@@ -30,3 +37,4 @@ globals().update(schedule_variants(nnUNetTrainerPCCS))
 globals().update(literal_variant(nnUNetTrainerPCCS, PCCSConfig.paper()))
 globals().update(config_variant(nnUNetTrainerPCCS, "noAuxEncoder", PCCSConfig(aux_encoder_gradient=False),
                                 "nnUNetTrainerPCCS with L_aux kept out of the encoder: the aux-gradient ablation."))
+globals().update(redesign_variants(nnUNetTrainerPCCS))

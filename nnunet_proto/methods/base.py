@@ -115,6 +115,13 @@ class SemiSupervisedConfig:
         strong_intensity_p: per-patch probability of the strong brightness/contrast/gamma change (UniMatch's
             ColorJitter probability 0.8); blur and noise have their own (``ops.strong_views``).
         cutmix_p: per-patch probability of a CutMix box (UniMatch 0.5).
+        weight_band: None (default: the weights are the method's, as written) or (lo, hi): weights set by signal.
+            On the first step of every epoch the gradient probe measures each term's gradient against the supervised
+            one; the trainer then moves a per-term gain so that the term's gradient share at *full ramp*
+            (gain · weight at full ramp · ‖∇L_term‖ / ‖∇L_sup‖) lands in [lo, hi] (``ops.schedules.banded_gain``:
+            half of the log-space way per epoch, at most a factor 4). The ramp keeps its shape; the gains are logged,
+            saved in checkpoints and restored on ``--c``. Needs the gradient probe (not under DDP or torch.compile,
+            where the gains stay 1 with a warning). Issue 23 proposes (0.3, 1.0).
     """
 
     use_teacher: bool = True
@@ -138,6 +145,7 @@ class SemiSupervisedConfig:
     strong_view: bool = False
     strong_intensity_p: float = STRONG_INTENSITY_P
     cutmix_p: float = CUTMIX_P
+    weight_band: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -184,6 +192,10 @@ class SemiSupervisedConfig:
         for name in ("strong_intensity_p", "cutmix_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.weight_band is not None and not (
+                len(self.weight_band) == 2 and 0.0 < float(self.weight_band[0]) <= float(self.weight_band[1])):
+            raise ValueError(f"weight_band is (lo, hi) with 0 < lo <= hi, the target band of each term's gradient "
+                             f"share at full ramp (e.g. (0.3, 1.0)), or None; got {self.weight_band!r}")
         if self.strong_view and not self.use_teacher:
             raise ValueError("strong_view needs a teacher (use_teacher=True): the teacher predicts on the weak view "
                              "and the student learns its targets on the strong view")

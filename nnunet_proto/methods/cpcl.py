@@ -91,7 +91,7 @@ class CPCLConfig(SemiSupervisedConfig):
                    rampup="sigmoid", rampup_length=1.0, reference_steps=CPCL_PAPER_ITERATIONS,
                    time_constants="run_relative", min_decay=0.9, pseudo_label_threshold=0.9, threshold_mode="fixed",
                    seed=None, alpha=20.0, beta=10.0, prototype_reduction="batch_mean", student_unlabeled_features=True,
-                   strong_view=False, ema_mode="follow")
+                   strong_view=False, ema_mode="follow", weight_band=None)
 
     def validate(self) -> None:
         super().validate()

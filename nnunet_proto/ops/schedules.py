@@ -120,3 +120,34 @@ def fraction_to_steps(fraction: float, run_steps: int, min_steps: int = 0) -> in
     if run_steps <= 0:
         raise ValueError(f"run_steps must be > 0, got {run_steps}")
     return int(min(max(round(fraction * run_steps), min_steps), run_steps))
+
+
+#: ``weight_band`` adaptation: the share of the log-space way to the band taken per probe, the largest factor one
+#: probe may change a gain by, and the bounds of a gain
+BAND_RATE = 0.5
+BAND_MAX_STEP = 4.0
+BAND_GAIN_BOUNDS = (1e-3, 1e3)
+
+
+def banded_gain(gain: float, ratio: float, full_weight: float, band: tuple, rate: float = BAND_RATE,
+                max_step: float = BAND_MAX_STEP, bounds: tuple = BAND_GAIN_BOUNDS) -> float:
+    """The next gain of a loss term's weight so that its gradient share at full ramp moves into ``band``.
+
+    ``ratio`` = ‖∇L_term‖ / ‖∇L_sup‖ measured by the gradient probe (unweighted), ``full_weight`` the term's
+    weight at full ramp without gain, so the share at full ramp is s = gain · full_weight · ratio. Inside
+    ``band`` = (lo, hi) the gain is kept; outside, the target gain g* puts s on the band's geometric middle
+    √(lo · hi) (a bound itself would only be approached, never entered) and the gain moves ``rate`` of the way there
+    in log space (gain^(1 − rate) · g*^rate: one probe per epoch is one batch, so a single noisy probe does not set
+    the weight), by at most a factor ``max_step``, within ``bounds``. A term without
+    gradient (ratio 0 or not finite) or without weight keeps its gain.
+    """
+    lo, hi = band
+    if not (ratio > 0 and math.isfinite(ratio)) or full_weight <= 0:
+        return gain
+    share = gain * full_weight * ratio
+    if lo <= share <= hi:
+        return gain
+    target = math.sqrt(lo * hi) / (full_weight * ratio)
+    new = math.exp((1.0 - rate) * math.log(gain) + rate * math.log(target))
+    new = min(max(new, gain / max_step), gain * max_step)
+    return float(min(max(new, bounds[0]), bounds[1]))

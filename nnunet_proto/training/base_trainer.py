@@ -35,6 +35,7 @@ from torch import distributed as dist
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.distributed import all_reduce_gradients_, all_reduce_sum
 from nnunet_proto.ops.pseudo_labels import argmax_disagreement, collapse_diagnostics
+from nnunet_proto.ops.schedules import banded_gain
 from nnunet_proto.ops.strong_views import StrongIntensity, StrongView, channel_dropout, strong_view
 from nnunet_proto.training.compat import (
     NonDetMultiThreadedAugmenter,
@@ -177,6 +178,9 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         self._step_collapse: Dict[str, torch.Tensor] = {}
         self._probe_terms: Optional[Dict[str, torch.Tensor]] = None  # weighted terms of a gradient-probe step
         self._epoch_probe: Dict[str, float] = {}  # this epoch's probed gradient norms
+        self._probe_weights: Dict[str, float] = {}  # the effective weights of the probed step
+        # config weight_band: per-term gains on the method's weights, moved by the gradient probe (1: as written)
+        self.weight_gains: Dict[str, float] = {name: 1.0 for name in self.method.term_names}
         num_classes = self.label_manager.num_segmentation_heads
         self.diagnostic_keys = tuple(self.method.diagnostic_keys(num_classes))
         self.logger.local_logger = SemiSupervisedLogger(
@@ -362,6 +366,13 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             f"unlabeled batch {info['batch_size']} ({info['workers']} workers), teacher "
             f"{'EMA %.4f' % self.teacher.decay if self.teacher is not None else 'none'}, "
             f"features {', '.join(self.method.feature_layers) or 'none'}")
+        if self.config.weight_band is not None:
+            probed = self.grad_probe and not self.is_ddp and not is_compiled(self.network)
+            self.print_to_log_file(
+                f"weight band {list(self.config.weight_band)}: each term's gain moves so that its gradient share at "
+                f"full ramp lands in the band (gains now {self.weight_gains})" if probed else
+                "WARNING: weight_band needs the gradient probe, which is off under DDP and torch.compile; the "
+                "weights stay as the method writes them (gains 1)")
         if self.config.strong_view:
             self.print_to_log_file(
                 f"strong view: the teacher predicts on the weak view (nnU-Net's augmentation), the student trains on "
@@ -649,13 +660,14 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
 
     def combine(self, sup: torch.Tensor, terms: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict]:
         """total = sup + Σ_k w_k(t)·term_k; every term always enters the graph (weight may be ~0)."""
-        weights = self.method.weights(self.progress)
+        weights = self.effective_weights(self.progress)
         missing = set(self.method.term_names) - set(terms)
         if missing:
             raise RuntimeError(f"{type(self.method).__name__} did not return loss terms {sorted(missing)}")
         total = sup
         logs: Dict[str, float] = {"loss_sup": sup.detach()}
         if self._probe_terms is not None:  # a gradient-probe step (train_step): keep the attached terms
+            self._probe_weights = dict(weights)
             self._probe_terms["sup"] = sup
             self._probe_terms.update({name: weights[name] * terms[name] for name in self.method.term_names})
         for name in self.method.term_names:
@@ -663,6 +675,33 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             logs[f"loss_{name}"] = terms[name].detach()
             logs[f"weight_{name}"] = weights[name]
         return total, logs
+
+    def effective_weights(self, progress: float) -> Dict[str, float]:
+        """The method's weights λ_k(t) times the per-term gains of ``weight_band`` (1 without it)."""
+        weights = self.method.weights(progress)
+        return {name: w * self.weight_gains.get(name, 1.0) for name, w in weights.items()}
+
+    def adapt_weight_gains(self, probe: Dict[str, float]) -> None:
+        """``weight_band``: move each term's gain so that its gradient share at full ramp lands in the band
+        (``ops.schedules.banded_gain``), from this epoch's probe (the weighted gradient norms of its first step)."""
+        band = self.config.weight_band
+        sup = probe.get("gradnorm_sup", 0.0)
+        if band is None or not probe or not sup > 0:
+            return
+        full = self.method.weights(1.0)
+        changes = []
+        for name in self.method.term_names:
+            used, norm = self._probe_weights.get(name, 0.0), probe.get(f"gradnorm_{name}", 0.0)
+            if used <= 0 or not full.get(name, 0.0) > 0:
+                continue  # no weight at the probe (e.g. stage one) or none at full ramp: nothing to measure
+            ratio = norm / (used * sup)  # ‖∇L_term‖ / ‖∇L_sup‖, unweighted
+            old = self.weight_gains[name]
+            self.weight_gains[name] = banded_gain(old, ratio, full[name], tuple(band))
+            changes.append(f"{name} {old:.4g} -> {self.weight_gains[name]:.4g} (share at full ramp "
+                           f"{old * full[name] * ratio:.3g})")
+        if changes:
+            self.print_to_log_file(f"weight band [{band[0]:g}, {band[1]:g}] of the supervised gradient: gains "
+                                   + ", ".join(changes))
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
@@ -677,7 +716,8 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         for name in probed:  # probed on the epoch's first step (none: NaN)
             key = f"gradnorm_{name}"
             values[key] = [self._epoch_probe[key]] if key in self._epoch_probe else []
-        self._epoch_probe = {}
+        self.adapt_weight_gains(self._epoch_probe)
+        self._epoch_probe, self._probe_weights = {}, {}
         partial = {k[len(PREFIX):] for k in partial_collapse_keys(self.logger.local_logger.num_classes)}
         for key in partial & set(values):  # NaN by design in some steps: the mean over the steps that measured it
             values[key] = [v for v in values[key] if v == v]
@@ -741,7 +781,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                 "teacher": self.teacher.state_dict() if self.teacher is not None else None,
                 "modules": self.method_modules.state_dict() if self.method_modules is not None else None,
                 "teacher_modules": self.teacher_modules.state_dict() if self.teacher_modules is not None else None,
-                "unlabeled": self.unlabeled_info}
+                "unlabeled": self.unlabeled_info, "weight_gains": dict(self.weight_gains)}
 
     def save_checkpoint(self, filename: str) -> None:
         save_checkpoint_with(self, filename, CHECKPOINT_KEY, self.extra_checkpoint_state)
@@ -795,6 +835,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                    f"plain nnU-Net?). The teacher starts as a copy of the loaded student.")
             return
         self.method.load_state_dict(extra.get("method_state", {}))
+        self.weight_gains.update(extra.get("weight_gains") or {})  # weight_band's gains (absent before: all 1)
         if self.method_modules is not None:
             if extra.get("modules") is None:
                 raise ValueError(f"{filename_or_checkpoint} lacks the weights of the method's own modules")

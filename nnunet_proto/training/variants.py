@@ -75,3 +75,35 @@ def literal_variant(base: type, config: Any) -> Dict[str, type]:
     return config_variant(base, LITERAL_SUFFIX, config,
                           f"{base.__name__} with the paper's literal settings ({type(config).__name__}.paper() or "
                           f"the method's literal constructor) instead of the nnU-Net defaults.")
+
+
+#: issue 23's redesign, one switch per variant (``<Trainer>_<suffix>``) and all of them together (``_v2``); none is a
+#: default until the validation screening puts it ahead (docs/methods/README.md, "Redesign variants")
+REDESIGN: Dict[str, Dict[str, Any]] = {
+    "strong": {"strong_view": True},  # teacher on the weak view, student on strong views (CutMix, intensity)
+    "ema99": {"ema_mode": "per_step"},  # the published EMA decay per optimiser step (0.99: a 100-step lag)
+    "quantile": {"threshold_mode": "quantile"},  # each predicted class keeps its most confident half
+    "wband": {"weight_band": (0.3, 1.0)},  # each term's gradient share at full ramp in [0.3, 1] of the supervised
+    "ramp20": {"rampup_length": 0.2},  # the ramp over the first 20 % of the run instead of all of it
+}
+#: the combined candidate: every switch but the ramp (the band sets the size of the weights; the ramp their timing)
+REDESIGN_V2 = ("strong", "ema99", "quantile", "wband")
+
+
+def redesign_variants(base: type, gated: bool = True) -> Dict[str, type]:
+    """``<base>_strong``, ``_ema99``, ``_quantile`` (only where the method trains on gated pseudo labels:
+    ``gated``), ``_wband``, ``_ramp20`` and ``_v2`` (strong + ema99 + quantile + wband): ``base`` with one switch of
+    :data:`REDESIGN` or all of them, for the validation screening of issue 23."""
+    out: Dict[str, type] = {}
+    suffixes = [s for s in REDESIGN if gated or s != "quantile"]
+    for suffix in suffixes:
+        changes = REDESIGN[suffix]
+        out.update(config_variant(base, suffix, base.config.replace(**changes),
+                                  f"{base.__name__} with {changes} (issue 23's redesign, one switch; not validated)."))
+    combined: Dict[str, Any] = {}
+    for suffix in REDESIGN_V2:
+        if suffix in suffixes:
+            combined.update(REDESIGN[suffix])
+    out.update(config_variant(base, "v2", base.config.replace(**combined),
+                              f"{base.__name__} with issue 23's redesign together: {combined} (not validated)."))
+    return out
