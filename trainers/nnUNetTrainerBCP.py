@@ -8,6 +8,13 @@ with the teacher's confidence-gated pseudo labels, L = L_sup(ground-truth region
 0.99 rescaled to the run. ``BCPConfig.paper()`` is the paper's ungated form. Inference: nnU-Net's own head.
 Tensor logic: nnunet_proto/methods/bcp.py and nnunet_proto/ops/copy_paste.py; see docs/methods/bcp.md.
 nnUNetTrainerBCP_paper: that form as a trainer.
+Opt-in, not validated yet (issue 23, item 6; docs/methods/bcp.md, "Warm start, plain stage one,
+un-mixed supervised loss"):
+nnUNetTrainerBCP_warm skips stage one (``stage_switch="warm_start"``; train it with nnUNetv2_train's
+``-pretrained_weights <plain nnU-Net checkpoint_final.pth>``, the teacher is reset to the loaded student at the
+start) and nnUNetTrainerBCP_plainstage1 trains stage one with nnU-Net's own loss (``stage_one_loss="plain"``); both
+keep nnU-Net's loss on the un-mixed labeled patches beside the mixed ones in stage two
+(``unmixed_supervised_weight=1``, term ``unmixed``).
 Short variants: nnUNetTrainerBCP_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from typing import Dict, Optional, Tuple
@@ -16,6 +23,7 @@ import torch
 
 from nnunet_proto.methods.bcp import BCP, BCPConfig, BCPStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
+from nnunet_proto.training import stage_switch as stages
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
 from nnunet_proto.training.precision import float32_fields, float32_math
 from nnunet_proto.training.stage_switch import fmt_dice, maybe_switch_stage
@@ -26,15 +34,24 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
     method_class = BCP
     config = BCPConfig()
 
+    def initialize(self):
+        super().initialize()
+        self._warm_start_probe = stages.warm_start_probe(self.network)  # did -pretrained_weights load anything?
+
     def on_train_start(self):
         super().on_train_start()
+        stages.warm_start(self, "BCP")  # stage_switch="warm_start": stage two now (the teacher := the loaded student)
         if self.config.stage_switch == "fixed":
             plan = f"{self.method.stage_one_epochs(self.num_epochs)} pre-training epoch(s)"
+        elif self.config.stage_switch == "warm_start":
+            plan = "no stage one (warm start)"
         else:
             floor, cap = self.method.stage_one_bounds(self.num_epochs)
             plan = (f"stage two when every foreground class reaches validation pseudo-Dice {self.config.ready_dice:g} "
                     f"(epochs {floor}..{cap})")
-        self.print_to_log_file(f"BCP: stage {self.method.stage} at epoch {self.current_epoch}; {plan}")
+        self.print_to_log_file(f"BCP: stage {self.method.stage} at epoch {self.current_epoch}; {plan}; stage-one loss "
+                               f"{self.config.stage_one_loss}; un-mixed supervised weight in stage two "
+                               f"{self.config.unmixed_supervised_weight:g}")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -70,7 +87,11 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
             self.start_self_training()
 
     def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
-        """Copy-paste step: teacher on the un-mixed unlabeled patches, mix, one student forward, both terms."""
+        """Copy-paste step: teacher on the un-mixed unlabeled patches, mix, one student forward, both terms (and
+        nnU-Net's loss on the un-mixed labeled patches with ``unmixed_supervised_weight``); or, in stage one with
+        ``stage_one_loss="plain"``, nnU-Net's own loss on the un-mixed labeled batch."""
+        if stages.plain_stage_one(self):
+            return self.combine(*stages.plain_stage_one_loss(self, data_l, target))
         method = self.method
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
         t_logits = None
@@ -78,8 +99,7 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
             t_logits = self.teacher_forward(data_u)[0]
             self.record_pseudo_label_diagnostics(t_logits, targets[0])
         batch = method.make_batch(data_l, targets, data_u, t_logits)
-        out = self.network(batch.images)
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        outs, unmixed = stages.student_forward(self, batch.images, data_l, target)
         inputs = BCPStepInputs(
             num_classes=self.label_manager.num_segmentation_heads, ignore_index=self.label_manager.ignore_label,
             target_l=batch.targets[0], logits_l=outs[0], teacher_logits_u=t_logits, data_l=data_l, data_u=data_u,
@@ -87,8 +107,9 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
             scale_weights=self.deep_supervision_weights(len(outs)))
         with float32_math(self.device.type):  # region CE + Dice of fp16/bf16 outputs in float32, like every method
             sup = method.supervised_loss(float32_fields(inputs))
-        return self.combine(sup, self.method_losses(inputs))
+        return self.combine(sup, stages.add_unmixed_term(self, self.method_losses(inputs), unmixed))
 
 
 globals().update(schedule_variants(nnUNetTrainerBCP))
 globals().update(literal_variant(nnUNetTrainerBCP, BCPConfig.paper()))
+globals().update(stages.option_variants(nnUNetTrainerBCP))  # _warm, _plainstage1

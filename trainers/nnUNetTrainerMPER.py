@@ -7,6 +7,13 @@ labeled embeddings, teacher reset to the student (skipped if the cap forced an u
 bidirectional copy-paste with gated teacher pseudo labels, L = L^l_cons + λ(t)(L^p_cons + γ L_cont),
 K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative), α = 0.9, γ 0.1 (2D) / 0.02 (3D), w_max 0.5.
 nnUNetTrainerMPER_paper: the literal form (``MPERConfig.paper()``). Inference: nnU-Net's own head.
+Opt-in, not validated yet (issue 23, item 6; docs/methods/mper.md, "Warm start, plain stage one,
+un-mixed supervised loss"):
+nnUNetTrainerMPER_warm skips stage one (``stage_switch="warm_start"``; train it with nnUNetv2_train's
+``-pretrained_weights <plain nnU-Net checkpoint_final.pth>``; k-means and the teacher reset run at the start, on
+the loaded student) and nnUNetTrainerMPER_plainstage1 trains stage one with nnU-Net's own loss
+(``stage_one_loss="plain"``); both keep nnU-Net's loss on the un-mixed labeled patches beside the mixed ones in
+stage two (``unmixed_supervised_weight=1``, term ``unmixed``).
 All tensor logic is in nnunet_proto/methods/mper.py; see
 docs/methods/mper.md. Short variants: nnUNetTrainerMPER_smoke, _1epoch, _5epochs, _10epochs, _50epochs,
 _100epochs, _250epochs.
@@ -19,6 +26,7 @@ from torch import autocast
 
 from nnunet_proto.methods.mper import MPER, MPERConfig, MPERStepInputs
 from nnunet_proto.ops.distributed import all_reduce_sum
+from nnunet_proto.training import stage_switch as stages
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
 from nnunet_proto.training.stage_switch import fmt_dice, maybe_switch_stage
 from nnunet_proto.training.variants import literal_variant, schedule_variants
@@ -28,6 +36,10 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
     method_class = MPER
     config = MPERConfig()
 
+    def initialize(self):
+        super().initialize()
+        self._warm_start_probe = stages.warm_start_probe(self.network)  # did -pretrained_weights load anything?
+
     def resolved_config(self) -> Dict:
         cfg = super().resolved_config()
         if self.method.spatial_dims is not None:  # known after initialize()
@@ -36,8 +48,10 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
 
     def on_train_start(self):
         super().on_train_start()
+        stages.warm_start(self, "MPER")  # stage_switch="warm_start": stage two now (the teacher := the loaded student)
         self.print_to_log_file(f"MPER: stage {self.method.stage} at epoch {self.current_epoch}; "
-                               f"{self.method.resolved(self.num_epochs)}")
+                               f"{self.method.resolved(self.num_epochs)}; stage-one loss {self.config.stage_one_loss}; "
+                               f"un-mixed supervised weight in stage two {self.config.unmixed_supervised_weight:g}")
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -89,16 +103,20 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             self.network.train(was_training)
 
     def compute_loss(self, data_l: torch.Tensor, target, data_u: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
-        """Copy-paste step: mix inputs, one student forward, L^l_cons (loss_sup) + weighted MPER terms."""
+        """Copy-paste step: mix inputs, one student forward, L^l_cons (loss_sup) + weighted MPER terms (and nnU-Net's
+        loss on the un-mixed labeled patches with ``unmixed_supervised_weight``); or, in stage one with
+        ``stage_one_loss="plain"``, nnU-Net's own loss on the un-mixed labeled batch."""
         method = self.method
+        if stages.plain_stage_one(self):
+            method.report(stage=1.0, prototype_momentum=0.0)
+            return self.combine(*stages.plain_stage_one_loss(self, data_l, target))
         ignore = self.label_manager.ignore_label
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
         t_logits = self.teacher_forward(data_u)[0] if method.stage == 2 else None  # un-mixed unlabeled patches
         self.record_pseudo_label_diagnostics(t_logits, targets[0])  # collapse diagnostics (no-op in stage one)
         batch = method.make_batch(data_l, targets, data_u, t_logits)
-        out = self.network(batch.images)
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
-        feats = self.student_taps[method.feature_layers[0]].pop()
+        outs, unmixed = stages.student_forward(self, batch.images, data_l, target)
+        feats = self.student_taps[method.feature_layers[0]].pop()[:batch.images.shape[0]]  # the mixed images only
         sup = method.linear_consistency(outs, batch, self.deep_supervision_weights(len(outs)), ignore)
         inputs = MPERStepInputs(
             num_classes=self.label_manager.num_segmentation_heads, ignore_index=ignore,
@@ -106,8 +124,9 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
             data_l=data_l, data_u=data_u, reduce_fn=all_reduce_sum, progress=self.progress, batch=batch)
         terms = self.method_losses(inputs)
         method.update_prototypes(inputs)  # no gradient; a no-op in stage one
-        return self.combine(sup, terms)
+        return self.combine(sup, stages.add_unmixed_term(self, terms, unmixed))
 
 
 globals().update(schedule_variants(nnUNetTrainerMPER))
 globals().update(literal_variant(nnUNetTrainerMPER, MPERConfig.paper()))
+globals().update(stages.option_variants(nnUNetTrainerMPER))  # _warm, _plainstage1

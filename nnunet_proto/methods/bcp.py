@@ -34,6 +34,13 @@ Changes for nnU-Net's regime (docs/methods/bcp.md; ``BCPConfig.paper()`` restore
 * the region Dice averages over the foreground classes present in each region's labels (MPER's convention
   here; BCP: all classes incl. background, where absent classes add a constant ~1 that dilutes the gradient).
 
+Opt-in options (issue 23, item 6; not validated yet, defaults unchanged; ``methods/stage_switch.py``):
+``stage_switch="warm_start"`` skips stage one (the student is warm-started from a plain nnU-Net checkpoint with
+nnU-Net's ``-pretrained_weights``, the teacher is reset to it at the start); ``stage_one_loss="plain"`` trains
+stage one with nnU-Net's own loss on the un-mixed labeled batch; ``unmixed_supervised_weight`` > 0 adds, in
+stage two, that weight × nnU-Net's loss on the un-mixed labeled patches (term ``unmixed``, predicted in the same
+student forward as the mixed images). ``nnUNetTrainerBCP_warm`` and ``nnUNetTrainerBCP_plainstage1`` switch them on.
+
 Batches of any size: labeled patch i pairs with unlabeled patch i (``ops.copy_paste.partner``), so B = 1,
 2 or odd all work. The shared copy-paste pieces are in ``nnunet_proto/ops/copy_paste.py`` (also used by MPER).
 """
@@ -44,6 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from nnunet_proto.methods import stage_switch as stages
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.methods.stage_switch import epochs_for, stage_one_bounds, switch_decision, validate_switch_config
 from nnunet_proto.ops.components import largest_component_only
@@ -94,6 +102,12 @@ class BCPConfig(SemiSupervisedConfig):
             of the teacher's argmax (the rest becomes background) before the gate, as BCP's code does
             (``get_ACDC_masks`` / ``get_cut_mask`` with ``nms=1``; the paper does not mention it). Off: the
             confidence gate alone (``ops/components.py``).
+        stage_one_loss: ``"copy_paste"`` (default: BCP's labeled copy-paste) or ``"plain"`` (ours, opt-in, not
+            validated: nnU-Net's own loss on the un-mixed labeled batch in stage one).
+        unmixed_supervised_weight: weight of nnU-Net's loss on the un-mixed labeled patches in stage two, beside
+            the mixed terms (term ``unmixed``; 0 = off, the default; opt-in, not validated).
+        ``stage_switch="warm_start"``: no stage one; the student is warm-started with nnU-Net's
+            ``-pretrained_weights`` from a plain nnU-Net checkpoint (opt-in, not validated).
     """
 
     ema_decay: float = 0.99
@@ -112,6 +126,8 @@ class BCPConfig(SemiSupervisedConfig):
     dice_include_background: bool = False
     dice_present_only: bool = True
     pseudo_label_largest_component: bool = False
+    stage_one_loss: str = "copy_paste"
+    unmixed_supervised_weight: float = 0.0
 
     @classmethod
     def paper(cls, **changes) -> "BCPConfig":
@@ -143,6 +159,7 @@ class BCPStepInputs(StepInputs):
 
 class BCP(SemiSupervisedMethod):
     """BCP term ``pseudo`` (pseudo-labeled regions); the ground-truth regions are the trainer's supervised loss.
+    With ``unmixed_supervised_weight`` > 0 also the term ``unmixed``, which the trainer computes (nnU-Net's loss).
 
     State (saved in checkpoints): ``stage`` (1 or 2), ``stage_two_start`` (training progress at the switch) and
     ``switch_report`` (the switch decision).
@@ -154,6 +171,7 @@ class BCP(SemiSupervisedMethod):
 
     def __init__(self, config: BCPConfig):
         super().__init__(config)
+        self.term_names = stages.with_unmixed_term(type(self).term_names, config)
         self.spatial_dims: Optional[int] = None
         self.stage = 1
         self.stage_two_start: Optional[float] = None
@@ -169,7 +187,10 @@ class BCP(SemiSupervisedMethod):
     # ------------------------------------------------------------------ schedule
     @property
     def pretrain_fraction(self) -> float:
-        """Stage-one fraction: the config value, or the paper's by dimensionality (2D when unknown)."""
+        """Stage-one fraction: the config value, or the paper's by dimensionality (2D when unknown); 0 for the
+        warm start."""
+        if stages.skips_stage_one(self.config):
+            return 0.0
         if self.config.pretrain_fraction is not None:
             return self.config.pretrain_fraction
         dim = self.spatial_dims or 2
@@ -264,12 +285,14 @@ class BCP(SemiSupervisedMethod):
         return {"pseudo": self._loss(inputs, bidirectional_groups(inputs.batch.images.shape[0] // 2, 0.0, 1.0))}
 
     def weights(self, progress: float) -> Dict[str, float]:
-        """0 in stage one; w_u · ramp(t) in stage two, t measured from the switch (BCP: w_u = 0.5, no ramp)."""
+        """0 in stage one; w_u · ramp(t) in stage two, t measured from the switch (BCP: w_u = 0.5, no ramp); and
+        ``unmixed_supervised_weight`` for ``unmixed`` in stage two when that option is on."""
+        extra = stages.unmixed_weight(self.config, self.stage)
         if self.stage == 1 or self.stage_two_start is None:
-            return {"pseudo": 0.0}
+            return {"pseudo": 0.0, **extra}
         start = self.stage_two_start
         t = (progress - start) / (1.0 - start) if start < 1.0 else 1.0
-        return {"pseudo": self.config.ramp(min(max(t, 0.0), 1.0))}
+        return {"pseudo": self.config.ramp(min(max(t, 0.0), 1.0)), **extra}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

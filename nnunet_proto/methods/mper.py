@@ -43,6 +43,15 @@ pseudo labels are confidence-gated; the InfoNCE positive is the nearest prototyp
 class; pseudo-background never updates background prototypes; the region Dice averages over the
 foreground classes present in each region; EMA decay and η are run-relative; w_max 0.5 (ACDC code).
 
+Opt-in options (issue 23, item 6; not validated yet, defaults unchanged; ``methods/stage_switch.py``):
+``stage_switch="warm_start"`` skips stage one (the student is warm-started from a plain nnU-Net checkpoint with
+nnU-Net's ``-pretrained_weights``; k-means and the teacher reset run at the start); ``stage_one_loss="plain"``
+trains stage one with nnU-Net's own loss on the un-mixed labeled batch (the prototype terms are then not computed
+in stage one: weight 0, value 0); ``unmixed_supervised_weight`` > 0 adds, in stage two, that weight × nnU-Net's
+loss on the un-mixed labeled patches (term ``unmixed``, predicted in the same student forward as the mixed images;
+the prototype terms and update use the mixed images only). ``nnUNetTrainerMPER_warm`` and
+``nnUNetTrainerMPER_plainstage1`` switch them on.
+
 In stage one the prototype terms are still computed (against the seeded random initial bank) with
 weight 0, so the autograd graph is the same in both stages and the contract test can check their
 gradient; their stage-one values are meaningless and the bank is not updated.
@@ -54,6 +63,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from nnunet_proto.methods import stage_switch as stages
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.methods.stage_switch import epochs_for, stage_one_bounds, switch_decision, validate_switch_config
 from nnunet_proto.ops.components import largest_component_only
@@ -186,6 +196,12 @@ class MPERConfig(SemiSupervisedConfig):
         prototype_seed: seeds the reservoir, k-means, the fallback noise and the random stage-one bank
             (MPER's own generators only; the base config's ``seed``, None, leaves the global RNGs to
             nnU-Net or the benchmark, so runs with different seeds start differently).
+        stage_one_loss: ``"copy_paste"`` (default: the paper's labeled copy-paste) or ``"plain"`` (ours, opt-in, not
+            validated: nnU-Net's own loss on the un-mixed labeled batch in stage one).
+        unmixed_supervised_weight: weight of nnU-Net's loss on the un-mixed labeled patches in stage two, beside
+            the mixed terms (term ``unmixed``; 0 = off, the default; opt-in, not validated).
+        ``stage_switch="warm_start"``: no stage one; the student is warm-started with nnU-Net's
+            ``-pretrained_weights`` from a plain nnU-Net checkpoint (opt-in, not validated).
     """
 
     ema_decay: float = 0.99
@@ -224,6 +240,8 @@ class MPERConfig(SemiSupervisedConfig):
     kmeans_batch_size: int = 1024
     kmeans_n_init: int = 3
     prototype_seed: int = 0
+    stage_one_loss: str = "copy_paste"
+    unmixed_supervised_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -292,6 +310,7 @@ class MPERStepInputs(StepInputs):
 
 class MPER(SemiSupervisedMethod):
     """MPER terms ``proto_cons`` (L^p_cons) and ``contrast`` (L_cont); L^l_cons is the trainer's supervised loss.
+    With ``unmixed_supervised_weight`` > 0 also the term ``unmixed``, which the trainer computes (nnU-Net's loss).
 
     State (saved in checkpoints): ``stage`` (1 or 2), ``stage_two_start`` (training progress at the
     switch), ``kmeans_done`` and the prototype ``bank`` ``(C, K, D)``.
@@ -306,6 +325,7 @@ class MPER(SemiSupervisedMethod):
 
     def __init__(self, config: MPERConfig):
         super().__init__(config)
+        self.term_names = stages.with_unmixed_term(type(self).term_names, config)
         self.num_classes: Optional[int] = None
         self.embed_dim: Optional[int] = None
         self.spatial_dims: Optional[int] = None
@@ -352,7 +372,9 @@ class MPER(SemiSupervisedMethod):
 
     @property
     def pretrain_fraction(self) -> float:
-        """Stage-one fraction: the config value, or the paper's 0.25 (2D) / 2/17 (3D)."""
+        """Stage-one fraction: the config value, or the paper's 0.25 (2D) / 2/17 (3D); 0 for the warm start."""
+        if stages.skips_stage_one(self.config):
+            return 0.0
         return self._config_or_paper(self.config.pretrain_fraction, PAPER_PRETRAIN_FRACTION)
 
     def stage_one_epochs(self, num_epochs: int) -> int:
@@ -368,6 +390,8 @@ class MPER(SemiSupervisedMethod):
         out = {"gamma": self.gamma, "stage_switch": self.config.stage_switch, "bank_shape": list(self.bank.shape)}
         if self.config.stage_switch == "fixed":
             out.update(pretrain_fraction=self.pretrain_fraction, stage_one_epochs=self.stage_one_epochs(num_epochs))
+        elif stages.skips_stage_one(self.config):
+            out.update(stage_one_epochs=0)
         else:
             floor, cap = self.stage_one_bounds(num_epochs)
             out.update(ready_dice=self.config.ready_dice, stage_one_min_epochs=floor, stage_one_max_epochs=cap)
@@ -594,13 +618,15 @@ class MPER(SemiSupervisedMethod):
         return used
 
     def weights(self, progress: float) -> Dict[str, float]:
-        """0 in stage one; λ(t) and γ·λ(t) in stage two, t measured from the stage switch (Eq. 6)."""
+        """0 in stage one; λ(t) and γ·λ(t) in stage two, t measured from the stage switch (Eq. 6); and
+        ``unmixed_supervised_weight`` for ``unmixed`` in stage two when that option is on."""
+        extra = stages.unmixed_weight(self.config, self.stage)
         if self.stage == 1 or self.stage_two_start is None:
-            return {"proto_cons": 0.0, "contrast": 0.0}
+            return {"proto_cons": 0.0, "contrast": 0.0, **extra}
         start = self.stage_two_start
         t = (progress - start) / (1.0 - start) if start < 1.0 else 1.0
         lam = self.config.ramp(min(max(t, 0.0), 1.0))
-        return {"proto_cons": lam, "contrast": self.gamma * lam}
+        return {"proto_cons": lam, "contrast": self.gamma * lam, **extra}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

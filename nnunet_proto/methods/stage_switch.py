@@ -11,13 +11,27 @@ before ``min_pretrain_fraction`` of the run (floor) and at the latest at ``max_p
 At the cap without readiness the switch still happens, but the teacher is not reset to the unready
 student (the EMA teacher of stage one continues), and the decision says so. ``"fixed"`` is the papers'
 rule: at ``pretrain_fraction``. Pure logic: the trainer supplies nnU-Net's pseudo-Dice history.
+
+Opt-in options (issue 23, item 6; not validated yet, the defaults keep today's behaviour):
+
+* ``stage_switch="warm_start"``: no stage one. Stage two starts at the first epoch, with the teacher reset to
+  the student as nnU-Net's ``-pretrained_weights`` loaded it (a plain nnU-Net checkpoint of the same plans).
+* ``stage_one_loss``: ``"copy_paste"`` (default, the papers' labeled copy-paste) or ``"plain"`` (nnU-Net's own
+  supervised loss with deep supervision on the un-mixed labeled batch, exactly what plain nnU-Net trains with).
+* ``unmixed_supervised_weight`` w (default 0 = off): in stage two the student also predicts the un-mixed labeled
+  patches (in the same forward as the mixed ones) and w · nnU-Net's loss on them is added, logged as the term
+  ``unmixed`` (absent when w = 0).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-STAGE_SWITCHES = ("ready", "fixed")
+STAGE_SWITCHES = ("ready", "fixed", "warm_start")
+#: stage-one supervised loss: the papers' labeled copy-paste, or nnU-Net's own loss on the un-mixed labeled batch
+STAGE_ONE_LOSSES = ("copy_paste", "plain")
+#: name of the loss term of nnU-Net's supervised loss on the un-mixed labeled patches in stage two
+UNMIXED_TERM = "unmixed"
 
 
 def epochs_for(fraction: float, num_epochs: int) -> int:
@@ -28,9 +42,18 @@ def epochs_for(fraction: float, num_epochs: int) -> int:
 
 
 def validate_switch_config(cfg: Any) -> None:
-    """Check the switch fields of a config (``stage_switch``, ``ready_dice``, ``ready_epochs``, the fractions)."""
+    """Check the stage fields of a config (``stage_switch``, ``ready_dice``, ``ready_epochs``, the fractions,
+    ``stage_one_loss``, ``unmixed_supervised_weight``)."""
     if cfg.stage_switch not in STAGE_SWITCHES:
         raise ValueError(f"stage_switch must be one of {STAGE_SWITCHES}, got {cfg.stage_switch!r}")
+    if cfg.stage_one_loss not in STAGE_ONE_LOSSES:
+        raise ValueError(f"stage_one_loss must be one of {STAGE_ONE_LOSSES}, got {cfg.stage_one_loss!r}")
+    if cfg.stage_switch == "warm_start" and cfg.stage_one_loss != "copy_paste":
+        raise ValueError(f"stage_switch='warm_start' skips stage one, so stage_one_loss={cfg.stage_one_loss!r} would "
+                         f"never be used; leave stage_one_loss at 'copy_paste' or use another stage_switch")
+    if not (math.isfinite(cfg.unmixed_supervised_weight) and cfg.unmixed_supervised_weight >= 0):
+        raise ValueError(f"unmixed_supervised_weight must be a finite number >= 0 (0 = off), got "
+                         f"{cfg.unmixed_supervised_weight}")
     if not 0.0 <= cfg.ready_dice <= 1.0:
         raise ValueError(f"ready_dice is a pseudo-Dice in [0, 1], got {cfg.ready_dice}")
     if cfg.ready_epochs < 1:
@@ -43,8 +66,16 @@ def validate_switch_config(cfg: Any) -> None:
         raise ValueError(f"pretrain_fraction must be in [0, 1) or None (paper value), got {cfg.pretrain_fraction}")
 
 
+def skips_stage_one(cfg: Any) -> bool:
+    """Whether the run has no stage one (``stage_switch="warm_start"``)."""
+    return cfg.stage_switch == "warm_start"
+
+
 def stage_one_bounds(cfg: Any, num_epochs: int) -> Tuple[int, int]:
-    """(first, last) epoch at which the readiness switch may / must start stage two (floor and cap)."""
+    """(first, last) epoch at which the readiness switch may / must start stage two (floor and cap); (0, 0) for the
+    warm start."""
+    if skips_stage_one(cfg):
+        return 0, 0
     return epochs_for(cfg.min_pretrain_fraction, num_epochs), epochs_for(cfg.max_pretrain_fraction, num_epochs)
 
 
@@ -60,12 +91,15 @@ def switch_decision(cfg: Any, epoch: int, num_epochs: int, fixed_fraction: float
             epoch, oldest first; None / empty before the first. Ready = every class ≥ ``ready_dice`` in each
             of the last ``ready_epochs`` entries (NaN, a class neither predicted nor present, is not ready).
     Returns: ``{"epoch", "reason", "reset_teacher", "pseudo_dice", "ready_dice", ...}`` where reason is
-    ``"fixed"`` (paper schedule), ``"ready"`` (at or after the floor) or ``"cap"`` (not ready at the cap:
-    ``reset_teacher=False``, the stage-one EMA teacher continues).
+    ``"fixed"`` (paper schedule), ``"ready"`` (at or after the floor), ``"cap"`` (not ready at the cap:
+    ``reset_teacher=False``, the stage-one EMA teacher continues) or ``"warm_start"`` (no stage one: at once,
+    teacher reset to the warm-started student).
     """
     history = [[float(d) for d in entry] for entry in (history or [])]
     report: Dict[str, Any] = {"epoch": int(epoch), "pseudo_dice": history[-1] if history else [],
                               "ready_dice": cfg.ready_dice}
+    if skips_stage_one(cfg):
+        return {**report, "reason": "warm_start", "reset_teacher": True}
     if cfg.stage_switch == "fixed":
         if epoch >= epochs_for(fixed_fraction, num_epochs):
             return {**report, "reason": "fixed", "reset_teacher": True}
@@ -82,3 +116,15 @@ def switch_decision(cfg: Any, epoch: int, num_epochs: int, fixed_fraction: float
     if epoch >= cap:
         return {**report, "reason": "cap", "reset_teacher": False}
     return None
+
+
+def with_unmixed_term(term_names: Tuple[str, ...], cfg: Any) -> Tuple[str, ...]:
+    """A method's term names plus ``unmixed`` when ``unmixed_supervised_weight`` > 0 (absent when off)."""
+    return (*term_names, UNMIXED_TERM) if cfg.unmixed_supervised_weight > 0 else tuple(term_names)
+
+
+def unmixed_weight(cfg: Any, stage: int) -> Dict[str, float]:
+    """``{"unmixed": w}`` in stage two, ``{"unmixed": 0}`` in stage one; ``{}`` when the option is off."""
+    if cfg.unmixed_supervised_weight <= 0:
+        return {}
+    return {UNMIXED_TERM: float(cfg.unmixed_supervised_weight) if stage == 2 else 0.0}
