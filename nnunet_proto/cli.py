@@ -302,7 +302,7 @@ def cmd_self_train(args) -> int:
     from nnunet_proto.training.self_train import describe_result, self_train
 
     names = self_train(args.dataset, _teacher(args), args.rounds, args.student, args.drop_least_confident,
-                       args.init_from_teacher, device=args.device or _default_device())
+                       device=args.device or _default_device())
     print(describe_result(args.dataset, names, args.plans, args.configuration, args.fold))
     return 0
 
@@ -514,11 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--rounds", type=int, default=1, help="rounds of self-training (1 to 3); the student of "
                                                                  "round r teaches round r + 1")
             s.add_argument("--student", default="nnUNetTrainerSelfTraining",
-                           help="student trainer of round 1 (a variant such as nnUNetTrainerSelfTraining_noisy; "
-                                "later rounds use nnUNetTrainerSelfTraining_round<r>)")
-            s.add_argument("--init-from-teacher", action="store_true",
-                           help="start each student from its teacher's weights (nnU-Net's -pretrained_weights: all "
-                                "but the segmentation heads) instead of from scratch")
+                           help="student trainer of round 1 (a variant such as nnUNetTrainerSelfTraining_noisy, or "
+                                "_scratch to train it from scratch; later rounds use "
+                                "nnUNetTrainerSelfTraining_round<r>). Every default student starts from its teacher's "
+                                "weights, segmentation heads included")
 
     _add(sub, "trainers-path", "print the folder to export as nnUNet_extTrainer",
          "export nnUNet_extTrainer=$(nnunet_proto trainers-path)", cmd_trainers_path)

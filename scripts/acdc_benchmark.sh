@@ -42,7 +42,8 @@ screen=(nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA nnUNetTrain
 # 2.32x plain under CPU bf16 in the side-by-side timing), rounded; override both together
 equal_compute="${NNUNET_PROTO_EQUAL_COMPUTE:-2.3}"
 equal_source="${NNUNET_PROTO_EQUAL_COMPUTE_SOURCE:-nnUNetTrainerPCCS, 2.32x plain per step under CPU bf16 (docs/benchmarks/timing_acdc_2d_cpu.md), rounded to 2.3}"
-# offline self-training's screening: the default student and one change each, on validation only
+# offline self-training's screening: the default student and one change each, on validation only (it ran when the
+# default trained from scratch; _fromteacher won and is the default since, _scratch the old form)
 students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrainerSelfTraining_share75
           nnUNetTrainerSelfTraining_drop25 nnUNetTrainerSelfTraining_noisy nnUNetTrainerSelfTraining_fromteacher)
 # issue 23's redesign (nnunet_proto/training/variants.py REDESIGN): CPCL (the one confirmed gain) switch by switch,

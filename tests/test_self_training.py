@@ -416,6 +416,8 @@ def test_labeled_count_and_config_edges():
     classes = student_classes(STUDENT, __name__)
     assert classes[f"{STUDENT}_share25"].config.labeled_share == 0.25
     assert classes[f"{STUDENT}_round2"].config.round == 2 and classes[f"{STUDENT}_noisy"].config.strong_augmentation
+    assert not classes[f"{STUDENT}_scratch"].config.init_from_teacher
+    assert classes[f"{STUDENT}_round2"].config.init_from_teacher
     assert all("__" not in name for name in classes)  # nnU-Net splits result folders on "__"
 
 
@@ -452,6 +454,28 @@ def test_student_trains_and_predicts_through_nnunet_commands(ws, tmp_path, monke
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ws.raw / "labelsTs" / p.name)))
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
         assert seg.shape == ref.shape and set(np.unique(seg)) <= {0, 1, 2, 3}
+
+
+def test_default_student_starts_from_the_teacher_and_scratch_does_not(ws):
+    """The default (chosen on validation) loads the teacher's whole network, segmentation heads included, before
+    the first step; ``_scratch`` keeps nnU-Net's random initialisation."""
+    pseudo_label(ws)
+    teacher = torch.load(ws.teacher_checkpoint(), map_location="cpu", weights_only=False)["network_weights"]
+    assert student_classes(STUDENT, __name__)[STUDENT].config.init_from_teacher
+    for name, from_teacher in ((STUDENT, True), (f"{STUDENT}_scratch", False)):
+        trainer = build_trainer(name, ws.ds)
+        trainer.num_epochs, trainer.num_iterations_per_epoch = 1, 1
+        trainer.on_train_start()
+        try:
+            weights = trainer.network.state_dict()
+            heads = [k for k in teacher if ".seg_layers." in k]
+            assert heads  # the heads, which nnU-Net's -pretrained_weights would not transfer
+            same = all(torch.equal(weights[k].cpu(), teacher[k]) for k in teacher)
+            assert same is from_teacher, name
+            if from_teacher:
+                assert "student initialised from the teacher's weights" in open(trainer.log_file).read()
+        finally:
+            trainer.on_train_end()
 
 
 # ---------------------------------------------------------------------------------------------- 8. batch shares

@@ -61,8 +61,12 @@ def determine_fold_postprocessing(dataset: str, trainer: str, plans: str, config
 
 
 def self_train(dataset: str, teacher: Teacher, rounds: int = 1, student: str = STUDENT,
-               drop: float = DEFAULT_DROP, init_from_teacher: bool = False, device: str = "cpu") -> List[str]:
-    """Run ``rounds`` rounds; returns the student trainer names, one per round (the last is the final model)."""
+               drop: float = DEFAULT_DROP, device: str = "cpu") -> List[str]:
+    """Run ``rounds`` rounds; returns the student trainer names, one per round (the last is the final model).
+
+    Each student starts as its config says (default: from the weights of the teacher that labeled its set,
+    ``SelfTrainingConfig.init_from_teacher``; ``_scratch``: from scratch).
+    """
     from nnunet_proto.paths import ext_trainer_paths
     from nnunet_proto.training.compat import get_output_folder, recursive_find_trainer_class_by_name, run_training
 
@@ -86,8 +90,7 @@ def self_train(dataset: str, teacher: Teacher, rounds: int = 1, student: str = S
         if not finished:
             make_pseudo_labels(dataset, current, r, drop, device=device)
             resume = any((fold_dir / f).is_file() for f in ("checkpoint_final.pth", "checkpoint_latest.pth"))
-            weights = str(current.checkpoint_path(dataset)) if init_from_teacher and not resume else None
-            run_training(dataset, teacher.configuration, teacher.fold, name, teacher.plans, pretrained_weights=weights,
+            run_training(dataset, teacher.configuration, teacher.fold, name, teacher.plans,
                          continue_training=resume, device=torch.device(device))
             determine_fold_postprocessing(dataset, name, teacher.plans, teacher.configuration, teacher.fold)
         current = replace(teacher, trainer=name, checkpoint="checkpoint_final.pth")
