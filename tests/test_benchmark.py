@@ -236,3 +236,19 @@ def test_report_statistics_on_hand_made_results(tmp_path):
     undefined = case_table({"metric_per_case": [{"case": "a", "metrics": {"1": {"Dice": None, "IoU": None,
                                                                                 "HD95": None, "ASD": None}}}]})
     assert math.isnan(undefined["a"]["fg"]["Dice"])  # JSON null (undefined) stays undefined, never 0
+
+
+def test_self_training_refuses_a_teacher_run_that_did_not_finish(tmp_path):
+    """A plain run that failed after training has no postprocessing yet: its pseudo labels would silently be raw
+    argmax maps, so nothing is predicted until the plain row has finished."""
+    import torch
+
+    from nnunet_proto.benchmark.run_one import pseudo_label
+
+    spec = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=(), amounts=("2",), seeds=(0,),
+                         test_images=".", test_labels=".", epochs=1, iterations_per_epoch=1)
+    plain_run = tmp_path / "runs" / "nnUNetTrainer" / "labeled2_seed0"
+    plain_run.mkdir(parents=True)
+    (plain_run / "metrics.json").write_text("{}")  # evaluated, but not post-processed
+    with pytest.raises(RuntimeError, match="has not finished.*run the same benchmark command again"):
+        pseudo_label(spec, 5, torch.device("cpu"), plain_run)

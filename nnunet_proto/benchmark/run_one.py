@@ -50,6 +50,7 @@ from nnunet_proto.benchmark.spec import (
     TEACHER_DONE_FILE,
     BenchmarkSpec,
     is_self_training,
+    run_finished,
 )
 from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb
 from nnunet_proto.training.base_trainer import seed_everything
@@ -64,11 +65,19 @@ def plain_trainer(spec: BenchmarkSpec) -> str:
     return BF16_PLAIN[PLAIN] if spec.precision == "bf16" else PLAIN
 
 
-def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device) -> dict:
+def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device, teacher_run: Optional[Path] = None) -> dict:
     """The self-training row's pseudo labels: the plain run of the same fold (and seed) is the teacher; nnU-Net's
-    predictor with mirroring and that run's postprocessing (determined on its validation predictions)."""
+    predictor with mirroring and that run's postprocessing (determined on its validation predictions).
+
+    ``teacher_run``: the plain row's run folder; unless that run finished (its postprocessing included), nothing is
+    predicted: a teacher whose run failed after training would give pseudo labels without its postprocessing.
+    """
     from nnunet_proto.data.pseudo_labels import DEFAULT_DROP, Teacher, make_pseudo_labels
 
+    if teacher_run is not None and not run_finished(teacher_run):
+        raise RuntimeError(f"the teacher of this self-training run, plain nnU-Net in {teacher_run}, has not finished "
+                           f"(training, evaluation and postprocessing). The benchmark runs plain first: run the same "
+                           f"benchmark command again; it completes the plain run, then this one.")
     checkpoint = "checkpoint_final.pth" if spec.checkpoint == "final" else "checkpoint_best.pth"
     teacher = Teacher(plain_trainer(spec), spec.plans, spec.configuration, fold, checkpoint, use_mirroring=True)
     t0 = perf_counter()
@@ -273,7 +282,8 @@ def main(argv=None) -> int:
         if not record.is_file():
             print(f"pseudo-labeling the unlabeled pool with the plain run of fold {args.fold} (seed {args.seed})",
                   flush=True)
-            record.write_text(json.dumps(pseudo_label(spec, args.fold, device), indent=2, default=str))
+            teacher_run = run_dir.parent.parent / PLAIN / run_dir.name  # runs/<row>/labeled<A>_seed<S>
+            record.write_text(json.dumps(pseudo_label(spec, args.fold, device, teacher_run), indent=2, default=str))
         labels = json.loads(record.read_text())
     info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor), **labels}
     fold_dir = Path(info["output_folder"])
