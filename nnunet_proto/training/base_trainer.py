@@ -34,7 +34,7 @@ from torch import distributed as dist
 
 from nnunet_proto.methods.base import SemiSupervisedConfig, SemiSupervisedMethod, StepInputs
 from nnunet_proto.ops.distributed import all_reduce_gradients_, all_reduce_sum
-from nnunet_proto.ops.pseudo_labels import argmax_disagreement, collapse_diagnostics
+from nnunet_proto.ops.pseudo_labels import argmax_disagreement, collapse_diagnostics, partial_collapse_names
 from nnunet_proto.ops.schedules import banded_gain
 from nnunet_proto.ops.strong_views import StrongIntensity, StrongView, channel_dropout, strong_view
 from nnunet_proto.training.compat import (
@@ -66,7 +66,6 @@ from nnunet_proto.training.progress import (
     class_names_from_dataset_json,
     collapse_keys,
     collapsing_classes,
-    partial_collapse_keys,
 )
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
@@ -718,7 +717,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
             values[key] = [self._epoch_probe[key]] if key in self._epoch_probe else []
         self.adapt_weight_gains(self._epoch_probe)
         self._epoch_probe, self._probe_weights = {}, {}
-        partial = {k[len(PREFIX):] for k in partial_collapse_keys(self.logger.local_logger.num_classes)}
+        partial = set(partial_collapse_names(self.logger.local_logger.num_classes))
         for key in partial & set(values):  # NaN by design in some steps: the mean over the steps that measured it
             values[key] = [v for v in values[key] if v == v]
         means = {k: float(np.mean(v)) if v else float("nan") for k, v in values.items()}
