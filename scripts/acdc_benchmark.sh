@@ -18,7 +18,8 @@
 #                                                                            # labeled 2 and 4, seeds 0 1 2, the confirmation's budget
 #   bash scripts/acdc_benchmark.sh redesign-screen [TRAINER ...]             # issue 23's redesign on validation (labeled 4, seed 0,
 #                                                                            # the confirmation's budget): CPCL, its one-switch
-#                                                                            # variants and _v2, MT/PCCS _v2, UniMatch (+ these)
+#                                                                            # variants and _v2, MT/PCCS _v2, BCP/MPER _warm,
+#                                                                            # UniMatch (+ these)
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
@@ -31,7 +32,7 @@
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen) ;;
-  *) sed -n '2,30p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,31p' "$0" >&2; exit 2 ;;
 esac
 bench=acdc
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
@@ -47,10 +48,11 @@ equal_source="${NNUNET_PROTO_EQUAL_COMPUTE_SOURCE:-nnUNetTrainerPCCS, 2.32x plai
 students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrainerSelfTraining_share75
           nnUNetTrainerSelfTraining_drop25 nnUNetTrainerSelfTraining_noisy nnUNetTrainerSelfTraining_fromteacher)
 # issue 23's redesign (nnunet_proto/training/variants.py REDESIGN): CPCL (the one confirmed gain) switch by switch,
-# every teacher-student method with all switches (_v2), and the weak-to-strong baseline
+# every teacher-student method with all switches (_v2), BCP and MPER warm-started from the plain run of the fold
+# (item 6), and the weak-to-strong baseline
 redesign=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
           nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerMeanTeacher_v2
-          nnUNetTrainerPCCS_v2 nnUNetTrainerUniMatch)
+          nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm nnUNetTrainerUniMatch)
 stage="${1:-}"
 shift || true
 case "$stage" in
@@ -121,7 +123,7 @@ PY
       --name acdc_redesign_screen -o "$work/reports/acdc_redesign_screen" -tr "${redesign[@]}" "$@"
     ;;
   *)
-    sed -n '2,30p' "$0" >&2
+    sed -n '2,31p' "$0" >&2
     exit 2
     ;;
 esac

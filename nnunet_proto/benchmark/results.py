@@ -300,14 +300,19 @@ class Results:
         s, n = i.get("seconds_per_epoch_median"), i.get("epochs")
         return float(s * n) if s and n else math.nan
 
+    def warm_started(self, row: str) -> bool:
+        """Whether the row's runs start from the plain run of their fold (``warm_start_from`` in run_info)."""
+        return any(i.get("warm_start_from") for k, i in self.info.items() if k[0] == row)
+
     def total_cost(self, trainer: str, amount: str) -> Dict[str, float]:
         """What one run of the row costs, relative to the paired plain run (median over seeds): training steps
-        (the self-training student counts its teacher's, i.e. plain's, too) and measured seconds (training, plus
-        the teacher's training and the pseudo-labeling for self-training)."""
+        (the self-training student and a warm-started run count plain's too: the teacher, the warm start) and
+        measured seconds (training, plus plain's training, plus the pseudo-labeling for self-training)."""
         steps_plain = self.steps(PLAIN)
         trainer_name, _, is_teacher = split_row(trainer)
         st = is_self_training(trainer_name) and not is_teacher
-        steps = self.steps(trainer) + (steps_plain if st else 0)
+        warm = self.warm_started(trainer) and not is_teacher
+        steps = self.steps(trainer) + (steps_plain if st or warm else 0)
         ratios, pl = [], []
         for s in self.seeds:
             key, plain = (trainer, amount, s), (PLAIN, amount, s)
@@ -319,6 +324,8 @@ class Results:
                 label_s = self.info[key].get("pseudo_label_wall_s", math.nan)
                 pl.append(label_s)
                 total = total + t_plain + label_s
+            elif warm:
+                total = total + t_plain
             if math.isfinite(total) and math.isfinite(t_plain) and t_plain > 0:
                 ratios.append(total / t_plain)
         return {"steps": steps, "steps_vs_plain": steps / steps_plain,

@@ -27,6 +27,11 @@ Two kinds of run do more:
   own row: the fold's validation cases predicted with the teacher (``validation_teacher/``), nnU-Net's
   postprocessing determined there, the test cases raw and post-processed (``metrics_teacher*.json``,
   ``teacher.json``, written before ``postprocessing.json``);
+* a warm-started trainer (``stage_switch="warm_start"``, e.g. ``nnUNetTrainerBCP_warm``) starts from the finished
+  plain run of the same fold: every weight of its ``checkpoint_final.pth`` (the segmentation heads included, which
+  nnU-Net's ``-pretrained_weights`` leaves out; same dataset and plans, so nothing needs dropping) is loaded after
+  ``initialize()``, before training, as ``-pretrained_weights`` would; ``run_info.json`` records the checkpoint
+  and its sha256 (``warm_start_from``), and the cost table counts plain's training as part of the run's;
 * ``--steps-factor F``: plain nnU-Net trained for F x the spec's epochs (the equal-compute row; the runner gives it
   its own nnU-Net results folder).
 """
@@ -87,8 +92,38 @@ def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device, teacher_r
             "pseudo_label_postprocessing": [x["function"] for x in summary["postprocessing"]["steps"]]}
 
 
+def warm_starts(trainer) -> bool:
+    """Whether the trainer skips stage one and needs a warm start (``stage_switch="warm_start"``)."""
+    from nnunet_proto.methods.stage_switch import skips_stage_one
+
+    cfg = getattr(trainer, "config", None)
+    return cfg is not None and hasattr(cfg, "stage_switch") and skips_stage_one(cfg)
+
+
+def load_warm_start(trainer, plain_run: Path) -> dict:
+    """Load the finished plain run of the same fold into the warm-started trainer's student (every weight,
+    after ``initialize()``; the trainer resets its teacher to it at train start). Refuses an unfinished plain run."""
+    from nnunet_proto.data.pseudo_labels import file_sha256
+    from nnunet_proto.training.compat import unwrap_network
+
+    if not run_finished(plain_run):
+        raise RuntimeError(f"{type(trainer).__name__} is warm-started from plain nnU-Net of the same fold, in "
+                           f"{plain_run}, which has not finished. The benchmark runs plain first: run the same "
+                           f"benchmark command again; it completes the plain run, then this one.")
+    plain_fold = Path(json.loads((plain_run / "run_info.json").read_text())["output_folder"])
+    ckpt = plain_fold / "checkpoint_final.pth"
+    if not trainer.was_initialized:
+        trainer.initialize()
+    weights = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    unwrap_network(trainer.network).load_state_dict(weights)
+    trainer.print_to_log_file(f"warm start: every weight of {ckpt} loaded into the student (benchmark)")
+    return {"file": str(ckpt), "sha256": file_sha256(ckpt)}
+
+
 def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device,
-          steps_factor: float = 1.0) -> dict:
+          steps_factor: float = 1.0, plain_run: Optional[Path] = None) -> dict:
+    """Train (or resume) one run. ``plain_run``: the plain row's run folder of the same fold and seed, the warm
+    start of a trainer that skips stage one (loaded only when the run starts, not when it resumes)."""
     from nnunet_proto.training.compat import get_trainer_from_args
 
     seed_everything(seed)
@@ -112,6 +147,11 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
             trainer.load_checkpoint(str(latest))
             info["resumed_from_epoch"] = trainer.current_epoch
             print(f"resuming {trainer_name} fold {fold} at epoch {trainer.current_epoch}", flush=True)
+        elif warm_starts(trainer):
+            if plain_run is None:
+                raise RuntimeError(f"{trainer_name} skips stage one and needs the plain run of fold {fold} as its "
+                                   f"warm start")
+            info["warm_start_from"] = load_warm_start(trainer, plain_run)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         reset_rss_high_water()
@@ -277,15 +317,15 @@ def main(argv=None) -> int:
     previous = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
 
     labels = {}
+    plain_run = run_dir.parent.parent / PLAIN / run_dir.name  # runs/<row>/labeled<A>_seed<S>: the plain run
     if is_self_training(args.trainer):  # the pseudo labels first (kept in the run folder: resumes skip them)
         record = run_dir / "pseudo_labels.json"
         if not record.is_file():
             print(f"pseudo-labeling the unlabeled pool with the plain run of fold {args.fold} (seed {args.seed})",
                   flush=True)
-            teacher_run = run_dir.parent.parent / PLAIN / run_dir.name  # runs/<row>/labeled<A>_seed<S>
-            record.write_text(json.dumps(pseudo_label(spec, args.fold, device, teacher_run), indent=2, default=str))
+            record.write_text(json.dumps(pseudo_label(spec, args.fold, device, plain_run), indent=2, default=str))
         labels = json.loads(record.read_text())
-    info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor), **labels}
+    info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor, plain_run), **labels}
     fold_dir = Path(info["output_folder"])
     model_dir = fold_dir.parent
     ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
@@ -296,7 +336,7 @@ def main(argv=None) -> int:
                 epochs=len(secs), seconds_per_epoch_median=float(np.median(secs)) if secs else None,
                 seconds_per_iteration_median=float(np.median(secs)) / spec.iterations_per_epoch if secs else None,
                 torch_threads=torch.get_num_threads(), device=str(device), precision=spec.precision)
-    for key in ("peak_memory_mb", "memory_kind", "train_wall_s_this_process"):
+    for key in ("peak_memory_mb", "memory_kind", "train_wall_s_this_process", "warm_start_from"):
         if key not in info and key in previous:
             info[key] = previous[key]
     if (fold_dir / "validation" / "summary.json").is_file():

@@ -359,19 +359,24 @@ def _step_txt(step: dict, names: Dict[str, str]) -> str:
 
 
 def _steps_txt(res: Results, row: str) -> str:
-    """Training steps of one run of the row; a self-training student adds its teacher's (the plain run's)."""
+    """Training steps of one run of the row; a self-training student adds its teacher's (the plain run's), a
+    warm-started run the plain run it starts from."""
     trainer, _, teacher = split_row(row)
     if is_self_training(trainer) and not teacher:
         return f"{res.steps(row)} + {res.steps(PLAIN)} (teacher)"
+    if res.warm_started(row) and not teacher:
+        return f"{res.steps(row)} + {res.steps(PLAIN)} (warm start)"
     return str(res.steps(row))
 
 
 def cost_section(res: Results) -> List[str]:
     lines = ["Per row: median seconds per epoch and per iteration (nnU-Net's epoch timestamps: training plus its "
              "validation iterations), relative to plain; training steps of one run (the self-training student "
-             "adds its teacher's, the plain run of the same fold); *total time vs plain*: one run's training time "
+             "adds its teacher's, the plain run of the same fold, and a warm-started run the plain run it starts "
+             "from); *total time vs plain*: one run's training time "
              "(median s/epoch × epochs) over the paired plain run's, for self-training the teacher's training plus "
-             "the pseudo-labeling plus the student's (median over seeds); peak memory; nnU-Net's validation Dice.",
+             "the pseudo-labeling plus the student's, for a warm-started run the plain run's training plus its own "
+             "(median over seeds); peak memory; nnU-Net's validation Dice.",
              "", "| trainer | s/epoch (median) | s/iteration | vs plain | training steps | total time vs plain | "
              "pseudo-labeling s | peak memory MB | validation Dice (nnU-Net, val cases) |",
              "|---|---|---|---|---|---|---|---|---|"]
