@@ -211,6 +211,43 @@ def test_warm_start_teacher_is_the_loaded_pretrained_student_and_resumes(name, s
         resumed.on_train_end()
 
 
+def test_warm_start_from_the_environment_loads_every_weight_heads_included(synthetic_dataset, fresh_results,
+                                                                          tmp_path, monkeypatch):
+    """NNUNET_PROTO_WARM_START: the whole plain network, the segmentation heads included (which nnU-Net's
+    -pretrained_weights leaves random), in student and teacher; a missing file or another network is refused."""
+    from nnunet_proto.training.stage_switch import WARM_START_ENV
+
+    torch.manual_seed(7)
+    plain = build_trainer("nnUNetTrainer", synthetic_dataset)
+    plain.initialize()
+    plain_ckpt = tmp_path / "plain_checkpoint_final.pth"
+    plain.save_checkpoint(str(plain_ckpt))
+    pretrained = torch.load(plain_ckpt, map_location="cpu", weights_only=False)["network_weights"]
+    assert any(".seg_layers." in k for k in pretrained)
+    monkeypatch.setenv(WARM_START_ENV, str(plain_ckpt))
+    trainer = _trainer("nnUNetTrainerBCP_warm", synthetic_dataset)
+    trainer.on_train_start()
+    try:
+        student, teacher = _state(unwrap_network(trainer.network)), _state(trainer.teacher.module)
+        assert student.keys() == pretrained.keys()
+        assert all(torch.equal(student[k], pretrained[k]) and torch.equal(teacher[k], pretrained[k])
+                   for k in pretrained)
+        log = open(trainer.log_file).read()
+        assert f"every weight of {plain_ckpt} loaded" in log and "WARNING" not in log
+    finally:
+        trainer.on_train_end()
+
+    monkeypatch.setenv(WARM_START_ENV, str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="missing.pth is not a file"):
+        _trainer("nnUNetTrainerBCP_warm", synthetic_dataset).on_train_start()
+    other = build_trainer("nnUNetTrainer", synthetic_dataset, "3d_fullres")
+    other.initialize()
+    other.save_checkpoint(str(tmp_path / "other.pth"))
+    monkeypatch.setenv(WARM_START_ENV, str(tmp_path / "other.pth"))
+    with pytest.raises(ValueError, match="does not fit this network"):
+        _trainer("nnUNetTrainerBCP_warm", synthetic_dataset).on_train_start()
+
+
 def test_warm_start_without_pretrained_weights_warns(synthetic_dataset, fresh_results):
     trainer = _trainer("nnUNetTrainerBCP_warm", synthetic_dataset)
     trainer.on_train_start()

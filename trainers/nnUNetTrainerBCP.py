@@ -10,8 +10,9 @@ Tensor logic: nnunet_proto/methods/bcp.py and nnunet_proto/ops/copy_paste.py; se
 nnUNetTrainerBCP_paper: that form as a trainer.
 Opt-in, not validated yet (issue 23, item 6; docs/methods/bcp.md, "Warm start, plain stage one,
 un-mixed supervised loss"):
-nnUNetTrainerBCP_warm skips stage one (``stage_switch="warm_start"``; train it with nnUNetv2_train's
-``-pretrained_weights <plain nnU-Net checkpoint_final.pth>``, the teacher is reset to the loaded student at the
+nnUNetTrainerBCP_warm skips stage one (``stage_switch="warm_start"``; train it with
+``NNUNET_PROTO_WARM_START=<plain nnU-Net checkpoint_final.pth>`` set, every weight, or nnUNetv2_train's
+``-pretrained_weights <that file>``, all but the heads, the teacher is reset to the loaded student at the
 start) and nnUNetTrainerBCP_plainstage1 trains stage one with nnU-Net's own loss (``stage_one_loss="plain"``); both
 keep nnU-Net's loss on the un-mixed labeled patches beside the mixed ones in stage two
 (``unmixed_supervised_weight=1``, term ``unmixed``).

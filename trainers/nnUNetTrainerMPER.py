@@ -9,8 +9,9 @@ K = 3, τ1 = τ2 = 0.1, η = 0.999 (run-relative), α = 0.9, γ 0.1 (2D) / 0.02 
 nnUNetTrainerMPER_paper: the literal form (``MPERConfig.paper()``). Inference: nnU-Net's own head.
 Opt-in, not validated yet (issue 23, item 6; docs/methods/mper.md, "Warm start, plain stage one,
 un-mixed supervised loss"):
-nnUNetTrainerMPER_warm skips stage one (``stage_switch="warm_start"``; train it with nnUNetv2_train's
-``-pretrained_weights <plain nnU-Net checkpoint_final.pth>``; k-means and the teacher reset run at the start, on
+nnUNetTrainerMPER_warm skips stage one (``stage_switch="warm_start"``; train it with
+``NNUNET_PROTO_WARM_START=<plain nnU-Net checkpoint_final.pth>`` set, every weight, or nnUNetv2_train's
+``-pretrained_weights <that file>``, all but the heads; k-means and the teacher reset run at the start, on
 the loaded student) and nnUNetTrainerMPER_plainstage1 trains stage one with nnU-Net's own loss
 (``stage_one_loss="plain"``); both keep nnU-Net's loss on the un-mixed labeled patches beside the mixed ones in
 stage two (``unmixed_supervised_weight=1``, term ``unmixed``).

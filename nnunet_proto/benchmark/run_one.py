@@ -103,21 +103,14 @@ def warm_starts(trainer) -> bool:
 def load_warm_start(trainer, plain_run: Path) -> dict:
     """Load the finished plain run of the same fold into the warm-started trainer's student (every weight,
     after ``initialize()``; the trainer resets its teacher to it at train start). Refuses an unfinished plain run."""
-    from nnunet_proto.data.pseudo_labels import file_sha256
-    from nnunet_proto.training.compat import unwrap_network
+    from nnunet_proto.training.stage_switch import load_every_weight
 
     if not run_finished(plain_run):
         raise RuntimeError(f"{type(trainer).__name__} is warm-started from plain nnU-Net of the same fold, in "
                            f"{plain_run}, which has not finished. The benchmark runs plain first: run the same "
                            f"benchmark command again; it completes the plain run, then this one.")
     plain_fold = Path(json.loads((plain_run / "run_info.json").read_text())["output_folder"])
-    ckpt = plain_fold / "checkpoint_final.pth"
-    if not trainer.was_initialized:
-        trainer.initialize()
-    weights = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
-    unwrap_network(trainer.network).load_state_dict(weights)
-    trainer.print_to_log_file(f"warm start: every weight of {ckpt} loaded into the student (benchmark)")
-    return {"file": str(ckpt), "sha256": file_sha256(ckpt)}
+    return load_every_weight(trainer, plain_fold / "checkpoint_final.pth")
 
 
 def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device,
@@ -148,6 +141,9 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
             info["resumed_from_epoch"] = trainer.current_epoch
             print(f"resuming {trainer_name} fold {fold} at epoch {trainer.current_epoch}", flush=True)
         elif warm_starts(trainer):
+            from nnunet_proto.training.stage_switch import WARM_START_ENV
+
+            os.environ.pop(WARM_START_ENV, None)  # the benchmark's warm start is the plain run of this fold
             if plain_run is None:
                 raise RuntimeError(f"{trainer_name} skips stage one and needs the plain run of fold {fold} as its "
                                    f"warm start")

@@ -6,12 +6,15 @@ At the start of every stage-one epoch: read nnU-Net's validation pseudo-Dice his
 
 Also the trainer side of the opt-in options of both trainers (issue 23, item 6; not validated yet, defaults
 unchanged): the warm start (``stage_switch="warm_start"``: stage two from train start, the teacher reset to the
-student that nnU-Net's ``-pretrained_weights`` loaded), nnU-Net's own loss in stage one (``stage_one_loss="plain"``)
+student that nnU-Net's ``-pretrained_weights`` loaded, or that ``NNUNET_PROTO_WARM_START`` names: every weight, the
+segmentation heads included), nnU-Net's own loss in stage one (``stage_one_loss="plain"``)
 and nnU-Net's loss on the un-mixed labeled patches beside the mixed ones in stage two
 (``unmixed_supervised_weight``, term ``unmixed``).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,10 +52,43 @@ def warm_start_probe(network) -> torch.Tensor:
     return next(unwrap_network(network).parameters()).detach().clone()
 
 
+#: a plain nnU-Net checkpoint of the same dataset, plans and configuration; a warm-started run (``_warm``) that
+#: starts (not one resumed with ``--c``) loads every weight of it, the segmentation heads included, which nnU-Net's
+#: ``-pretrained_weights`` leaves at their random initialisation
+WARM_START_ENV = "NNUNET_PROTO_WARM_START"
+
+
+def load_every_weight(trainer, checkpoint: os.PathLike) -> dict:
+    """Load every weight of an nnU-Net checkpoint (``network_weights``) into the trainer's student, initialising
+    the trainer first; returns ``{"file", "sha256"}``. A checkpoint of other plans is refused by name."""
+    from nnunet_proto.data.pseudo_labels import file_sha256
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"warm start: {path} is not a file. Give the checkpoint_final.pth of a finished plain "
+                                f"nnU-Net run of the same dataset, plans and configuration ({WARM_START_ENV}).")
+    if not trainer.was_initialized:
+        trainer.initialize()
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    weights = saved.get("network_weights") if isinstance(saved, dict) else None
+    if weights is None:
+        raise ValueError(f"warm start: {path} has no 'network_weights'; it is not an nnU-Net checkpoint")
+    try:
+        unwrap_network(trainer.network).load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"warm start: {path} does not fit this network (another dataset, plans or configuration?). "
+                         f"Give a plain nnU-Net checkpoint trained with -p {trainer.plans_manager.plans_name} "
+                         f"{trainer.configuration_name} on this dataset.\n{str(e).splitlines()[0]}") from None
+    trainer.print_to_log_file(f"warm start: every weight of {path} loaded into the student (segmentation heads "
+                              f"included)")
+    return {"file": str(path), "sha256": file_sha256(path)}
+
+
 def warm_start(trainer, name: str) -> None:
     """``stage_switch="warm_start"``: start stage two now (at train start, after nnU-Net's ``-pretrained_weights``
-    were loaded into the student), so that the teacher reset copies the loaded weights; log that stage one is
-    skipped and how to warm-start. A run resumed in stage two (``--c``) keeps its restored teacher and state."""
+    were loaded into the student, or ``NNUNET_PROTO_WARM_START``'s checkpoint now), so that the teacher reset
+    copies the loaded weights; log that stage one is skipped and how to warm-start. A run resumed in stage two
+    (``--c``) keeps its restored teacher and state."""
     method = trainer.method
     if not skips_stage_one(trainer.config):
         return
@@ -60,19 +96,23 @@ def warm_start(trainer, name: str) -> None:
         trainer.print_to_log_file(f"{name}: stage_switch='warm_start', resumed in stage two (switch at progress "
                                   f"{method.stage_two_start}); teacher and method state as restored")
         return
+    if os.environ.get(WARM_START_ENV):
+        load_every_weight(trainer, os.environ[WARM_START_ENV])
     trainer.print_to_log_file(
         f"{name}: stage_switch='warm_start': stage one is SKIPPED; stage two starts at epoch {trainer.current_epoch} "
         f"and the teacher is reset to the student as loaded now. The student should be warm-started from a plain "
         f"nnU-Net checkpoint of the same plans and fold: nnUNetv2_train DATASET {trainer.configuration_name} "
         f"{trainer.fold} -tr {type(trainer).__name__} -p {trainer.plans_manager.plans_name} -pretrained_weights "
         f"<plain nnU-Net fold folder>/checkpoint_final.pth (nnU-Net's load_pretrained_weights does not transfer the "
-        f"segmentation heads, seg_layers: they start from their random initialisation)")
+        f"segmentation heads, seg_layers: they start from their random initialisation), or with {WARM_START_ENV}="
+        f"<that checkpoint> set, which loads every weight, the heads included")
     probe = getattr(trainer, "_warm_start_probe", None)
     if probe is not None and torch.equal(probe, warm_start_probe(trainer.network)):
         trainer.print_to_log_file(
             f"WARNING: {name} warm start without pretrained weights: the student's weights did not change since "
             f"initialize(), so no -pretrained_weights were loaded. This run has NO stage one and starts self-training "
-            f"from a randomly initialised student and teacher. Pass -pretrained_weights <plain checkpoint_final.pth>.")
+            f"from a randomly initialised student and teacher. Set {WARM_START_ENV}=<plain checkpoint_final.pth> "
+            f"(every weight) or pass -pretrained_weights <plain checkpoint_final.pth> (all but the heads).")
     maybe_switch_stage(trainer, name)  # the warm-start decision: stage two now, teacher := student
 
 
@@ -133,8 +173,9 @@ def option_variants(base: type) -> Dict[str, type]:
     unmixed = "nnU-Net's loss on the un-mixed labeled patches (weight 1) beside the mixed terms in stage two"
     return {
         **config_variant(base, "warm", base.config.replace(stage_switch="warm_start", unmixed_supervised_weight=1.0),
-                         f"{name} without stage one (opt-in, not validated): train with nnUNetv2_train ... "
-                         f"-pretrained_weights <plain nnU-Net checkpoint_final.pth>; the teacher is reset to the "
+                         f"{name} without stage one (opt-in, not validated): train with {WARM_START_ENV}=<plain "
+                         f"nnU-Net checkpoint_final.pth> (every weight) or nnUNetv2_train ... -pretrained_weights "
+                         f"<that file> (all but the heads); the teacher is reset to the "
                          f"loaded student at the start; {unmixed}."),
         **config_variant(base, "plainstage1",
                          base.config.replace(stage_one_loss="plain", unmixed_supervised_weight=1.0),
