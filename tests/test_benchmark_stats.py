@@ -389,7 +389,8 @@ def test_report_paths_are_portable(monkeypatch):
 
 
 def test_semi_supervised_signal_from_training_logs(tmp_path):
-    """The report's signal table: gradient ratio (median of the last epochs), pseudo/labeled share, kept, confidence."""
+    """The report's signal table: gradient ratio (median of the last epochs), pseudo/labeled share, kept (all and
+    per class), confidence, teacher-student disagreement."""
     spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.0}, seeds=(0, 1))
     epochs = 8
     for seed in (0, 1):
@@ -400,7 +401,10 @@ def test_semi_supervised_signal_from_training_logs(tmp_path):
                "ssl_pl_share_c0": [0.9] * epochs, "ssl_labeled_share_c0": [0.9] * epochs,
                "ssl_pl_share_c1": [0.01 * (1 + seed)] * epochs, "ssl_labeled_share_c1": [0.04] * epochs,
                "ssl_pl_share_c2": [0.05] * epochs, "ssl_labeled_share_c2": [0.05] * (epochs - 1) + [float("nan")],
-               "ssl_pl_kept": [0.8] * epochs, "ssl_pl_confidence": [0.95] * epochs}
+               "ssl_pl_kept": [0.8] * epochs, "ssl_pl_confidence": [0.95] * epochs,
+               # per-class kept share: NaN epochs (no voxel of the class) are left out; disagreement per epoch
+               "ssl_pl_kept_c1": [0.5] * (epochs - 1) + [float("nan")], "ssl_pl_kept_c2": [0.2 + 0.2 * seed] * epochs,
+               "ssl_teacher_disagreement": [0.5] * 3 + [0.01 * (1 + seed)] * (epochs - 3)}
         d = tmp_path / "runs" / Run("nnUNetTrainerX", "2", seed, 0).tag
         (d / "curves.json").write_text(json.dumps(log))
     write_report(spec, tmp_path, tmp_path / "report")
@@ -415,7 +419,9 @@ def test_semi_supervised_signal_from_training_logs(tmp_path):
     assert row["pseudo_label_share_vs_labeled"][names[0]] == pytest.approx(0.375)
     assert row["pseudo_label_share_vs_labeled"][names[1]] == pytest.approx(1.0)
     assert row["kept_by_gate"] == pytest.approx(0.8) and row["teacher_confidence"] == pytest.approx(0.95)
-    assert "| nnUNetTrainerX | 2 | cons 0.020 | 0.38 / 1.00 | 0.80 | 0.950 |" in text
+    assert row["kept_by_gate_per_class"] == {names[0]: pytest.approx(0.5), names[1]: pytest.approx(0.3)}
+    assert row["teacher_disagreement"] == pytest.approx(0.015)  # last 5 epochs, mean over seeds
+    assert "| nnUNetTrainerX | 2 | cons 0.020 | 0.38 / 1.00 | 0.80 | 0.50 / 0.30 | 0.950 | 0.0150 |" in text
 
 
 def test_validation_agreement_pairs_validation_and_test_deltas(tmp_path):

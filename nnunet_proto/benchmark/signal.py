@@ -2,7 +2,8 @@
 
 Per row and amount, from each run's training log (curves.json) over its last epochs: each term's weighted
 gradient norm over the supervised one, each class' pseudo-label share over its labeled share, the confidence
-gate's kept fraction and the teacher's confidence.
+gate's kept fraction (all voxels and per foreground class), the teacher's confidence and the share of unlabeled
+voxels where teacher and student argmax disagree (a teacher that is a copy of the student: near 0).
 """
 from __future__ import annotations
 
@@ -46,7 +47,12 @@ def signal_rows(res: Results) -> List[dict]:
             rows.append({"trainer": trainer, "labeled_amount": amount, "seeds": len(logs),
                          "gradient_vs_supervised": grad, "pseudo_label_share_vs_labeled": share,
                          "kept_by_gate": _seed_mean([log_series(log, "ssl_pl_kept") for log in logs]),
-                         "teacher_confidence": _seed_mean([log_series(log, "ssl_pl_confidence") for log in logs])})
+                         "kept_by_gate_per_class": {
+                             res.label_names[c]: _seed_mean([log_series(log, f"ssl_pl_kept_c{c}") for log in logs])
+                             for c in res.classes},
+                         "teacher_confidence": _seed_mean([log_series(log, "ssl_pl_confidence") for log in logs]),
+                         "teacher_disagreement": _seed_mean([log_series(log, "ssl_teacher_disagreement")
+                                                             for log in logs])})
     return rows
 
 
@@ -61,10 +67,12 @@ def signal_section(res: Results, rows: List[dict]) -> List[str]:
              "unlabeled voxels the pseudo-label source (the teacher, or the network itself without one) gives a "
              "class over that class' share of the labeled patches (about 1: the class is kept; below 0.1 for 3 "
              "epochs is the trainers' collapse warning; the labeled share is inflated by nnU-Net's foreground "
-             "oversampling). *Kept*: voxels passing the confidence gate. Per epoch: the `ssl_*` panels of "
-             "each run's progress.png and the pseudo_labels plots below.", "",
+             "oversampling). *Kept*: voxels passing the confidence gate, of all and of each class' pseudo-labeled "
+             "voxels (a gate that selects keeps well below 1). *Disagreement*: the share of unlabeled voxels where "
+             "the teacher's and the student's argmax differ (near 0: the teacher is a copy of the student). Per "
+             "epoch: the `ssl_*` panels of each run's progress.png and the pseudo_labels plots below.", "",
              "| trainer | labeled | gradient / supervised | pseudo / labeled share (" + " / ".join(names)
-             + ") | kept | confidence |", "|---|---|---|---|---|---|"]
+             + ") | kept | kept per class | confidence | disagreement |", "|---|---|---|---|---|---|---|---|"]
 
     def num(x, fmt):
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
@@ -72,6 +80,7 @@ def signal_section(res: Results, rows: List[dict]) -> List[str]:
     for r in rows:
         grad = ", ".join(f"{t} {num(v, '.3f')}" for t, v in r["gradient_vs_supervised"].items()) or "–"
         share = " / ".join(num(r["pseudo_label_share_vs_labeled"][n], ".2f") for n in names)
+        kept_c = " / ".join(num(r["kept_by_gate_per_class"][n], ".2f") for n in names)
         lines.append(f"| {r['trainer']} | {r['labeled_amount']} | {grad} | {share} | {num(r['kept_by_gate'], '.2f')} "
-                     f"| {num(r['teacher_confidence'], '.3f')} |")
+                     f"| {kept_c} | {num(r['teacher_confidence'], '.3f')} | {num(r['teacher_disagreement'], '.4f')} |")
     return lines + [""]
