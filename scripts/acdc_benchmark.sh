@@ -18,8 +18,8 @@
 #                                                                            # labeled 2 and 4, seeds 0 1 2, the confirmation's budget
 #   bash scripts/acdc_benchmark.sh redesign-screen [TRAINER ...]             # issue 23's redesign on validation (labeled 4, seed 0,
 #                                                                            # the confirmation's budget): CPCL, its one-switch
-#                                                                            # variants and _v2, MT/PCCS _v2, BCP/MPER _warm,
-#                                                                            # UniMatch (+ these)
+#                                                                            # variants, _v2 and _labeledcontrol, MT/PCCS _v2,
+#                                                                            # BCP/MPER _warm, UniMatch (+ these)
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
@@ -49,10 +49,12 @@ students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrai
           nnUNetTrainerSelfTraining_drop25 nnUNetTrainerSelfTraining_noisy nnUNetTrainerSelfTraining_fromteacher)
 # issue 23's redesign (nnunet_proto/training/variants.py REDESIGN): CPCL (the one confirmed gain) switch by switch,
 # every teacher-student method with all switches (_v2), BCP and MPER warm-started from the plain run of the fold
-# (item 6), and the weak-to-strong baseline
+# (item 6), CPCL's control with labeled patches in place of the unlabeled ones (item 7), and the weak-to-strong
+# baseline
 redesign=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
-          nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerMeanTeacher_v2
-          nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm nnUNetTrainerUniMatch)
+          nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerCPCL_labeledcontrol
+          nnUNetTrainerMeanTeacher_v2 nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm
+          nnUNetTrainerUniMatch)
 stage="${1:-}"
 shift || true
 case "$stage" in
