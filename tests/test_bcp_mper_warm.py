@@ -248,6 +248,16 @@ def test_warm_start_from_the_environment_loads_every_weight_heads_included(synth
         _trainer("nnUNetTrainerBCP_warm", synthetic_dataset).on_train_start()
 
 
+@pytest.mark.parametrize("name", ["nnUNetTrainerBCP", "nnUNetTrainerCPCL"])
+def test_warm_start_variable_is_refused_where_nothing_would_load_it(name, synthetic_dataset, fresh_results,
+                                                                   monkeypatch):
+    from nnunet_proto.training.stage_switch import WARM_START_ENV
+
+    monkeypatch.setenv(WARM_START_ENV, "/x/checkpoint_final.pth")
+    with pytest.raises(ValueError, match=f"{WARM_START_ENV} is set .*{name} does not warm-start.*Unset it"):
+        _trainer(name, synthetic_dataset).on_train_start()
+
+
 def test_warm_start_without_pretrained_weights_warns(synthetic_dataset, fresh_results):
     trainer = _trainer("nnUNetTrainerBCP_warm", synthetic_dataset)
     trainer.on_train_start()

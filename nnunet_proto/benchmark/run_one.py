@@ -118,9 +118,11 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
     """Train (or resume) one run. ``plain_run``: the plain row's run folder of the same fold and seed, the warm
     start of a trainer that skips stage one (loaded only when the run starts, not when it resumes)."""
     from nnunet_proto.training.compat import get_trainer_from_args
+    from nnunet_proto.training.stage_switch import WARM_START_ENV
 
     seed_everything(seed)
     os.environ[PRECISION_ENV] = spec.precision  # read by the semi-supervised trainers
+    os.environ.pop(WARM_START_ENV, None)  # the benchmark's warm start is the plain run of the fold (below)
     if spec.precision == "bf16":
         trainer_name = BF16_PLAIN.get(trainer_name, trainer_name)
     trainer = get_trainer_from_args(spec.dataset, spec.configuration, fold, trainer_name, spec.plans,
@@ -141,9 +143,6 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
             info["resumed_from_epoch"] = trainer.current_epoch
             print(f"resuming {trainer_name} fold {fold} at epoch {trainer.current_epoch}", flush=True)
         elif warm_starts(trainer):
-            from nnunet_proto.training.stage_switch import WARM_START_ENV
-
-            os.environ.pop(WARM_START_ENV, None)  # the benchmark's warm start is the plain run of this fold
             if plain_run is None:
                 raise RuntimeError(f"{trainer_name} skips stage one and needs the plain run of fold {fold} as its "
                                    f"warm start")

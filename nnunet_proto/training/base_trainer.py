@@ -67,6 +67,7 @@ from nnunet_proto.training.progress import (
     collapse_keys,
     collapsing_classes,
 )
+from nnunet_proto.training.stage_switch import refuse_stray_warm_start
 from nnunet_proto.training.unlabeled import (
     UnlabeledDataLoader,
     UnlabeledDataset,
@@ -353,6 +354,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         return stream
 
     def on_train_start(self):
+        refuse_stray_warm_start(self)
         super().on_train_start()
         self.dataloader_unlabeled = TimedLoader(self.get_unlabeled_dataloader())
         self.dataloader_train = TimedLoader(self.dataloader_train)

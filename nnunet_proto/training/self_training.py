@@ -47,6 +47,7 @@ from nnunet_proto.training.compat import (
     unwrap_network,
 )
 from nnunet_proto.training.precision import CPUAutocastMixin
+from nnunet_proto.training.stage_switch import refuse_stray_warm_start
 from nnunet_proto.training.unlabeled import preprocessing_fingerprint
 
 CHECKPOINT_KEY = "nnunet_proto_self_training"
@@ -207,6 +208,7 @@ class SelfTrainingMixin(CPUAutocastMixin):
 
     # ------------------------------------------------------------------ start, checkpoints
     def on_train_start(self):
+        refuse_stray_warm_start(self)  # the student's warm start is init_from_teacher
         super().on_train_start()  # builds the loaders: the set is opened and verified there
         info = self.pseudo_set.describe()
         n_l = labeled_count(self.batch_size, self.config.labeled_share)
