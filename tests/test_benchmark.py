@@ -1,5 +1,5 @@
 """Benchmark smoke run on the synthetic dataset: plain nnU-Net, CPCL (and its EMA teacher's row), offline
-self-training and plain at equal compute, one amount, one seed, a few iterations; then a warm-started BCP.
+self-training and plain at equal compute, one amount, one seed, a few iterations.
 
 The A/A control is left out (--no-control) to keep it cheap; its report row is tested on hand-made results in
 test_benchmark_stats.py.
@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import DATASET_ID, PLANS, run_cli
 
 from nnunet_proto.benchmark.results import Results, case_table
@@ -143,23 +144,6 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     assert main(by_name) == 0
     assert (run_dir / "log.txt").read_text().count("RUN DONE") == 2
 
-    # a warm-started trainer (issue 23 item 6) added to the benchmark starts from the finished plain run of its
-    # fold: every weight of plain's checkpoint_final.pth, recorded with its hash; its cost counts plain's steps
-    from nnunet_proto.data.pseudo_labels import file_sha256
-
-    warm_args = args[:args.index("--self-training")] + ["-tr", "nnUNetTrainerBCP_warm"]
-    run_cli(*warm_args)
-    warm_dir = results / "runs" / "nnUNetTrainerBCP_warm" / "labeled3_seed0"
-    warm = json.loads((warm_dir / "run_info.json").read_text())["warm_start_from"]
-    plain_ckpt = next((results / "nnUNet_results").rglob("nnUNetTrainer__*/fold_*/checkpoint_final.pth"))
-    assert warm == {"file": str(plain_ckpt), "sha256": file_sha256(plain_ckpt)}
-    (warm_log,) = (results / "nnUNet_results").rglob("nnUNetTrainerBCP_warm__*/fold_*/training_log_*.txt")
-    log = warm_log.read_text()
-    assert f"every weight of {plain_ckpt} loaded" in log and "stage one is SKIPPED" in log
-    assert "WARNING" not in log  # the weights changed after initialize(): the warm start was loaded
-    text = (report / "README.md").read_text()
-    assert "| 3 | nnUNetTrainerBCP_warm | 0 | 3 + 3 (warm start) |" in text
-
 
 def test_benchmark_refuses_another_test_set_and_reevaluates_on_request(benchmark_args, synthetic_dataset,
                                                                         tmp_path, capsys):
@@ -253,6 +237,35 @@ def test_report_statistics_on_hand_made_results(tmp_path):
     undefined = case_table({"metric_per_case": [{"case": "a", "metrics": {"1": {"Dice": None, "IoU": None,
                                                                                 "HD95": None, "ASD": None}}}]})
     assert math.isnan(undefined["a"]["fg"]["Dice"])  # JSON null (undefined) stays undefined, never 0
+
+
+def test_warm_start_loads_every_weight_of_the_finished_plain_run(synthetic_dataset, fresh_results, tmp_path):
+    """A warm-started trainer in the benchmark starts from the plain run of its fold: every weight of plain's
+    checkpoint_final.pth (the heads included), recorded with its hash; other trainers are not warm-started."""
+    from conftest import build_trainer
+
+    from nnunet_proto.benchmark.run_one import load_warm_start, warm_starts
+    from nnunet_proto.data.pseudo_labels import file_sha256
+    from nnunet_proto.training.compat import unwrap_network
+
+    plain = build_trainer("nnUNetTrainer", synthetic_dataset)
+    plain.initialize()
+    fold_dir = tmp_path / "plain_fold"
+    fold_dir.mkdir()
+    ckpt = fold_dir / "checkpoint_final.pth"
+    plain.save_checkpoint(str(ckpt))
+    plain_run = tmp_path / "runs" / "nnUNetTrainer" / "labeled2_seed0"
+    plain_run.mkdir(parents=True)
+    for f in ("metrics.json", "postprocessing.json"):
+        (plain_run / f).write_text("{}")
+    (plain_run / "run_info.json").write_text(json.dumps({"output_folder": str(fold_dir)}))
+    trainer = build_trainer("nnUNetTrainerBCP_warm", synthetic_dataset)
+    assert warm_starts(trainer) and not warm_starts(build_trainer("nnUNetTrainerBCP", synthetic_dataset))
+    assert load_warm_start(trainer, plain_run) == {"file": str(ckpt), "sha256": file_sha256(ckpt)}
+    expected = unwrap_network(plain.network).state_dict()
+    loaded = unwrap_network(trainer.network).state_dict()
+    assert any(".seg_layers." in k for k in expected)
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
 def test_warm_start_refuses_a_plain_run_that_did_not_finish(tmp_path):

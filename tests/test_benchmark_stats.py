@@ -388,6 +388,23 @@ def test_report_paths_are_portable(monkeypatch):
                              "-o <report folder> -tr X")
 
 
+def test_warm_started_row_counts_the_plain_run_it_starts_from(tmp_path):
+    """Cost of a warm-started run (run_info warm_start_from): plain's steps and training time are part of it."""
+    spec = _bench(tmp_path, ["nnUNetTrainerW_warm"], {}, control=None)
+    for trainer in (PLAIN, "nnUNetTrainerW_warm"):
+        for seed in spec.seeds:
+            f = tmp_path / "runs" / Run(trainer, "2", seed, 0).tag / "run_info.json"
+            info = {**json.loads(f.read_text()), "epochs": 2}
+            if trainer != PLAIN:
+                info["warm_start_from"] = {"file": "plain/checkpoint_final.pth", "sha256": "0" * 64}
+            f.write_text(json.dumps(info))
+    cost = Results(spec, tmp_path).total_cost("nnUNetTrainerW_warm", "2")
+    # steps 10 + plain's 10; seconds: (2.5 s x 2 epochs + plain's 1 s x 2) over plain's 2
+    assert cost["steps_vs_plain"] == 2.0 and cost["seconds_vs_plain"] == pytest.approx(3.5)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "| 10 + 10 (warm start) | 3.50x |" in text
+
+
 def test_semi_supervised_signal_from_training_logs(tmp_path):
     """The report's signal table: gradient ratio (median of the last epochs), pseudo/labeled share, kept (all and
     per class), confidence, teacher-student disagreement."""
