@@ -405,6 +405,34 @@ def test_warm_started_row_counts_the_plain_run_it_starts_from(tmp_path):
     assert "| 10 + 10 (warm start) | 3.50x |" in text
 
 
+def test_validation_ablations_compare_each_variant_with_its_base(tmp_path):
+    """Which change moved what: a variant against its base trainer on validation, per class from nnU-Net's
+    validation summary.json, in the report and summary.json; a variant without its base is not listed."""
+    spec = _bench(tmp_path, ["nnUNetTrainerX", "nnUNetTrainerX_strong", "nnUNetTrainerY_v2"], {}, seeds=(0,),
+                  control=None)
+    per_class = {PLAIN: (0.80, 0.60), "nnUNetTrainerX": (0.82, 0.64), "nnUNetTrainerX_strong": (0.85, 0.61),
+                 "nnUNetTrainerY_v2": (0.9, 0.9)}
+    for trainer, (c1, c2) in per_class.items():
+        run_dir = tmp_path / "runs" / Run(trainer, "2", 0, 0).tag
+        fold = tmp_path / "results" / trainer / "fold_0"
+        (fold / "validation").mkdir(parents=True)
+        (fold / "validation" / "summary.json").write_text(json.dumps(
+            {"foreground_mean": {"Dice": (c1 + c2) / 2}, "mean": {"1": {"Dice": c1}, "2": {"Dice": c2}}}))
+        info = json.loads((run_dir / "run_info.json").read_text())
+        (run_dir / "run_info.json").write_text(json.dumps({**info, "output_folder": str(fold)}))
+    write_report(spec, tmp_path, tmp_path / "report")
+    (row,) = json.loads((tmp_path / "report" / "summary.json").read_text())["validation_ablations"]
+    a, b = CLASSES["1"], CLASSES["2"]
+    assert row["trainer"] == "nnUNetTrainerX_strong" and row["base"] == "nnUNetTrainerX" and row["seeds"] == [0]
+    assert row["delta_vs_base"] == {"mean": pytest.approx(0.0), a: pytest.approx(0.03), b: pytest.approx(-0.03)}
+    assert row["delta_vs_plain"]["mean"] == pytest.approx(0.03) and row["base_delta_vs_plain"][a] == \
+        pytest.approx(0.02)
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "## Validation ablations" in text
+    assert "| 2 | nnUNetTrainerX_strong | nnUNetTrainerX | 1 | 73.0 (85.0 / 61.0) | +0.0 (+3.0 / -3.0) | +3.0; +3.0 |" \
+        in text
+
+
 def test_semi_supervised_signal_from_training_logs(tmp_path):
     """The report's signal table: gradient ratio (median of the last epochs), pseudo/labeled share, kept (all and
     per class), confidence, teacher-student disagreement."""

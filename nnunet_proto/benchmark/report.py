@@ -1,8 +1,9 @@
 """The benchmark report: README.md, summary.json and the figures of a benchmark's finished runs.
 
-The report is built from four modules that know nothing of each other's internals: ``results.py`` (the runs as
+The report is built from modules that know nothing of each other's internals: ``results.py`` (the runs as
 rows, paired statistics against plain nnU-Net), ``sections.py`` (the text sections), ``signal.py`` (the
-semi-supervised signal from the training logs) and ``plots.py`` (figures). This module puts them together.
+semi-supervised signal from the training logs), ``ablation.py`` (variants against their base on validation) and
+``plots.py`` (figures). This module puts them together.
 
 Everything is computed twice: on the raw test predictions and after nnU-Net's own postprocessing (determined on
 each run's validation predictions, see run_one.py). A run without post-processed metrics is listed as missing,
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from nnunet_proto.benchmark.ablation import ablation_rows, ablation_section
 from nnunet_proto.benchmark.results import (
     CLASS_PRESENCE_MIN,
     KINDS,
@@ -235,6 +237,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     lines += ["## Run-to-run spread and power", ""] + spread_section(res, comp)
     agreement = validation_agreement(res)
     lines += ["## Validation as a guide", ""] + validation_agreement_section(agreement)
+    ablations = ablation_rows(res)
+    lines += ["## Validation ablations", ""] + ablation_section(res, ablations)
     lines += ["## No class lost", ""] + presence_section(res, presence)
     lines += ["## Test results", ""] + tables(res)
     lines += ["## Test results after nnU-Net's postprocessing", ""] + tables(res, "postprocessed", ("Dice", "HD95"))
@@ -257,6 +261,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     summary = summary_json(res, comp, control, presence)
     summary["semi_supervised_signal"] = {"tail_epochs": SIGNAL_TAIL_EPOCHS, "rows": signal}
     summary["validation_agreement"] = agreement
+    summary["validation_ablations"] = ablations
     (report_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False,
                                                         ensure_ascii=False))
     return out

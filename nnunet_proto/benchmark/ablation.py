@@ -1,0 +1,96 @@
+"""The report's "Validation ablations" section: which change moved what, on nnU-Net's validation cases.
+
+A variant row (``nnUNetTrainerCPCL_strong``) whose base trainer (``nnUNetTrainerCPCL``, the name before the first
+``_`` after the prefix) ran in the same benchmark is compared with it: foreground and per-class validation Dice of
+both, and the variant's Δ against its base and against plain nnU-Net (means over the seeds both have). Per-class
+validation Dice comes from nnU-Net's own ``validation/summary.json`` in each run's fold folder. These are the
+numbers a screening decides on; the test cases play no part.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nnunet_proto.benchmark.results import Results, split_row
+from nnunet_proto.benchmark.spec import PLAIN
+
+
+def base_trainer(trainer: str) -> str:
+    """``nnUNetTrainerCPCL_strong`` -> ``nnUNetTrainerCPCL``; a name without a variant suffix is its own base."""
+    return trainer.split("_")[0]
+
+
+def validation_per_class(info: dict) -> Dict[str, float]:
+    """nnU-Net's validation Dice of one run, ``{"fg": ..., "<label>": ...}``, from ``validation/summary.json`` in its
+    fold folder (``run_info.json``'s ``output_folder``); only the foreground mean (run_info) when that file is gone."""
+    out = {"fg": info.get("validation_foreground_dice")}
+    folder = info.get("output_folder")
+    summary = Path(folder) / "validation" / "summary.json" if folder else None
+    if summary is not None and summary.is_file():
+        data = json.loads(summary.read_text())
+        out["fg"] = data.get("foreground_mean", {}).get("Dice", out["fg"])
+        out.update({str(k): v.get("Dice") for k, v in data.get("mean", {}).items() if isinstance(v, dict)})
+    return {k: (math.nan if v is None else float(v)) for k, v in out.items()}
+
+
+def _mean(values: List[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def ablation_rows(res: Results) -> List[dict]:
+    """Per amount and variant row with its base in the benchmark: validation Dice (fg and per class) of the
+    variant, its base and plain, means over the seeds all three have, and the Δs."""
+    rows = []
+    trainers = [t for t in res.trainers() if split_row(t) == (t, 1.0, False)]
+    labels = ["fg"] + list(res.classes)
+    for amount in res.amounts:
+        for trainer in trainers:
+            base = base_trainer(trainer)
+            if trainer == base or base not in trainers or trainer == res.control:
+                continue
+            seeds = [s for s in res.seeds if all((t, amount, s) in res.info for t in (trainer, base, PLAIN))]
+            if not seeds:
+                continue
+            val: Dict[str, Dict[str, float]] = {}
+            for t in (trainer, base, PLAIN):
+                runs = [validation_per_class(res.info[(t, amount, s)]) for s in seeds]
+                val[t] = {lab: _mean([r.get(lab, math.nan) for r in runs]) for lab in labels}
+            name = {lab: res.label_names.get(lab, lab) for lab in labels}
+            rows.append({"trainer": trainer, "base": base, "labeled_amount": amount, "seeds": seeds,
+                         "validation_dice": {name[lab]: val[trainer][lab] for lab in labels},
+                         "base_validation_dice": {name[lab]: val[base][lab] for lab in labels},
+                         "delta_vs_base": {name[lab]: val[trainer][lab] - val[base][lab] for lab in labels},
+                         "delta_vs_plain": {name[lab]: val[trainer][lab] - val[PLAIN][lab] for lab in labels},
+                         "base_delta_vs_plain": {name[lab]: val[base][lab] - val[PLAIN][lab] for lab in labels}})
+    return rows
+
+
+def _pts(x: Optional[float], signed: bool = True) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def ablation_section(res: Results, rows: List[dict]) -> List[str]:
+    if not rows:
+        return ["No variant ran beside its base trainer in this benchmark.", ""]
+    names = [res.label_names.get(c, c) for c in res.classes]
+    lines = ["Each variant against its base trainer on nnU-Net's validation cases of the fold (the numbers a "
+             "screening decides on; never the test cases): validation Dice in points, foreground mean and per "
+             f"class ({' / '.join(names)}), mean over the seeds where variant, base and plain all ran. With one "
+             "seed, compare the Δs with the A/A control's run-to-run spread before reading a change as an effect.",
+             "", f"| labeled | variant | base | seeds | validation Dice (mean; {' / '.join(names)}) | Δ vs base | "
+             "Δ vs plain (variant; base) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v, d = r["validation_dice"], r["delta_vs_base"]
+        per_class = " / ".join(_pts(v[n], False) for n in names)
+        d_class = " / ".join(_pts(d[n]) for n in names)
+        lines.append(f"| {r['labeled_amount']} | {r['trainer']} | {r['base']} | {len(r['seeds'])} | "
+                     f"{_pts(v['mean'], False)} ({per_class}) | {_pts(d['mean'])} ({d_class}) | "
+                     f"{_pts(r['delta_vs_plain']['mean'])}; {_pts(r['base_delta_vs_plain']['mean'])} |")
+    return lines + [""]
