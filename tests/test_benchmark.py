@@ -244,9 +244,10 @@ def test_warm_start_loads_every_weight_of_the_finished_plain_run(synthetic_datas
     checkpoint_final.pth (the heads included), recorded with its hash; other trainers are not warm-started."""
     from conftest import build_trainer
 
-    from nnunet_proto.benchmark.run_one import load_warm_start, warm_starts
+    from nnunet_proto.benchmark.run_one import load_warm_start
     from nnunet_proto.data.pseudo_labels import file_sha256
     from nnunet_proto.training.compat import unwrap_network
+    from nnunet_proto.training.stage_switch import warm_starts
 
     plain = build_trainer("nnUNetTrainer", synthetic_dataset)
     plain.initialize()

@@ -92,14 +92,6 @@ def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device, teacher_r
             "pseudo_label_postprocessing": [x["function"] for x in summary["postprocessing"]["steps"]]}
 
 
-def warm_starts(trainer) -> bool:
-    """Whether the trainer skips stage one and needs a warm start (``stage_switch="warm_start"``)."""
-    from nnunet_proto.methods.stage_switch import skips_stage_one
-
-    cfg = getattr(trainer, "config", None)
-    return cfg is not None and hasattr(cfg, "stage_switch") and skips_stage_one(cfg)
-
-
 def load_warm_start(trainer, plain_run: Path) -> dict:
     """Load the finished plain run of the same fold into the warm-started trainer's student (every weight,
     after ``initialize()``; the trainer resets its teacher to it at train start). Refuses an unfinished plain run."""
@@ -118,7 +110,7 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
     """Train (or resume) one run. ``plain_run``: the plain row's run folder of the same fold and seed, the warm
     start of a trainer that skips stage one (loaded only when the run starts, not when it resumes)."""
     from nnunet_proto.training.compat import get_trainer_from_args
-    from nnunet_proto.training.stage_switch import WARM_START_ENV
+    from nnunet_proto.training.stage_switch import WARM_START_ENV, warm_starts
 
     seed_everything(seed)
     os.environ[PRECISION_ENV] = spec.precision  # read by the semi-supervised trainers

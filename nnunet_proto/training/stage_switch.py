@@ -84,10 +84,15 @@ def load_every_weight(trainer, checkpoint: os.PathLike) -> dict:
     return {"file": str(path), "sha256": file_sha256(path)}
 
 
+def warm_starts(trainer) -> bool:
+    """Whether the trainer skips stage one and needs a warm start (``stage_switch="warm_start"``)."""
+    cfg = getattr(trainer, "config", None)
+    return cfg is not None and hasattr(cfg, "stage_switch") and skips_stage_one(cfg)
+
+
 def refuse_stray_warm_start(trainer) -> None:
     """``NNUNET_PROTO_WARM_START`` set for a trainer that does not warm-start would be ignored silently: refused."""
-    cfg = trainer.config
-    if os.environ.get(WARM_START_ENV) and not (hasattr(cfg, "stage_switch") and skips_stage_one(cfg)):
+    if os.environ.get(WARM_START_ENV) and not warm_starts(trainer):
         raise ValueError(f"{WARM_START_ENV} is set ({os.environ[WARM_START_ENV]}), but {type(trainer).__name__} does "
                          f"not warm-start: only the _warm variants of BCP and MPER (stage_switch='warm_start') load "
                          f"it. Unset it (or use nnUNetv2_train's -pretrained_weights to initialise this trainer).")
