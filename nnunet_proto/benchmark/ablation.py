@@ -13,9 +13,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
-
-from nnunet_proto.benchmark.results import Results, split_row
+from nnunet_proto.benchmark.results import Results, nanmean, split_row
 from nnunet_proto.benchmark.spec import PLAIN
 
 
@@ -37,11 +35,6 @@ def validation_per_class(info: dict) -> Dict[str, float]:
     return {k: (math.nan if v is None else float(v)) for k, v in out.items()}
 
 
-def _mean(values: List[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
-
-
 def ablation_rows(res: Results) -> List[dict]:
     """Per amount and variant row with its base in the benchmark: validation Dice (fg and per class) of the
     variant, its base and plain, means over the seeds all three have, and the Δs."""
@@ -59,7 +52,7 @@ def ablation_rows(res: Results) -> List[dict]:
             val: Dict[str, Dict[str, float]] = {}
             for t in (trainer, base, PLAIN):
                 runs = [validation_per_class(res.info[(t, amount, s)]) for s in seeds]
-                val[t] = {lab: _mean([r.get(lab, math.nan) for r in runs]) for lab in labels}
+                val[t] = {lab: nanmean([r.get(lab) for r in runs]) for lab in labels}
             name = {lab: res.label_names.get(lab, lab) for lab in labels}
             rows.append({"trainer": trainer, "base": base, "labeled_amount": amount, "seeds": seeds,
                          "validation_dice": {name[lab]: val[trainer][lab] for lab in labels},

@@ -85,7 +85,7 @@ def display_name(row: str) -> str:
     return f"{trainer}, EMA teacher" if teacher else trainer
 
 
-def _nanmean(values) -> float:
+def nanmean(values) -> float:
     a = np.asarray([v for v in values if v is not None], dtype=float)
     a = a[~np.isnan(a)]
     return float(a.mean()) if a.size else math.nan
@@ -106,7 +106,7 @@ def case_table(metrics: dict) -> Dict[str, Dict[str, dict]]:
     for entry in metrics["metric_per_case"]:
         per_label = {lab: {**{m: (v[m] if v[m] is not None else math.nan) for m in METRICS}, "rule": v.get("rule")}
                      for lab, v in entry["metrics"].items()}
-        per_label["fg"] = {m: _nanmean([per_label[lab][m] for lab in entry["metrics"]]) for m in METRICS}
+        per_label["fg"] = {m: nanmean([per_label[lab][m] for lab in entry["metrics"]]) for m in METRICS}
         out[entry["case"]] = per_label
     return out
 
@@ -244,7 +244,7 @@ class Results:
     def run_means_for(self, key: tuple, kind: str = "raw", label: str = "fg", metric: str = "Dice") -> float:
         """One run's (row, amount, seed) mean over its test cases; NaN when the run has no such metrics."""
         cases = self.cases_by_kind[kind].get(key)
-        return _nanmean([c[label][metric] for c in cases.values()]) if cases else math.nan
+        return nanmean([c[label][metric] for c in cases.values()]) if cases else math.nan
 
     def summary(self, trainer: str, amount: str, label: str, metric: str, kind: str = "raw"):
         """(mean over seeds of per-run means, sd over seeds or, with one seed, over cases, number of seeds)."""
@@ -342,7 +342,7 @@ class Results:
     def island_means(self, trainer: str, amount: str) -> Dict[str, Dict[str, float]]:
         """Per class, the mean over seeds of each run's mean components per case and share outside the largest."""
         runs = [v for k, v in self.islands.items() if k[:2] == (trainer, amount)]
-        return {c: {m: _nanmean([r[c][m] for r in runs]) for m in ("components", "outside_largest")}
+        return {c: {m: nanmean([r[c][m] for r in runs]) for m in ("components", "outside_largest")}
                 for c in self.classes} if runs else {}
 
     def compare(self, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
