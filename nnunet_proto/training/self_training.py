@@ -44,10 +44,9 @@ from nnunet_proto.training.compat import (
     infer_dataset_class,
     nnUNetDataLoader,
     nnUNetTrainer,
-    unwrap_network,
 )
 from nnunet_proto.training.precision import CPUAutocastMixin
-from nnunet_proto.training.stage_switch import refuse_stray_warm_start
+from nnunet_proto.training.stage_switch import load_every_weight, refuse_stray_warm_start
 from nnunet_proto.training.unlabeled import preprocessing_fingerprint
 
 CHECKPOINT_KEY = "nnunet_proto_self_training"
@@ -221,8 +220,7 @@ class SelfTrainingMixin(CPUAutocastMixin):
             + (", nnU-Net DA5 (strong) augmentation" if self.config.strong_augmentation else ""))
         if self.config.init_from_teacher and self.current_epoch == 0:
             ckpt = info["teacher"]["checkpoint_path"]
-            weights = torch.load(ckpt, map_location="cpu", weights_only=False)["network_weights"]
-            unwrap_network(self.network).load_state_dict(weights)
+            load_every_weight(self, ckpt)
             self.print_to_log_file(f"student initialised from the teacher's weights {ckpt}")
         if self.local_rank == 0:
             with open(os.path.join(self.output_folder, "nnunet_proto_config.json"), "w") as f:
