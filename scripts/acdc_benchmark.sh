@@ -11,7 +11,8 @@
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
 #                                                                            # CPU bf16 for all (NNUNET_PROTO_CONFIRM_PRECISION=fp32),
-#                                                                            # with offline self-training and plain at equal compute
+#                                                                            # with the A/A control, offline self-training and plain
+#                                                                            # at equal compute (reused from the selftrain stage)
 #   bash scripts/acdc_benchmark.sh selftrain-screen                          # self-training students on validation (labeled 4,
 #                                                                            # seed 0): defaults vs share, drop, noisy, warm start
 #   bash scripts/acdc_benchmark.sh selftrain                                 # plain, offline self-training, plain at equal compute:
@@ -20,6 +21,9 @@
 #                                                                            # the confirmation's budget): CPCL, its one-switch
 #                                                                            # variants, _v2 and _labeledcontrol, MT/PCCS _v2,
 #                                                                            # BCP/MPER _warm, UniMatch (+ these)
+#   bash scripts/acdc_benchmark.sh redesign-best [K]                         # the K (3) best of that screening by the rule of
+#                                                                            # docs/methods/README.md (one per method, no control)
+#   bash scripts/acdc_benchmark.sh redesign-confirm                          # confirm those three (the confirm stage)
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
@@ -31,8 +35,8 @@
 # screening's summary.json), never on the test frames.
 set -euo pipefail
 case "${1:-}" in
-  setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen) ;;
-  *) sed -n '2,31p' "$0" >&2; exit 2 ;;
+  setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen|redesign-best|redesign-confirm) ;;
+  *) sed -n '2,35p' "$0" >&2; exit 2 ;;
 esac
 bench=acdc
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
@@ -55,6 +59,19 @@ redesign=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNet
           nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerCPCL_labeledcontrol
           nnUNetTrainerMeanTeacher_v2 nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm
           nnUNetTrainerUniMatch)
+# the decision rule's step 1 (docs/methods/README.md, nnunet_proto.benchmark.ablation.confirmation_picks): the K best
+# rows of a screening by nnU-Net's validation Dice, one per method, controls left out; prints their names
+pick_best() {
+  "${cli[@]}" benchmark --report-only --name "$1" -o "$work/reports/$1" >/dev/null
+  "$py" - "$work/reports/$1/summary.json" "$2" <<'PY'
+import json, sys
+from nnunet_proto.benchmark.ablation import confirmation_picks
+ranking = json.load(open(sys.argv[1]))["validation_ranking"]["4"]
+for r in ranking:
+    print(f"{r['trainer']}: validation Dice {100 * r['validation_dice']:.1f}", file=sys.stderr)
+print(" ".join(confirmation_picks(ranking, int(sys.argv[2]))))
+PY
+}
 stage="${1:-}"
 shift || true
 case "$stage" in
@@ -81,17 +98,10 @@ case "$stage" in
       -o "$work/reports/acdc_screen" -tr "${screen[@]}" "${screen[@]/%/_paper}" "$@"
     ;;
   best)
-    summary="$work/reports/acdc_screen/summary.json"
-    "${cli[@]}" benchmark --report-only --name acdc_screen -o "$work/reports/acdc_screen" >/dev/null
-    "$py" - "$summary" "${1:-3}" <<'PY'
-import json, sys
-ranking = json.load(open(sys.argv[1]))["validation_ranking"]["4"]
-best = {}  # one entry per method: its default or a variant (_paper, ablations), whichever validates better
-for r in ranking:
-    print(f"{r['trainer']}: validation Dice {100 * r['validation_dice']:.1f}", file=sys.stderr)
-    best.setdefault(r["trainer"].split("_")[0], r["trainer"])
-print(" ".join(list(best.values())[:int(sys.argv[2])]))
-PY
+    pick_best acdc_screen "${1:-3}"
+    ;;
+  redesign-best)
+    pick_best acdc_redesign_screen "${1:-3}"
     ;;
   bf16)
     "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 15 --name acdc_bf16 --precision bf16 \
@@ -100,9 +110,18 @@ PY
   confirm)
     [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
     precision="${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}"
+    # the trainers join the benchmark of the selftrain stage (same folds, seeds, budget and precision): its plain,
+    # self-training and equal-compute runs are reused, not trained again; the A/A control is added
     "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision "$precision" \
       --self-training --equal-compute "$equal_compute" --equal-compute-source "$equal_source" \
-      --name "acdc_confirm_$precision" -o "$work/reports/acdc_confirm_$precision" -tr "$@"
+      --name "acdc_selftrain_$precision" -o "$work/reports/acdc_redesign_confirm_$precision" -tr "$@"
+    ;;
+  redesign-confirm)
+    # issue 23's confirmation: the best three of the redesign screening by the pre-registered rule
+    read -r -a best <<< "$(pick_best acdc_redesign_screen 3)"
+    [ ${#best[@]} -ge 1 ] || { echo "the redesign screening has no finished run: run redesign-screen first" >&2; exit 1; }
+    echo "[acdc_benchmark] confirming ${best[*]}" >&2
+    bash "$0" confirm "${best[@]}" "$@"
     ;;
   selftrain-screen)
     # the screening runs sit in the self-training benchmark (they share its plain teacher of labeled 4, seed 0);
@@ -125,7 +144,7 @@ PY
       --name acdc_redesign_screen -o "$work/reports/acdc_redesign_screen" -tr "${redesign[@]}" "$@"
     ;;
   *)
-    sed -n '2,31p' "$0" >&2
+    sed -n '2,35p' "$0" >&2
     exit 2
     ;;
 esac

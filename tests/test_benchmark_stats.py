@@ -433,6 +433,26 @@ def test_validation_ablations_compare_each_variant_with_its_base(tmp_path):
         in text
 
 
+def test_confirmation_picks_the_best_row_of_each_method_and_never_a_control():
+    """The screening's pre-registered rule, step 1: the k best by validation Dice, one per method (a variant beats
+    its own default only if it validates better), CPCL's labeled-patch control never picked, NaN rows skipped."""
+    from nnunet_proto.benchmark.ablation import confirmation_picks
+
+    ranking = [{"trainer": "nnUNetTrainerCPCL_labeledcontrol", "validation_dice": 0.91},
+               {"trainer": "nnUNetTrainerCPCL_strong", "validation_dice": 0.90},
+               {"trainer": "nnUNetTrainerCPCL", "validation_dice": 0.89},
+               {"trainer": "nnUNetTrainerBCP_warm", "validation_dice": 0.85},
+               {"trainer": "nnUNetTrainerPCCS_v2", "validation_dice": float("nan")},
+               {"trainer": "nnUNetTrainerMeanTeacher_v2", "validation_dice": 0.80},
+               {"trainer": "nnUNetTrainerUniMatch", "validation_dice": 0.88}]
+    assert confirmation_picks(ranking) == ["nnUNetTrainerCPCL_strong", "nnUNetTrainerUniMatch",
+                                           "nnUNetTrainerBCP_warm"]
+    assert confirmation_picks(ranking, 5)[-1] == "nnUNetTrainerMeanTeacher_v2"
+    assert confirmation_picks(list(reversed(ranking)), 1) == ["nnUNetTrainerCPCL_strong"]  # order of the input
+    with pytest.raises(ValueError, match="at least one"):
+        confirmation_picks(ranking, 0)
+
+
 def test_semi_supervised_signal_from_training_logs(tmp_path):
     """The report's signal table: gradient ratio (median of the last epochs), pseudo/labeled share, kept (all and
     per class), confidence, teacher-student disagreement."""

@@ -16,10 +16,29 @@ from typing import Dict, List, Optional
 from nnunet_proto.benchmark.results import Results, nanmean, split_row
 from nnunet_proto.benchmark.spec import PLAIN
 
+#: variant suffixes of controls (CPCL's labeled-patch control): screened to read an effect, never confirmed as a method
+CONTROL_SUFFIXES = ("labeledcontrol",)
+
 
 def base_trainer(trainer: str) -> str:
     """``nnUNetTrainerCPCL_strong`` -> ``nnUNetTrainerCPCL``; a name without a variant suffix is its own base."""
     return trainer.split("_")[0]
+
+
+def confirmation_picks(ranking: List[dict], k: int = 3) -> List[str]:
+    """Step 1 of the screening's decision rule (docs/methods/README.md): the ``k`` best rows of a screening's
+    ``validation_ranking`` (best first, as summary.json holds it), at most one per method (its default or a variant,
+    whichever validates better). Controls (:data:`CONTROL_SUFFIXES`) are not candidates."""
+    if k < 1:
+        raise ValueError(f"pick at least one trainer, got k={k}")
+    picked: Dict[str, str] = {}
+    scored = [r for r in ranking if r.get("validation_dice") is not None and not math.isnan(r["validation_dice"])]
+    for row in sorted(scored, key=lambda r: -r["validation_dice"]):
+        trainer = row["trainer"]
+        if trainer.split("_")[-1] in CONTROL_SUFFIXES:
+            continue
+        picked.setdefault(base_trainer(trainer), trainer)
+    return list(picked.values())[:k]
 
 
 def validation_per_class(info: dict) -> Dict[str, float]:
