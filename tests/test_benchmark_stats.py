@@ -405,6 +405,64 @@ def test_warm_started_row_counts_the_plain_run_it_starts_from(tmp_path):
     assert "| 10 + 10 (warm start) | 3.50x |" in text
 
 
+def _with_equal_compute_row(tmp_path, spec, factor, sec):
+    """Add plain at ``factor`` x the steps to a ``_bench`` benchmark, at ``sec`` s/iteration."""
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    for seed in spec.seeds:
+        runs.append({"trainer": PLAIN, "amount": "2", "seed": seed, "fold": 5 + seed, "steps_factor": factor})
+        plain = json.loads((tmp_path / "runs" / Run(PLAIN, "2", seed, 0).tag / "metrics.json").read_text())
+        d = tmp_path / "runs" / Run(PLAIN, "2", seed, 0, steps_factor=factor).tag
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps(plain))
+        (d / "run_info.json").write_text(json.dumps({"seconds_per_iteration_median": sec,
+                                                     "seconds_per_epoch_median": sec * 10, "steps_factor": factor}))
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+
+
+@pytest.mark.parametrize("factor,covered", [(2.0, False), (3.0, True)])
+def test_equal_compute_row_is_checked_against_the_most_expensive_row(tmp_path, factor, covered):
+    """The report says whether the equal-compute factor covers the most expensive row's measured cost."""
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, control=None, equal_compute=factor,
+                  equal_compute_source="test")
+    _with_equal_compute_row(tmp_path, spec, factor, sec=0.1)
+    # X: 0.25 s/iteration against plain's 0.1, the same steps: 2.5x plain's time
+    write_report(spec, tmp_path, tmp_path / "report")
+    measured = json.loads((tmp_path / "report" / "summary.json").read_text())["equal_compute"]["measured"]
+    assert measured["most_expensive"]["trainer"] == "nnUNetTrainerX"
+    assert measured["most_expensive"]["seconds_vs_plain"] == pytest.approx(2.5)
+    assert measured["equal_compute_seconds_vs_plain"] == pytest.approx(factor)
+    assert measured["covered"] is covered
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert ("covers every row" in text) is covered and ("does not cover it" in text) is not covered
+
+
+def test_cost_uses_each_rows_median_pace_and_the_pseudo_labeling_that_was_done(tmp_path):
+    """One run slowed by other work does not set a row's cost, and a self-training run that reused labels an
+    earlier run had made does not count their cost as ~0 s; an interrupted labeling is scaled to the whole pool."""
+    st = "nnUNetTrainerSelfTraining"
+    spec = _bench(tmp_path, [st], {}, control=None)
+    labeling = {0: (100.0, 10, 10), 1: (1.0, 0, 10), 2: (60.0, 5, 10)}  # wall s, predicted, pool
+    for seed in spec.seeds:
+        for row in (PLAIN, st):
+            f = tmp_path / "runs" / Run(row, "2", seed, 0).tag / "run_info.json"
+            info = {**json.loads(f.read_text()), "epochs": 2}
+            if row == PLAIN and seed == 0:
+                info["seconds_per_epoch_median"] = 50.0  # a contended run: 50x the others' pace
+            if row == st:
+                wall, done, pool = labeling[seed]
+                info.update(pseudo_label_wall_s=wall, pseudo_labels_predicted=done, pseudo_labels=pool)
+            f.write_text(json.dumps(info))
+    res = Results(spec, tmp_path)
+    assert math.isnan(res.pseudo_label_seconds((st, "2", 1)))
+    assert res.pseudo_label_seconds((st, "2", 2)) == pytest.approx(120.0)
+    cost = res.total_cost(st, "2")
+    # plain 1 s/epoch (median of 50, 1, 1) x 2 epochs = 2 s; student 2.5 x 2 = 5 s + teacher 2 s + median(100, 120)
+    assert cost["pseudo_label_seconds"] == pytest.approx(110.0)
+    assert cost["seconds_vs_plain"] == pytest.approx((5 + 2 + 110) / 2)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "– (labels of an earlier run)" in text
+
+
 def test_validation_ablations_compare_each_variant_with_its_base(tmp_path):
     """Which change moved what: a variant against its base trainer on validation, per class from nnU-Net's
     validation summary.json, in the report and summary.json; a variant without its base is not listed."""

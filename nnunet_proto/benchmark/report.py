@@ -38,6 +38,8 @@ from nnunet_proto.benchmark.sections import (
     control_status,
     control_warning,
     cost_section,
+    equal_compute_check,
+    equal_compute_lines,
     islands_section,
     none_if_nan,
     postprocessing_section,
@@ -107,8 +109,8 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
         "device": spec.device, "precision": spec.precision, "checkpoint": spec.checkpoint,
         "test_time_mirroring": spec.test_time_mirroring,
         "epochs": spec.epochs, "iterations_per_epoch": spec.iterations_per_epoch, "total_steps_per_run": steps,
-        "equal_compute": {"factor": spec.equal_compute, "source": spec.equal_compute_source}
-        if spec.equal_compute is not None else None,
+        "equal_compute": {"factor": spec.equal_compute, "source": spec.equal_compute_source,
+                          "measured": equal_compute_check(res)} if spec.equal_compute is not None else None,
         "units": {"dice": "fraction (x100 = points)", "hd95": "mm", "delta": "trainer - plain nnU-Net"},
         "statistics": {"method": "hierarchical bootstrap: resample seeds, then test cases within each drawn seed",
                        "resamples": BOOTSTRAP_RESAMPLES, "rng_seed": BOOTSTRAP_RNG_SEED, "ci_level": CI_LEVEL,
@@ -220,7 +222,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
                   f"nnU-Net again on the same folds, trained for {spec.equal_compute:g} × the steps "
                   f"({int(round(spec.epochs * spec.equal_compute)) * spec.iterations_per_epoch} iterations, its own "
                   f"learning-rate schedule over them): what a fixed compute budget buys without unlabeled data. "
-                  f"Factor: {spec.equal_compute_source}.", ""]
+                  f"Factor: {spec.equal_compute_source}.", ""] + equal_compute_lines(equal_compute_check(res))
     if spec.notes:
         lines += [spec.notes, ""]
     if failed:

@@ -294,43 +294,48 @@ class Results:
         v = [x for x in v if x]
         return float(np.median(v)) if v else math.nan
 
-    def training_seconds(self, key: tuple) -> float:
-        """A run's training time, median s/epoch x epochs (robust to pauses and resumes); NaN if unknown."""
+    def epoch_seconds(self, row: str) -> float:
+        """Median s/epoch over every run of the row (all amounts and seeds). Runs share a machine with other work
+        at times, so one run's pace is noisy; the median over all of the row's runs is what its cost is judged on."""
+        v = [i.get("seconds_per_epoch_median") for i in self._infos(row)]
+        v = [x for x in v if x]
+        return float(np.median(v)) if v else math.nan
+
+    def pseudo_label_seconds(self, key: tuple) -> float:
+        """Seconds one run's teacher took to pseudo-label the whole pool: the run's pseudo-labeling wall time,
+        scaled from the cases it predicted to all of them (a resumed run predicted only the rest). NaN where the
+        run predicted none: it reused labels an earlier run had made, and its wall time is not their cost."""
         i = self.info.get(key, {})
-        s, n = i.get("seconds_per_epoch_median"), i.get("epochs")
-        return float(s * n) if s and n else math.nan
+        wall, done, total = (i.get(k) for k in ("pseudo_label_wall_s", "pseudo_labels_predicted", "pseudo_labels"))
+        if wall is None or not done or not total:
+            return math.nan
+        return float(wall) * total / done
 
     def warm_started(self, row: str) -> bool:
         """Whether the row's runs start from the plain run of their fold (``warm_start_from`` in run_info)."""
         return any(i.get("warm_start_from") for k, i in self.info.items() if k[0] == row)
 
     def total_cost(self, trainer: str, amount: str) -> Dict[str, float]:
-        """What one run of the row costs, relative to the paired plain run (median over seeds): training steps
-        (the self-training student and a warm-started run count plain's too: the teacher, the warm start) and
-        measured seconds (training, plus plain's training, plus the pseudo-labeling for self-training)."""
+        """What one run of the row costs, relative to one plain run: training steps (the self-training student
+        and a warm-started run count plain's too: the teacher, the warm start) and seconds. Seconds are each row's
+        median s/epoch over all its runs x its epochs (see ``epoch_seconds``), plus plain's training for a
+        self-training or warm-started row, plus for self-training the median over the amount's runs of the
+        pseudo-labeling (``pseudo_label_seconds``)."""
         steps_plain = self.steps(PLAIN)
         trainer_name, _, is_teacher = split_row(trainer)
         st = is_self_training(trainer_name) and not is_teacher
         warm = self.warm_started(trainer) and not is_teacher
         steps = self.steps(trainer) + (steps_plain if st or warm else 0)
-        ratios, pl = [], []
-        for s in self.seeds:
-            key, plain = (trainer, amount, s), (PLAIN, amount, s)
-            if key not in self.info or plain not in self.info:
-                continue
-            t_plain = self.training_seconds(plain)
-            total = self.training_seconds(key)
-            if st:
-                label_s = self.info[key].get("pseudo_label_wall_s", math.nan)
-                pl.append(label_s)
-                total = total + t_plain + label_s
-            elif warm:
-                total = total + t_plain
-            if math.isfinite(total) and math.isfinite(t_plain) and t_plain > 0:
-                ratios.append(total / t_plain)
+        per_epoch = self.spec.iterations_per_epoch
+        t_plain = self.epoch_seconds(PLAIN) * steps_plain / per_epoch
+        total = self.epoch_seconds(trainer) * self.steps(trainer) / per_epoch + (t_plain if st or warm else 0.0)
+        pl = [self.pseudo_label_seconds(k) for k in self.info if k[:2] == (trainer, amount)] if st else []
+        pl = [x for x in pl if math.isfinite(x)]
+        label_s = float(np.median(pl)) if pl else (math.nan if st else 0.0)
+        ok = self.has(trainer, amount) and math.isfinite(t_plain) and t_plain > 0
         return {"steps": steps, "steps_vs_plain": steps / steps_plain,
-                "seconds_vs_plain": float(np.median(ratios)) if ratios else math.nan,
-                "pseudo_label_seconds": float(np.median(pl)) if pl else math.nan}
+                "seconds_vs_plain": (total + label_s) / t_plain if ok else math.nan,
+                "pseudo_label_seconds": label_s if st else math.nan}
 
     def validation_dice(self, trainer: str, amount: str) -> float:
         """Mean over the row's runs at this amount of nnU-Net's foreground Dice on the fold's validation

@@ -373,10 +373,11 @@ def cost_section(res: Results) -> List[str]:
     lines = ["Per row: median seconds per epoch and per iteration (nnU-Net's epoch timestamps: training plus its "
              "validation iterations), relative to plain; training steps of one run (the self-training student "
              "adds its teacher's, the plain run of the same fold, and a warm-started run the plain run it starts "
-             "from); *total time vs plain*: one run's training time "
-             "(median s/epoch × epochs) over the paired plain run's, for self-training the teacher's training plus "
-             "the pseudo-labeling plus the student's, for a warm-started run the plain run's training plus its own "
-             "(median over seeds); peak memory; nnU-Net's validation Dice.",
+             "from); *total time vs plain*: one run's training time over plain's, each row's time being its median "
+             "s/epoch over all its runs × its epochs (so that one run slowed by other work on the machine does not "
+             "set a row's cost), for self-training the teacher's training plus the pseudo-labeling (median over "
+             "the amount's runs) plus the student's, for a warm-started run the plain run's training plus its own; "
+             "peak memory; nnU-Net's validation Dice.",
              "", "| trainer | s/epoch (median) | s/iteration | vs plain | training steps | total time vs plain | "
              "pseudo-labeling s | peak memory MB | validation Dice (nnU-Net, val cases) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -403,6 +404,51 @@ def cost_section(res: Results) -> List[str]:
     return lines + [""]
 
 
+#: a measured cost up to this much above the equal-compute factor is the factor's rounding, not a shortfall
+EQUAL_COMPUTE_SLACK = 1.05
+
+
+def equal_compute_check(res: Results) -> Optional[dict]:
+    """Whether plain at equal compute got as much compute as the most expensive row, by this benchmark's own
+    measurement (``Results.total_cost``: the self-training row's teacher and pseudo-labeling included). None
+    without an equal-compute row. ``covered``: that row's total time vs plain is at most the factor (x1.05)."""
+    factor = res.spec.equal_compute
+    if factor is None:
+        return None
+    costs = [(res.total_cost(t, a)["seconds_vs_plain"], t, a) for t in res.trainers() for a in res.amounts
+             if t != PLAIN and split_row(t)[1] == 1.0 and not split_row(t)[2] and res.has(t, a)]
+    costs = [c for c in costs if math.isfinite(c[0])]
+    own = [res.total_cost(t, a)["seconds_vs_plain"] for t in res.trainers() for a in res.amounts
+           if split_row(t)[1] == factor and res.has(t, a)]
+    own = [x for x in own if math.isfinite(x)]
+    if not costs:
+        return {"factor": factor, "most_expensive": None, "covered": None,
+                "equal_compute_seconds_vs_plain": float(np.median(own)) if own else None}
+    cost, trainer, amount = max(costs)
+    return {"factor": factor, "most_expensive": {"trainer": trainer, "labeled_amount": amount,
+                                                 "seconds_vs_plain": cost},
+            "covered": cost <= factor * EQUAL_COMPUTE_SLACK,
+            "equal_compute_seconds_vs_plain": float(np.median(own)) if own else None}
+
+
+def equal_compute_lines(check: Optional[dict]) -> List[str]:
+    """The report's sentence on ``equal_compute_check``."""
+    if check is None or check["most_expensive"] is None:
+        return []
+    top = check["most_expensive"]
+    own = check["equal_compute_seconds_vs_plain"]
+    text = (f"Measured here (*total time vs plain* in the Cost section): the most expensive row is "
+            f"{display_name(top['trainer'])} at {top['seconds_vs_plain']:.2f}x plain (labeled {top['labeled_amount']})"
+            + (f"; plain at equal compute took {own:.2f}x" if own is not None else "") + ". ")
+    if check["covered"]:
+        text += f"The factor {check['factor']:g} covers every row."
+    else:
+        text += (f"**The factor {check['factor']:g} does not cover it**: that row had "
+                 f"{top['seconds_vs_plain'] / check['factor']:.2f}x the compute of plain at equal compute, so the "
+                 f"equal-compute row understates what its budget buys plain nnU-Net.")
+    return [text, ""]
+
+
 def self_training_section(res: Results) -> List[str]:
     """What the self-training students learnt from: per run, the pseudo labels of the plain run of the same fold."""
     rows = [(k, i) for k, i in sorted(res.info.items(), key=lambda x: (x[0][1], x[0][0], x[0][2]))
@@ -418,8 +464,10 @@ def self_training_section(res: Results) -> List[str]:
              "| trainer | labeled | seed | pseudo labels | teacher's postprocessing | pseudo-labeling s |",
              "|---|---|---|---|---|---|"]
     for (row, amount, seed), info in rows:
-        pp = ", ".join(info.get("pseudo_label_postprocessing") or []) or "none"
-        secs = info.get("pseudo_label_wall_s")
+        steps = info.get("pseudo_label_postprocessing") or []
+        pp = ", ".join(f"{f} ×{steps.count(f)}" if steps.count(f) > 1 else f for f in dict.fromkeys(steps)) or "none"
+        secs = res.pseudo_label_seconds((row, amount, seed))
         lines.append(f"| {display_name(row)} | {amount} | {seed} | {info.get('pseudo_labels', '–')} | {pp} | "
-                     f"{'–' if secs is None else f'{secs:.0f}'} |")
-    return lines + [""]
+                     f"{f'{secs:.0f}' if math.isfinite(secs) else '– (labels of an earlier run)'} |")
+    return lines + ["*pseudo-labeling s*: the teacher's wall time to label the whole pool, scaled from the cases "
+                    "this run predicted where it resumed an interrupted labeling.", ""]
