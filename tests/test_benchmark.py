@@ -59,6 +59,9 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     ec = summary["equal_compute"]
     assert (ec["factor"], ec["source"]) == (2.0, "test: twice plain's steps")
     assert ec["measured"]["most_expensive"]["trainer"] in kinds and isinstance(ec["measured"]["covered"], bool)
+    assert {(r["trainer"], r["kind"]) for r in summary["against_equal_compute"]} == {
+        (t, k) for t in kinds if t != "nnUNetTrainer@x2" for k in ("raw", "postprocessed")}
+    assert "## Against plain nnU-Net at equal compute" in text
     st_row = next(r for r in summary["comparisons"] if r["kind"] == "self_training")
     assert st_row["cost_vs_plain"]["steps"] == 2.0 and st_row["cost_vs_plain"]["pseudo_label_seconds"] > 0
     st_dir = results / "runs" / "nnUNetTrainerSelfTraining" / "labeled3_seed0"

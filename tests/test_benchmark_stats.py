@@ -405,12 +405,16 @@ def test_warm_started_row_counts_the_plain_run_it_starts_from(tmp_path):
     assert "| 10 + 10 (warm start) | 3.50x |" in text
 
 
-def _with_equal_compute_row(tmp_path, spec, factor, sec):
-    """Add plain at ``factor`` x the steps to a ``_bench`` benchmark, at ``sec`` s/iteration."""
+def _with_equal_compute_row(tmp_path, spec, factor, sec, shift=0.0):
+    """Add plain at ``factor`` x the steps to a ``_bench`` benchmark, at ``sec`` s/iteration, its Dice plain's
+    + ``shift``."""
     runs = json.loads((tmp_path / "runs.json").read_text())
     for seed in spec.seeds:
         runs.append({"trainer": PLAIN, "amount": "2", "seed": seed, "fold": 5 + seed, "steps_factor": factor})
         plain = json.loads((tmp_path / "runs" / Run(PLAIN, "2", seed, 0).tag / "metrics.json").read_text())
+        for case in plain["metric_per_case"]:
+            for m in case["metrics"].values():
+                m["Dice"] += shift
         d = tmp_path / "runs" / Run(PLAIN, "2", seed, 0, steps_factor=factor).tag
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps(plain))
@@ -422,9 +426,9 @@ def _with_equal_compute_row(tmp_path, spec, factor, sec):
 @pytest.mark.parametrize("factor,covered", [(2.0, False), (3.0, True)])
 def test_equal_compute_row_is_checked_against_the_most_expensive_row(tmp_path, factor, covered):
     """The report says whether the equal-compute factor covers the most expensive row's measured cost."""
-    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, control=None, equal_compute=factor,
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {"nnUNetTrainerX": 0.05}, control=None, equal_compute=factor,
                   equal_compute_source="test")
-    _with_equal_compute_row(tmp_path, spec, factor, sec=0.1)
+    _with_equal_compute_row(tmp_path, spec, factor, sec=0.1, shift=0.02)
     # X: 0.25 s/iteration against plain's 0.1, the same steps: 2.5x plain's time
     write_report(spec, tmp_path, tmp_path / "report")
     measured = json.loads((tmp_path / "report" / "summary.json").read_text())["equal_compute"]["measured"]
@@ -434,6 +438,12 @@ def test_equal_compute_row_is_checked_against_the_most_expensive_row(tmp_path, f
     assert measured["covered"] is covered
     text = (tmp_path / "report" / "README.md").read_text()
     assert ("covers every row" in text) is covered and ("does not cover it" in text) is not covered
+    # head to head: X is +5 points over plain, plain at equal compute +2, so X is +3 over it, at every seed
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    head = {r["kind"]: r for r in summary["against_equal_compute"] if r["trainer"] == "nnUNetTrainerX"}
+    assert head["raw"]["dice_delta"] == pytest.approx(0.03) and head["raw"]["wins"] == 36
+    assert head["raw"]["seed_spread"]["seed_deltas"] == {str(s): pytest.approx(0.03) for s in spec.seeds}
+    assert "## Against plain nnU-Net at equal compute" in text and "| 2 | nnUNetTrainerX | raw | 36 | +3.0" in text
 
 
 def test_cost_uses_each_rows_median_pace_and_the_pseudo_labeling_that_was_done(tmp_path):

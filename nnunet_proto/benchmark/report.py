@@ -33,13 +33,16 @@ from nnunet_proto.benchmark.results import (
     split_row,
 )
 from nnunet_proto.benchmark.sections import (
+    against_equal_compute,
     comparison_section,
     control_section,
     control_status,
     control_warning,
     cost_section,
     equal_compute_check,
+    equal_compute_json,
     equal_compute_lines,
+    equal_compute_section,
     islands_section,
     none_if_nan,
     postprocessing_section,
@@ -59,7 +62,7 @@ _none = none_if_nan
 
 
 def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[dict],
-                 presence: List[dict]) -> dict:
+                 presence: List[dict], head: Dict[tuple, Optional[dict]]) -> dict:
     """The machine-readable report (summary.json). Dice values are fractions (x100 = points), HD95 in mm."""
     spec = res.spec
     steps = spec.epochs * spec.iterations_per_epoch
@@ -111,6 +114,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
         "epochs": spec.epochs, "iterations_per_epoch": spec.iterations_per_epoch, "total_steps_per_run": steps,
         "equal_compute": {"factor": spec.equal_compute, "source": spec.equal_compute_source,
                           "measured": equal_compute_check(res)} if spec.equal_compute is not None else None,
+        "against_equal_compute": equal_compute_json(head) if spec.equal_compute is not None else None,
         "units": {"dice": "fraction (x100 = points)", "hd95": "mm", "delta": "trainer - plain nnU-Net"},
         "statistics": {"method": "hierarchical bootstrap: resample seeds, then test cases within each drawn seed",
                        "resamples": BOOTSTRAP_RESAMPLES, "rng_seed": BOOTSTRAP_RNG_SEED, "ci_level": CI_LEVEL,
@@ -202,6 +206,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     comp = comparisons(res)
     control = control_status(res, comp)
     presence = presence_rows(res)
+    head = against_equal_compute(res)  # every row against plain at equal compute (none without that row)
     from nnunet_proto.benchmark.plots import plots  # matplotlib only when a report is written
 
     images = plots(res, report_dir, comp) if res.cases else []
@@ -235,6 +240,8 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     lines += ["Label-scarce folds (splits_final.json): " + ", ".join(f"labeled {a}, seed {s} → fold {f}"
                                                                     for a, s, f in folds), ""]
     lines += ["## Against plain nnU-Net", ""] + comparison_section(res, comp)
+    if spec.equal_compute is not None:
+        lines += ["## Against plain nnU-Net at equal compute", ""] + equal_compute_section(res, head)
     lines += ["## A/A control", ""] + control_section(res, control)
     lines += ["## Run-to-run spread and power", ""] + spread_section(res, comp)
     agreement = validation_agreement(res)
@@ -260,7 +267,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
               "```", portable(spec.extra.get("command", "(command not recorded)")), "```", ""]
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
-    summary = summary_json(res, comp, control, presence)
+    summary = summary_json(res, comp, control, presence, head)
     summary["semi_supervised_signal"] = {"tail_epochs": SIGNAL_TAIL_EPOCHS, "rows": signal}
     summary["validation_agreement"] = agreement
     summary["validation_ablations"] = ablations

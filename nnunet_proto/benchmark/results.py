@@ -258,13 +258,13 @@ class Results:
         return means[0], _nanstd([c[label][metric] for c in only.values()]), 1
 
     def seed_differences(self, trainer: str, amount: str, metric: str = "Dice", label: str = "fg",
-                         kind: str = "raw") -> Dict[int, np.ndarray]:
-        """{seed: row − plain per test case (sorted case ids, NaN where undefined)} for the seeds where both
-        ran (same fold, same test cases)."""
+                         kind: str = "raw", reference: str = PLAIN) -> Dict[int, np.ndarray]:
+        """{seed: row − reference row (plain nnU-Net) per test case (sorted case ids, NaN where undefined)} for
+        the seeds where both ran (same fold, same test cases)."""
         cases = self.cases_by_kind[kind]
         out = {}
         for s in self.seeds:
-            a, b = cases.get((trainer, amount, s)), cases.get((PLAIN, amount, s))
+            a, b = cases.get((trainer, amount, s)), cases.get((reference, amount, s))
             if a is None or b is None:
                 continue
             common = sorted(set(a) & set(b))
@@ -350,17 +350,18 @@ class Results:
         return {c: {m: nanmean([r[c][m] for r in runs]) for m in ("components", "outside_largest")}
                 for c in self.classes} if runs else {}
 
-    def compare(self, trainer: str, amount: str, kind: str = "raw") -> Optional[dict]:
-        """Every paired statistic of one row against plain at one labeled amount, or None without pairs."""
-        dice = self.seed_differences(trainer, amount, "Dice", "fg", kind)
+    def compare(self, trainer: str, amount: str, kind: str = "raw", reference: str = PLAIN) -> Optional[dict]:
+        """Every paired statistic of one row against the reference row (plain nnU-Net) at one labeled amount,
+        or None without pairs."""
+        dice = self.seed_differences(trainer, amount, "Dice", "fg", kind, reference)
         if not dice or all(np.isnan(d).all() for d in dice.values()):
             return None
         boot = hierarchical_bootstrap(list(dice.values()))
         pooled = np.concatenate(list(dice.values()))
         pooled = pooled[~np.isnan(pooled)]
-        hd = self.seed_differences(trainer, amount, "HD95", "fg", kind)
+        hd = self.seed_differences(trainer, amount, "HD95", "fg", kind, reference)
         hd_boot = maybe_bootstrap(hd)
-        per_class = {lab: maybe_bootstrap(self.seed_differences(trainer, amount, "Dice", lab, kind))
+        per_class = {lab: maybe_bootstrap(self.seed_differences(trainer, amount, "Dice", lab, kind, reference))
                      for lab in self.classes}
         return {"seeds": sorted(dice), "n_pairs": boot.n_pairs, "dice": boot, "p_wilcoxon": wilcoxon_p(pooled),
                 "wins": int((pooled > 0).sum()), "losses": int((pooled < 0).sum()), "hd95": hd_boot,

@@ -20,7 +20,7 @@ from nnunet_proto.benchmark.results import (
     short_name,
     split_row,
 )
-from nnunet_proto.benchmark.spec import PLAIN, is_self_training
+from nnunet_proto.benchmark.spec import PLAIN, is_self_training, steps_row
 from nnunet_proto.benchmark.stats import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_RNG_SEED,
@@ -447,6 +447,53 @@ def equal_compute_lines(check: Optional[dict]) -> List[str]:
                  f"{top['seconds_vs_plain'] / check['factor']:.2f}x the compute of plain at equal compute, so the "
                  f"equal-compute row understates what its budget buys plain nnU-Net.")
     return [text, ""]
+
+
+def against_equal_compute(res: Results) -> Dict[tuple, Optional[dict]]:
+    """{(row, amount, kind): Results.compare against plain at equal compute} for every row but plain, the
+    equal-compute row and the A/A control; empty without an equal-compute row."""
+    if res.spec.equal_compute is None:
+        return {}
+    ref = steps_row(PLAIN, res.spec.equal_compute)
+    return {(t, a, k): res.compare(t, a, k, reference=ref) for a in res.amounts for t in res.trainers()
+            if t not in (PLAIN, ref, res.control) and res.has(t, a) and res.has(ref, a) for k in KINDS}
+
+
+def equal_compute_section(res: Results, head: Dict[tuple, Optional[dict]]) -> List[str]:
+    """Each row against plain nnU-Net at equal compute: the comparison for a fixed compute budget."""
+    if not head:
+        return [("No plain run at equal compute (--equal-compute)." if res.spec.equal_compute is None else
+                 "No row with a paired plain run at equal compute yet."), ""]
+    lines = [f"Δ = row − plain nnU-Net trained for {res.spec.equal_compute:g}× the steps on the same labeled "
+             f"cases with the same seed, on the same test cases: what the row buys over spending its budget on "
+             f"more plain steps. Same hierarchical bootstrap and seed-level t-test as against plain; Dice in points, "
+             f"HD95 in mm. Whether the factor covers each row's measured cost: see the top of this report.", "",
+             "| labeled | trainer | predictions | n pairs | Dice Δ [95 % CI] | p (bootstrap) | Δ per seed | "
+             "p (t over seeds) | wins/losses | HD95 Δ [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (trainer, amount, kind), c in head.items():
+        if c is None:
+            lines.append(f"| {amount} | {display_name(trainer)} | {kind} | 0 | missing | – | – | – | – | – |")
+            continue
+        sp = c["seed_spread"]
+        per = ", ".join(f"s{s} {100 * d:+.1f}" for s, d in sorted(sp["seed_deltas"].items())) if sp else "–"
+        lines.append(f"| {amount} | {display_name(trainer)} | {kind} | {c['n_pairs']} | {_ci_txt(c['dice'], 100, 1)} "
+                     f"| {_p(c['dice'].p)} | {per} | {_p(sp['p_t_over_seeds'] if sp else None)} | "
+                     f"{c['wins']}/{c['losses']} | {_ci_txt(c['hd95'], 1, 1)} |")
+    return lines + [""]
+
+
+def equal_compute_json(head: Dict[tuple, Optional[dict]]) -> List[dict]:
+    """summary.json's ``against_equal_compute`` rows (fractions, like ``comparisons``)."""
+    rows = []
+    for (trainer, amount, kind), c in head.items():
+        row = {"trainer": trainer, "labeled_amount": amount, "kind": kind}
+        if c is not None:
+            d, h, sp = c["dice"], c["hd95"], c["seed_spread"]
+            row.update(n_pairs=c["n_pairs"], dice_delta=d.delta, dice_ci95=[d.ci_low, d.ci_high], p_bootstrap=d.p,
+                       wins=c["wins"], losses=c["losses"], seed_spread=sp,
+                       hd95_delta=h.delta if h else None, hd95_ci95=[h.ci_low, h.ci_high] if h else None)
+        rows.append(row)
+    return rows
 
 
 def self_training_section(res: Results) -> List[str]:
