@@ -373,11 +373,11 @@ def cost_section(res: Results) -> List[str]:
     lines = ["Per row: median seconds per epoch and per iteration (nnU-Net's epoch timestamps: training plus its "
              "validation iterations), relative to plain; training steps of one run (the self-training student "
              "adds its teacher's, the plain run of the same fold, and a warm-started run the plain run it starts "
-             "from); *total time vs plain*: one run's training time over plain's, each row's time being its median "
-             "s/epoch over all its runs × its epochs (so that one run slowed by other work on the machine does not "
-             "set a row's cost), for self-training the teacher's training plus the pseudo-labeling (median over "
-             "the amount's runs) plus the student's, for a warm-started run the plain run's training plus its own; "
-             "peak memory; nnU-Net's validation Dice.",
+             "from); *total time vs plain*: one run's training time over plain's, each row's time being the s/epoch "
+             "of its fastest run × its epochs (other work on the machine only ever slows a run, so the fastest run "
+             "is the closest to the row's own cost), for self-training the teacher's training plus the "
+             "pseudo-labeling (the fastest of the amount's runs) plus the student's, for a warm-started run the "
+             "plain run's training plus its own; peak memory; nnU-Net's validation Dice.",
              "", "| trainer | s/epoch (median) | s/iteration | vs plain | training steps | total time vs plain | "
              "pseudo-labeling s | peak memory MB | validation Dice (nnU-Net, val cases) |",
              "|---|---|---|---|---|---|---|---|---|"]
