@@ -446,7 +446,7 @@ def test_equal_compute_row_is_checked_against_the_most_expensive_row(tmp_path, f
     assert "## Against plain nnU-Net at equal compute" in text and "| 2 | nnUNetTrainerX | raw | 36 | +3.0" in text
 
 
-def test_cost_uses_each_rows_median_pace_and_the_pseudo_labeling_that_was_done(tmp_path):
+def test_cost_uses_each_rows_fastest_pace_and_the_pseudo_labeling_that_was_done(tmp_path):
     """Runs slowed by other work do not set a row's cost (its fastest run does), and a self-training run that
     reused labels an earlier run had made does not count their cost as ~0 s; an interrupted labeling is scaled to
     the whole pool."""
