@@ -62,7 +62,7 @@ _none = none_if_nan
 
 
 def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[dict],
-                 presence: List[dict], head: Dict[tuple, Optional[dict]]) -> dict:
+                 presence: List[dict], head: Dict[tuple, Optional[dict]], check: Optional[dict]) -> dict:
     """The machine-readable report (summary.json). Dice values are fractions (x100 = points), HD95 in mm."""
     spec = res.spec
     steps = spec.epochs * spec.iterations_per_epoch
@@ -113,7 +113,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
         "test_time_mirroring": spec.test_time_mirroring,
         "epochs": spec.epochs, "iterations_per_epoch": spec.iterations_per_epoch, "total_steps_per_run": steps,
         "equal_compute": {"factor": spec.equal_compute, "source": spec.equal_compute_source,
-                          "measured": equal_compute_check(res)} if spec.equal_compute is not None else None,
+                          "measured": check} if spec.equal_compute is not None else None,
         "against_equal_compute": equal_compute_json(head) if spec.equal_compute is not None else None,
         "units": {"dice": "fraction (x100 = points)", "hd95": "mm", "delta": "trainer - plain nnU-Net"},
         "statistics": {"method": "hierarchical bootstrap: resample seeds, then test cases within each drawn seed",
@@ -207,6 +207,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     control = control_status(res, comp)
     presence = presence_rows(res)
     head = against_equal_compute(res)  # every row against plain at equal compute (none without that row)
+    check = equal_compute_check(res)  # whether the equal-compute factor covers the costliest row (None without it)
     from nnunet_proto.benchmark.plots import plots  # matplotlib only when a report is written
 
     images = plots(res, report_dir, comp) if res.cases else []
@@ -227,7 +228,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
                   f"nnU-Net again on the same folds, trained for {spec.equal_compute:g} × the steps "
                   f"({int(round(spec.epochs * spec.equal_compute)) * spec.iterations_per_epoch} iterations, its own "
                   f"learning-rate schedule over them): what a fixed compute budget buys without unlabeled data. "
-                  f"Factor: {spec.equal_compute_source}.", ""] + equal_compute_lines(equal_compute_check(res))
+                  f"Factor: {spec.equal_compute_source}.", ""] + equal_compute_lines(check)
     if spec.notes:
         lines += [spec.notes, ""]
     if failed:
@@ -267,7 +268,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
               "```", portable(spec.extra.get("command", "(command not recorded)")), "```", ""]
     out = report_dir / "README.md"
     out.write_text("\n".join(lines))
-    summary = summary_json(res, comp, control, presence, head)
+    summary = summary_json(res, comp, control, presence, head, check)
     summary["semi_supervised_signal"] = {"tail_epochs": SIGNAL_TAIL_EPOCHS, "rows": signal}
     summary["validation_agreement"] = agreement
     summary["validation_ablations"] = ablations
