@@ -443,6 +443,10 @@ def test_equal_compute_row_is_checked_against_the_most_expensive_row(tmp_path, f
     head = {r["kind"]: r for r in summary["against_equal_compute"] if r["trainer"] == "nnUNetTrainerX"}
     assert head["raw"]["dice_delta"] == pytest.approx(0.03) and head["raw"]["wins"] == 36
     assert head["raw"]["seed_spread"]["seed_deltas"] == {str(s): pytest.approx(0.03) for s in spec.seeds}
+    # the same fields as the comparisons against plain, per class included
+    assert set(head["raw"]) - {"trainer", "labeled_amount", "kind"} == set(
+        next(r for r in summary["comparisons"] if r["trainer"] == "nnUNetTrainerX")["raw"])
+    assert all(v["delta"] == pytest.approx(0.03) for v in head["raw"]["per_class_dice"].values())
     assert "## Against plain nnU-Net at equal compute" in text and "| 2 | nnUNetTrainerX | raw | 36 | +3.0" in text
 
 
@@ -499,8 +503,22 @@ def test_validation_ablations_compare_each_variant_with_its_base(tmp_path):
         pytest.approx(0.02)
     text = (tmp_path / "report" / "README.md").read_text()
     assert "## Validation ablations" in text
-    assert "| 2 | nnUNetTrainerX_strong | nnUNetTrainerX | 1 | 73.0 (85.0 / 61.0) | +0.0 (+3.0 / -3.0) | +3.0; +3.0 |" \
-        in text
+    assert row["reading"] == "not resolved (under 3)"
+    assert ("| 2 | nnUNetTrainerX_strong | nnUNetTrainerX | 1 | 73.0 (85.0 / 61.0) | +0.0 (+3.0 / -3.0) | +3.0; "
+            "+3.0 | not resolved (under 3) |") in text
+
+
+@pytest.mark.parametrize("trainer,delta,reading", [
+    ("nnUNetTrainerCPCL_strong", 0.031, "candidate default"), ("nnUNetTrainerCPCL_strong", 0.029, "not resolved"),
+    ("nnUNetTrainerCPCL_strong", -0.029, "not resolved"), ("nnUNetTrainerCPCL_strong", -0.03, "behind by ≥ 3"),
+    ("nnUNetTrainerCPCL_labeledcontrol", -0.02, "cannot tell"),
+    ("nnUNetTrainerCPCL_labeledcontrol", -0.04, "its gain uses the unlabeled images"),
+    ("nnUNetTrainerCPCL_labeledcontrol", 0.04, "the unlabeled patches cost the base"),
+    ("nnUNetTrainerCPCL_strong", float("nan"), "no validation Dice")])
+def test_screening_reading_applies_the_pre_registered_three_point_rule(trainer, delta, reading):
+    from nnunet_proto.benchmark.ablation import screening_reading
+
+    assert reading in screening_reading(trainer, delta)
 
 
 def test_confirmation_picks_the_best_row_of_each_method_and_never_a_control():

@@ -18,6 +18,23 @@ from nnunet_proto.benchmark.spec import PLAIN
 
 #: variant suffixes of controls (CPCL's labeled-patch control): screened to read an effect, never confirmed as a method
 CONTROL_SUFFIXES = ("labeledcontrol",)
+#: the screening's resolution (docs/methods/README.md, decision rule): one run cannot tell validation Dice differences
+#: under 3 points apart (the A/A control of ``acdc_confirm_bf16`` differed from plain by up to 2.9 on them)
+SCREEN_RESOLUTION = 0.03
+
+
+def screening_reading(trainer: str, delta_vs_base: float) -> str:
+    """Steps 2 and 4 of the screening's decision rule for one variant and its Δ foreground validation Dice against
+    its base: a change ≥ 3 points ahead is a candidate default, one under 3 points apart is not resolved whatever
+    its sign; a control within 3 points of its base cannot tell whether the base's gain uses the unlabeled images."""
+    if math.isnan(delta_vs_base):
+        return "no validation Dice"
+    ahead, behind = delta_vs_base >= SCREEN_RESOLUTION, delta_vs_base <= -SCREEN_RESOLUTION
+    if trainer.split("_")[-1] in CONTROL_SUFFIXES:
+        return ("control ahead by ≥ 3: the unlabeled patches cost the base" if ahead else
+                "base ahead by ≥ 3: its gain uses the unlabeled images" if behind else
+                "within 3: cannot tell whether the base's gain uses the unlabeled images")
+    return "candidate default (≥ 3 ahead)" if ahead else "behind by ≥ 3" if behind else "not resolved (under 3)"
 
 
 def base_trainer(trainer: str) -> str:
@@ -78,7 +95,8 @@ def ablation_rows(res: Results) -> List[dict]:
                          "base_validation_dice": {name[lab]: val[base][lab] for lab in labels},
                          "delta_vs_base": {name[lab]: val[trainer][lab] - val[base][lab] for lab in labels},
                          "delta_vs_plain": {name[lab]: val[trainer][lab] - val[PLAIN][lab] for lab in labels},
-                         "base_delta_vs_plain": {name[lab]: val[base][lab] - val[PLAIN][lab] for lab in labels}})
+                         "base_delta_vs_plain": {name[lab]: val[base][lab] - val[PLAIN][lab] for lab in labels},
+                         "reading": screening_reading(trainer, val[trainer]["fg"] - val[base]["fg"])})
     return rows
 
 
@@ -95,14 +113,18 @@ def ablation_section(res: Results, rows: List[dict]) -> List[str]:
     lines = ["Each variant against its base trainer on nnU-Net's validation cases of the fold (the numbers a "
              "screening decides on; never the test cases): validation Dice in points, foreground mean and per "
              f"class ({' / '.join(names)}), mean over the seeds where variant, base and plain all ran. With one "
-             "seed, compare the Δs with the A/A control's run-to-run spread before reading a change as an effect.",
+             "seed, compare the Δs with the A/A control's run-to-run spread before reading a change as an effect. "
+             "*reading*: the pre-registered rule of the redesign screening (docs/methods/README.md): a variant ≥ 3 "
+             "points over its base is a candidate default (the confirmation then decides), under 3 points apart it "
+             "is not resolved whatever the sign; a control within 3 points of its base cannot tell.",
              "", f"| labeled | variant | base | seeds | validation Dice (mean; {' / '.join(names)}) | Δ vs base | "
-             "Δ vs plain (variant; base) |", "|---|---|---|---|---|---|---|"]
+             "Δ vs plain (variant; base) | reading |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         v, d = r["validation_dice"], r["delta_vs_base"]
         per_class = " / ".join(_pts(v[n], False) for n in names)
         d_class = " / ".join(_pts(d[n]) for n in names)
         lines.append(f"| {r['labeled_amount']} | {r['trainer']} | {r['base']} | {len(r['seeds'])} | "
                      f"{_pts(v['mean'], False)} ({per_class}) | {_pts(d['mean'])} ({d_class}) | "
-                     f"{_pts(r['delta_vs_plain']['mean'])}; {_pts(r['base_delta_vs_plain']['mean'])} |")
+                     f"{_pts(r['delta_vs_plain']['mean'])}; {_pts(r['base_delta_vs_plain']['mean'])} | "
+                     f"{r['reading']} |")
     return lines + [""]

@@ -34,6 +34,7 @@ from nnunet_proto.benchmark.results import (
 )
 from nnunet_proto.benchmark.sections import (
     against_equal_compute,
+    comparison_json,
     comparison_section,
     control_section,
     control_status,
@@ -93,17 +94,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                     row[kind] = {"missing": "no post-processed metrics for this trainer or plain" if
                                  kind == "postprocessed" else "no paired plain run"}
                     continue
-                d, h = c["dice"], c["hd95"]
-                row[kind] = {
-                    "seeds": c["seeds"], "n_pairs": c["n_pairs"], "dice_delta": d.delta,
-                    "dice_ci95": [d.ci_low, d.ci_high], "p_bootstrap": d.p, "p_wilcoxon": _none(c["p_wilcoxon"]),
-                    "wins": c["wins"], "losses": c["losses"],
-                    "hd95_delta": h.delta if h else None, "hd95_ci95": [h.ci_low, h.ci_high] if h else None,
-                    "hd95_p_bootstrap": h.p if h else None,
-                    "seed_spread": c["seed_spread"],
-                    "per_class_dice": {res.label_names[lab]: ({"delta": b.delta, "ci95": [b.ci_low, b.ci_high],
-                                                               "p_bootstrap": b.p} if b else None)
-                                       for lab, b in c["per_class_dice"].items()}}
+                row[kind] = comparison_json(c, res.label_names)
             rows.append(row)
     means = {f"{t}|{a}": {k: {m: res.summary(t, a, "fg", m, k) for m in METRICS} for k in KINDS}
              for t in res.trainers() for a in res.amounts}
@@ -114,7 +105,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
         "epochs": spec.epochs, "iterations_per_epoch": spec.iterations_per_epoch, "total_steps_per_run": steps,
         "equal_compute": {"factor": spec.equal_compute, "source": spec.equal_compute_source,
                           "measured": check} if spec.equal_compute is not None else None,
-        "against_equal_compute": equal_compute_json(head) if spec.equal_compute is not None else None,
+        "against_equal_compute": equal_compute_json(head, res.label_names) if spec.equal_compute is not None else None,
         "units": {"dice": "fraction (x100 = points)", "hd95": "mm", "delta": "trainer - plain nnU-Net"},
         "statistics": {"method": "hierarchical bootstrap: resample seeds, then test cases within each drawn seed",
                        "resamples": BOOTSTRAP_RESAMPLES, "rng_seed": BOOTSTRAP_RNG_SEED, "ci_level": CI_LEVEL,
@@ -143,11 +134,6 @@ def _validation_ranking(res: Results, amount: str) -> List[dict]:
             if t not in (PLAIN, res.control) and split_row(t)[1] == 1.0 and res.has(t, amount)]
     rows = [r for r in rows if not math.isnan(r["validation_dice"])]
     return sorted(rows, key=lambda r: -r["validation_dice"])
-
-
-def _none(x):
-    """NaN -> None for JSON."""
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")

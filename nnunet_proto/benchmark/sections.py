@@ -482,18 +482,25 @@ def equal_compute_section(res: Results, head: Dict[tuple, Optional[dict]]) -> Li
     return lines + [""]
 
 
-def equal_compute_json(head: Dict[tuple, Optional[dict]]) -> List[dict]:
-    """summary.json's ``against_equal_compute`` rows (fractions, like ``comparisons``)."""
-    rows = []
-    for (trainer, amount, kind), c in head.items():
-        row = {"trainer": trainer, "labeled_amount": amount, "kind": kind}
-        if c is not None:
-            d, h, sp = c["dice"], c["hd95"], c["seed_spread"]
-            row.update(n_pairs=c["n_pairs"], dice_delta=d.delta, dice_ci95=[d.ci_low, d.ci_high], p_bootstrap=d.p,
-                       wins=c["wins"], losses=c["losses"], seed_spread=sp,
-                       hd95_delta=h.delta if h else None, hd95_ci95=[h.ci_low, h.ci_high] if h else None)
-        rows.append(row)
-    return rows
+def comparison_json(c: dict, label_names: Dict[int, str]) -> dict:
+    """One ``Results.compare`` result as summary.json writes it (Dice as fractions, HD95 in mm), for the
+    comparisons against plain and against plain at equal compute alike."""
+    d, h = c["dice"], c["hd95"]
+    return {"seeds": c["seeds"], "n_pairs": c["n_pairs"], "dice_delta": d.delta, "dice_ci95": [d.ci_low, d.ci_high],
+            "p_bootstrap": d.p, "p_wilcoxon": none_if_nan(c["p_wilcoxon"]), "wins": c["wins"], "losses": c["losses"],
+            "hd95_delta": h.delta if h else None, "hd95_ci95": [h.ci_low, h.ci_high] if h else None,
+            "hd95_p_bootstrap": h.p if h else None, "seed_spread": c["seed_spread"],
+            "per_class_dice": {label_names[lab]: ({"delta": b.delta, "ci95": [b.ci_low, b.ci_high], "p_bootstrap": b.p}
+                                                  if b else None) for lab, b in c["per_class_dice"].items()}}
+
+
+def equal_compute_json(head: Dict[tuple, Optional[dict]], label_names: Dict[int, str]) -> List[dict]:
+    """summary.json's ``against_equal_compute`` rows: the same fields as ``comparisons``, against plain at equal
+    compute."""
+    return [{"trainer": trainer, "labeled_amount": amount, "kind": kind,
+             **(comparison_json(c, label_names) if c is not None else
+                {"missing": "no paired run of plain at equal compute"})}
+            for (trainer, amount, kind), c in head.items()]
 
 
 def self_training_section(res: Results) -> List[str]:
