@@ -526,7 +526,9 @@ def test_confirmation_picks_the_best_row_of_each_method_and_never_a_control():
     its own default only if it validates better), CPCL's labeled-patch control never picked, NaN rows skipped."""
     from nnunet_proto.benchmark.ablation import confirmation_picks
 
-    ranking = [{"trainer": "nnUNetTrainerCPCL_labeledcontrol", "validation_dice": 0.91},
+    ranking = [{"trainer": "nnUNetTrainerCPCL_ema99@teacher", "validation_dice": 0.95},
+               {"trainer": "nnUNetTrainer@x2.3", "validation_dice": 0.94},
+               {"trainer": "nnUNetTrainerCPCL_labeledcontrol", "validation_dice": 0.91},
                {"trainer": "nnUNetTrainerCPCL_strong", "validation_dice": 0.90},
                {"trainer": "nnUNetTrainerCPCL", "validation_dice": 0.89},
                {"trainer": "nnUNetTrainerBCP_warm", "validation_dice": 0.85},

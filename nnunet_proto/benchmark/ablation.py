@@ -45,15 +45,16 @@ def base_trainer(trainer: str) -> str:
 def confirmation_picks(ranking: List[dict], k: int = 3) -> List[str]:
     """Step 1 of the screening's decision rule (docs/methods/README.md): the ``k`` best rows of a screening's
     ``validation_ranking`` (best first, as summary.json holds it), at most one per method (its default or a variant,
-    whichever validates better). Controls (:data:`CONTROL_SUFFIXES`) are not candidates."""
+    whichever validates better). Controls (:data:`CONTROL_SUFFIXES`) and EMA-teacher or equal-compute rows are not
+    candidates."""
     if k < 1:
         raise ValueError(f"pick at least one trainer, got k={k}")
     picked: Dict[str, str] = {}
     scored = [r for r in ranking if r.get("validation_dice") is not None and not math.isnan(r["validation_dice"])]
     for row in sorted(scored, key=lambda r: -r["validation_dice"]):
         trainer = row["trainer"]
-        if trainer.split("_")[-1] in CONTROL_SUFFIXES:
-            continue
+        if trainer.split("_")[-1] in CONTROL_SUFFIXES or split_row(trainer) != (trainer, 1.0, False):
+            continue  # a control, or an EMA-teacher / equal-compute row (not a trainer to confirm)
         picked.setdefault(base_trainer(trainer), trainer)
     return list(picked.values())[:k]
 

@@ -129,9 +129,10 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
 
 def _validation_ranking(res: Results, amount: str) -> List[dict]:
     """Semi-supervised trainers (control excluded) by nnU-Net's validation Dice, best first: how the
-    screening chooses what to confirm, on the fold's validation cases only."""
+    screening chooses what to confirm, on the fold's validation cases only. Trainers only: no EMA-teacher or
+    equal-compute row (a teacher is confirmed with its trainer, and a row name is not a ``-tr`` argument)."""
     rows = [{"trainer": t, "validation_dice": res.validation_dice(t, amount)} for t in res.trainers()
-            if t not in (PLAIN, res.control) and split_row(t)[1] == 1.0 and res.has(t, amount)]
+            if t not in (PLAIN, res.control) and split_row(t) == (t, 1.0, False) and res.has(t, amount)]
     rows = [r for r in rows if not math.isnan(r["validation_dice"])]
     return sorted(rows, key=lambda r: -r["validation_dice"])
 
