@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from nnunet_proto.benchmark.results import Results, nanmean, split_row
+from nnunet_proto.benchmark.results import Results, is_trainer_row, nanmean
 from nnunet_proto.benchmark.spec import PLAIN
 
 #: variant suffixes of controls (CPCL's labeled-patch control): screened to read an effect, never confirmed as a method
@@ -23,6 +23,11 @@ CONTROL_SUFFIXES = ("labeledcontrol",)
 SCREEN_RESOLUTION = 0.03
 
 
+def is_control_variant(trainer: str) -> bool:
+    """A variant screened as a control (:data:`CONTROL_SUFFIXES`), never a candidate."""
+    return trainer.split("_")[-1] in CONTROL_SUFFIXES
+
+
 def screening_reading(trainer: str, delta_vs_base: float) -> str:
     """Steps 2 and 4 of the screening's decision rule for one variant and its Δ foreground validation Dice against
     its base: a change ≥ 3 points ahead is a candidate default, one under 3 points apart is not resolved whatever
@@ -30,7 +35,7 @@ def screening_reading(trainer: str, delta_vs_base: float) -> str:
     if math.isnan(delta_vs_base):
         return "no validation Dice"
     ahead, behind = delta_vs_base >= SCREEN_RESOLUTION, delta_vs_base <= -SCREEN_RESOLUTION
-    if trainer.split("_")[-1] in CONTROL_SUFFIXES:
+    if is_control_variant(trainer):
         return ("control ahead by ≥ 3: the unlabeled patches cost the base" if ahead else
                 "base ahead by ≥ 3: its gain uses the unlabeled images" if behind else
                 "within 3: cannot tell whether the base's gain uses the unlabeled images")
@@ -53,7 +58,7 @@ def confirmation_picks(ranking: List[dict], k: int = 3) -> List[str]:
     scored = [r for r in ranking if r.get("validation_dice") is not None and not math.isnan(r["validation_dice"])]
     for row in sorted(scored, key=lambda r: -r["validation_dice"]):
         trainer = row["trainer"]
-        if trainer.split("_")[-1] in CONTROL_SUFFIXES or split_row(trainer) != (trainer, 1.0, False):
+        if is_control_variant(trainer) or not is_trainer_row(trainer):
             continue  # a control, or an EMA-teacher / equal-compute row (not a trainer to confirm)
         picked.setdefault(base_trainer(trainer), trainer)
     return list(picked.values())[:k]
@@ -76,7 +81,7 @@ def ablation_rows(res: Results) -> List[dict]:
     """Per amount and variant row with its base in the benchmark: validation Dice (fg and per class) of the
     variant, its base and plain, means over the seeds all three have, and the Δs."""
     rows = []
-    trainers = [t for t in res.trainers() if split_row(t) == (t, 1.0, False)]
+    trainers = [t for t in res.trainers() if is_trainer_row(t)]
     labels = ["fg"] + list(res.classes)
     for amount in res.amounts:
         for trainer in trainers:

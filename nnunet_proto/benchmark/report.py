@@ -29,6 +29,7 @@ from nnunet_proto.benchmark.results import (
     METRICS,
     Results,
     comparisons,
+    is_trainer_row,
     short_name,
     split_row,
 )
@@ -132,7 +133,7 @@ def _validation_ranking(res: Results, amount: str) -> List[dict]:
     screening chooses what to confirm, on the fold's validation cases only. Trainers only: no EMA-teacher or
     equal-compute row (a teacher is confirmed with its trainer, and a row name is not a ``-tr`` argument)."""
     rows = [{"trainer": t, "validation_dice": res.validation_dice(t, amount)} for t in res.trainers()
-            if t not in (PLAIN, res.control) and split_row(t) == (t, 1.0, False) and res.has(t, amount)]
+            if t not in (PLAIN, res.control) and is_trainer_row(t) and res.has(t, amount)]
     rows = [r for r in rows if not math.isnan(r["validation_dice"])]
     return sorted(rows, key=lambda r: -r["validation_dice"])
 

@@ -67,6 +67,11 @@ def split_row(row: str) -> tuple:
     return trainer, float(factor) if factor else 1.0, teacher
 
 
+def is_trainer_row(row: str) -> bool:
+    """A row that is a trainer as trained (a ``-tr`` argument): no EMA-teacher or equal-compute mark."""
+    return split_row(row) == (row, 1.0, False)
+
+
 def short_name(row: str) -> str:
     """A row for tables and plots: the trainer without the ``nnUNetTrainer`` prefix (plain nnU-Net: "plain"),
     ``plain ×2.3 steps`` for the equal-compute row, ``CPCL (EMA teacher)`` for a teacher row."""
