@@ -221,8 +221,22 @@ def cmd_benchmark(args) -> int:
         raise ValueError(f"the following arguments are required to run a benchmark: {', '.join(missing)} "
                          f"(see nnunet_proto benchmark --help)")
     spec = _benchmark_spec(args, extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
+    _check_cpu_bf16(spec.precision, spec.device, args.allow_slow_bf16)
     run_benchmark(spec, results, report_dir, reevaluate=args.reevaluate_test_set)
     return 0
+
+
+def _check_cpu_bf16(precision: str, device: str, allow_slow: bool) -> None:
+    """A CPU bf16 benchmark on a CPU without bf16 kernels is refused before any run starts (unless allowed)."""
+    from nnunet_proto.training.precision import cpu_bf16_supported, slow_cpu_bf16_message
+
+    if precision == "bf16" and device.startswith("cpu") and not cpu_bf16_supported():
+        message = ("--precision bf16: " + slow_cpu_bf16_message() + ": run the benchmark with --precision fp32 under "
+                   "another --name (a benchmark keeps one precision for every run; scripts/acdc_benchmark.sh: "
+                   "NNUNET_PROTO_PRECISION=fp32), or add --allow-slow-bf16 to go on anyway")
+        if not allow_slow:
+            raise ValueError(message)
+        print("WARNING: " + message, file=sys.stderr)
 
 
 def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # noqa: F821
@@ -448,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="CPU training precision of every run, plain included: bf16 = bfloat16 autocast (opt-in; "
                         "NNUNET_PROTO_CPU_PRECISION, nnUNetTrainer_cpubf16)")
+    s.add_argument("--allow-slow-bf16", action="store_true",
+                   help="run --precision bf16 on a CPU without native bfloat16 kernels (refused otherwise: there it is "
+                        "several times slower than fp32)")
     s.add_argument("--disable-tta", "--disable_tta", dest="disable_tta", action="store_true",
                    help="predict the test cases without mirroring (nnUNetv2_predict --disable_tta): 8x fewer "
                         "network passes in 3D; the same for every trainer")

@@ -10,7 +10,7 @@
 #                                                                            # validation (a method's default or a variant)
 #   bash scripts/acdc_benchmark.sh bf16                                      # plain + CPCL under CPU bf16, screening budget
 #   bash scripts/acdc_benchmark.sh confirm TRAINER [TRAINER ...]             # plain + these, labeled 2 and 4, seeds 0 1 2,
-#                                                                            # CPU bf16 for all (NNUNET_PROTO_CONFIRM_PRECISION=fp32),
+#                                                                            # CPU bf16 for all (see NNUNET_PROTO_PRECISION),
 #                                                                            # with the A/A control, offline self-training and plain
 #                                                                            # at equal compute (reused from the selftrain stage)
 #   bash scripts/acdc_benchmark.sh selftrain-screen                          # self-training students on validation (labeled 4,
@@ -31,13 +31,24 @@
 # nnUNet_preprocessed and nnUNet_results are set; reports go to $NNUNET_PROTO_WORK/acdc/reports/<stage>. CPU settings: 2 threads,
 # 2 augmentation workers, no torch.compile; one precision for every trainer, plain included: fp32 for the
 # screening, bf16 for the confirmation (parity measured by stage bf16: docs/benchmarks/gpu_readiness_cpu.md).
+# NNUNET_PROTO_PRECISION=fp32 runs the bf16 stages (selftrain*, redesign-*, confirm) in fp32 instead, for a CPU
+# without bfloat16 kernels (AVX2 only: bf16 there is ~10x slower than fp32, and the benchmark refuses it); the
+# benchmarks then get their own names (acdc_selftrain_fp32, acdc_redesign_screen_fp32), never mixed with bf16 runs.
 # Choices are made on the fold's nnU-Net validation cases only ("best" reads validation_ranking of the
 # screening's summary.json), never on the test frames.
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen|redesign-best|redesign-confirm) ;;
-  *) sed -n '2,35p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,38p' "$0" >&2; exit 2 ;;
 esac
+# the precision of the stages that run under CPU bf16 by default (NNUNET_PROTO_CONFIRM_PRECISION: its older name)
+precision="${NNUNET_PROTO_PRECISION:-${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}}"
+case "$precision" in
+  bf16) sfx="" ;;  # the names the bf16 benchmarks always had
+  fp32) sfx=_fp32 ;;
+  *) echo "NNUNET_PROTO_PRECISION must be bf16 or fp32, got '$precision'" >&2; exit 2 ;;
+esac
+redesign="acdc_redesign_screen$sfx"
 bench=acdc
 . "$(dirname "${BASH_SOURCE[0]}")/bench_common.sh"
 # one budget per stage (steps = epochs x 100 iterations); the CPU plan of plans/acdc_2d_cpu.json
@@ -55,7 +66,7 @@ students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrai
 # every teacher-student method with all switches (_v2), BCP and MPER warm-started from the plain run of the fold
 # (item 6), CPCL's control with labeled patches in place of the unlabeled ones (item 7), and the weak-to-strong
 # baseline
-redesign=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
+redesigned=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
           nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerCPCL_labeledcontrol
           nnUNetTrainerMeanTeacher_v2 nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm
           nnUNetTrainerUniMatch)
@@ -101,7 +112,7 @@ case "$stage" in
     pick_best acdc_screen "${1:-3}"
     ;;
   redesign-best)
-    pick_best acdc_redesign_screen "${1:-3}"
+    pick_best "$redesign" "${1:-3}"
     ;;
   bf16)
     "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 15 --name acdc_bf16 --precision bf16 \
@@ -109,7 +120,6 @@ case "$stage" in
     ;;
   confirm)
     [ $# -ge 1 ] || { echo "usage: $0 confirm TRAINER [TRAINER ...] (the best three of the screening)" >&2; exit 2; }
-    precision="${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}"
     # the trainers join the benchmark of the selftrain stage (same folds, seeds, budget and precision): its plain,
     # self-training and equal-compute runs are reused, not trained again; the A/A control is added
     "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision "$precision" \
@@ -118,7 +128,7 @@ case "$stage" in
     ;;
   redesign-confirm)
     # issue 23's confirmation: the best three of the redesign screening by the pre-registered rule
-    read -r -a best <<< "$(pick_best acdc_redesign_screen 3)"
+    read -r -a best <<< "$(pick_best "$redesign" 3)"
     [ ${#best[@]} -ge 1 ] || { echo "the redesign screening has no finished run: run redesign-screen first" >&2; exit 1; }
     echo "[acdc_benchmark] confirming ${best[*]}" >&2
     bash "$0" confirm "${best[@]}" "$@"
@@ -126,25 +136,26 @@ case "$stage" in
   selftrain-screen)
     # the screening runs sit in the self-training benchmark (they share its plain teacher of labeled 4, seed 0);
     # its report here is written before `selftrain` drops them from the confirmation's report (--forget)
-    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision bf16 --no-control \
-      --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_screen" -tr "${students[@]}" "$@"
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision "$precision" --no-control \
+      --name "acdc_selftrain_$precision" -o "$work/reports/acdc_selftrain_screen$sfx" -tr "${students[@]}" "$@"
     ;;
   selftrain)
-    results="$nnUNet_results/nnunet_proto_benchmarks/acdc_selftrain_bf16"
+    results="$nnUNet_results/nnunet_proto_benchmarks/acdc_selftrain_$precision"
     if grep -q '_share25' "$results/runs.json" 2>/dev/null; then  # the screening's variants: their own report
-      "${cli[@]}" benchmark --report-only --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_screen" >/dev/null
-      "${cli[@]}" benchmark --name acdc_selftrain_bf16 --forget "${students[@]:1}"
+      "${cli[@]}" benchmark --report-only --name "acdc_selftrain_$precision" \
+        -o "$work/reports/acdc_selftrain_screen$sfx" >/dev/null
+      "${cli[@]}" benchmark --name "acdc_selftrain_$precision" --forget "${students[@]:1}"
     fi
-    "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision bf16 --no-control \
+    "${cli[@]}" benchmark "${common[@]}" --labeled 2 4 --seeds 0 1 2 --epochs 30 --precision "$precision" --no-control \
       --self-training --equal-compute "$equal_compute" --equal-compute-source "$equal_source" \
-      --name acdc_selftrain_bf16 -o "$work/reports/acdc_selftrain_bf16" -tr nnUNetTrainer "$@"
+      --name "acdc_selftrain_$precision" -o "$work/reports/acdc_selftrain_$precision" -tr nnUNetTrainer "$@"
     ;;
   redesign-screen)
-    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision bf16 --no-control \
-      --name acdc_redesign_screen -o "$work/reports/acdc_redesign_screen" -tr "${redesign[@]}" "$@"
+    "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision "$precision" --no-control \
+      --name "$redesign" -o "$work/reports/$redesign" -tr "${redesigned[@]}" "$@"
     ;;
   *)
-    sed -n '2,35p' "$0" >&2
+    sed -n '2,38p' "$0" >&2
     exit 2
     ;;
 esac

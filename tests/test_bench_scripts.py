@@ -1,6 +1,7 @@
 """The benchmark scripts' setup guards (scripts/bench_lib.sh): a foreign dataset or an interrupted conversion is
 refused with the fix named, a finished one is skipped, preprocessing reruns until every case is there."""
 import json
+import os
 import subprocess
 
 from conftest import REPO
@@ -69,3 +70,13 @@ def test_every_trainer_the_acdc_stages_name_exists(monkeypatch):
     assert {"nnUNetTrainerCPCL_v2", "nnUNetTrainerUniMatch", "nnUNetTrainerSelfTraining_share25"} <= names
     for name in sorted(names):
         assert recursive_find_trainer_class_by_name(name) is not None, name
+
+
+def test_acdc_benchmark_precision_setting_is_checked_first(tmp_path):
+    """A wrong NNUNET_PROTO_PRECISION stops the script before it builds a venv or touches a benchmark."""
+    env = {**os.environ, "NNUNET_PROTO_PRECISION": "fp16", "NNUNET_PROTO_VENV": str(tmp_path / "venv"),
+           "NNUNET_PROTO_WORK": str(tmp_path / "work")}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "acdc_benchmark.sh"), "redesign-best"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "NNUNET_PROTO_PRECISION must be bf16 or fp32, got 'fp16'" in out.stderr
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()

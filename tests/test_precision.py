@@ -9,7 +9,13 @@ from conftest import build_trainer, semi_supervised_trainer_names
 
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec
 from nnunet_proto.training.compat import unwrap_network
-from nnunet_proto.training.precision import PRECISION_ENV, cpu_precision, float32_fields, to_float32
+from nnunet_proto.training.precision import (
+    PRECISION_ENV,
+    cpu_bf16_supported,
+    cpu_precision,
+    float32_fields,
+    to_float32,
+)
 from nnunet_proto.training.progress import partial_collapse_keys
 
 TRAINERS = semi_supervised_trainer_names()
@@ -158,3 +164,46 @@ def test_benchmark_run_trains_in_bf16(name, synthetic_dataset, fresh_results, tm
     assert "CPU bfloat16 autocast is on" in logs
     ckpt = torch.load(f"{folder}/checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert all(np.isfinite(v) for v in ckpt["logging"]["train_losses"])
+    # the warning for a CPU without bf16 kernels appears exactly where this machine has none
+    assert ("WARNING: CPU bfloat16 autocast is on, but this CPU has no native bfloat16" in logs) \
+        == (not cpu_bf16_supported())
+
+
+def test_bf16_benchmark_refused_on_a_cpu_without_bf16_kernels(synthetic_dataset, fresh_results, monkeypatch,
+                                                               capsys):
+    import nnunet_proto.training.precision as precision
+    from nnunet_proto.cli import main
+
+    argv = ["benchmark", "-d", str(synthetic_dataset.id), "-c", "2d", "-p", synthetic_dataset.plans,
+            "-tr", "nnUNetTrainerCPCL", "--labeled", "3", "--seeds", "0", "--epochs", "1", "--iterations", "1",
+            "--no-validation", "--disable-tta", "--no-control", "--precision", "bf16", "--name", "slowbf16",
+            "--device", "cpu"]
+    results = fresh_results / "nnunet_proto_benchmarks" / "slowbf16"
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no native bfloat16 support" in err and "--precision fp32" in err and "--allow-slow-bf16" in err
+    assert not results.exists()  # refused before anything was written
+
+    # the check itself: only bf16 on a CPU without kernels, and --allow-slow-bf16 turns it into a warning
+    from nnunet_proto.cli import _check_cpu_bf16
+
+    _check_cpu_bf16("fp32", "cpu", False)
+    _check_cpu_bf16("bf16", "cuda", False)
+    _check_cpu_bf16("bf16", "cpu", True)
+    assert "WARNING: --precision bf16" in capsys.readouterr().err
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: True)
+    _check_cpu_bf16("bf16", "cpu", False)
+
+
+def test_slow_bf16_warning_in_the_trainer_log(monkeypatch):
+    import nnunet_proto.training.precision as precision
+
+    logged = []
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
+    precision.warn_if_slow_cpu_bf16(torch.device("cpu"), "bf16", logged.append)
+    precision.warn_if_slow_cpu_bf16(torch.device("cpu"), "fp32", logged.append)
+    assert len(logged) == 1 and "10.5x slower than fp32" in logged[0] and "=fp32" in logged[0]
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: True)
+    precision.warn_if_slow_cpu_bf16(torch.device("cpu"), "bf16", logged.append)
+    assert len(logged) == 1

@@ -54,6 +54,7 @@ from nnunet_proto.training.precision import (
     float32_math,
     out_of_memory_advice,
     step_autocast,
+    warn_if_slow_cpu_bf16,
 )
 from nnunet_proto.training.progress import (
     CLIP_NORM,
@@ -387,6 +388,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
         if self.device.type == "cpu" and self.precision == "bf16":
             self.print_to_log_file("CPU bfloat16 autocast is on (forward passes and losses in bf16; method maths, "
                                    "weights and optimiser in fp32)")
+        warn_if_slow_cpu_bf16(self.device, self.precision, self.print_to_log_file)
 
     def write_resolved_config(self) -> None:
         """(Re)write ``nnunet_proto_config.json`` on rank 0, e.g. again after a stage switch changed it."""

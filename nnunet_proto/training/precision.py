@@ -16,6 +16,11 @@ Both wrap the forward pass and loss (and nothing else) in ``torch.autocast("cpu"
 weights, optimiser state and gradients stay float32, and no GradScaler is needed (bf16 has fp32's
 exponent range). The methods' own maths always runs in float32 (:func:`float32_math`), whatever the
 autocast.
+
+Without those instructions (e.g. an AVX2-only CPU) bf16 autocast is not faster but much slower: oneDNN has no
+bf16 kernels there and PyTorch falls back to reference code (a plain ACDC 2D step measured 10.5x slower than fp32
+on a 2-core AVX2 EPYC, docs/benchmarks/timing_acdc_2d_cpu.md). :func:`cpu_bf16_supported` tells; the trainers
+log a warning and ``nnunet_proto benchmark --precision bf16`` refuses to start there unless told to.
 """
 from __future__ import annotations
 
@@ -38,6 +43,28 @@ def cpu_precision(value: Optional[str] = None) -> str:
         raise ValueError(f"{PRECISION_ENV}={value!r} is not a precision; use one of {PRECISIONS} (bf16 = bfloat16 "
                          f"autocast for CPU training, opt-in)")
     return value
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bfloat16 kernels (oneDNN's bf16 check: AVX512-BF16/AMX, or AVX512 on x86)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
+        return False
+
+
+def slow_cpu_bf16_message() -> str:
+    """Why CPU bf16 autocast is a bad idea on this machine, and what to do instead (one line)."""
+    return (f"this CPU has no native bfloat16 support (torch CPU capability {torch.backends.cpu.get_cpu_capability()},"
+            f" oneDNN bf16 unsupported), so bf16 autocast runs on slow reference kernels: a plain nnU-Net ACDC 2D step "
+            f"measured 10.5x slower than fp32 on such a CPU (docs/benchmarks/timing_acdc_2d_cpu.md). Train in fp32 "
+            f"({PRECISION_ENV}=fp32, plain nnUNetTrainer instead of nnUNetTrainer_cpubf16)")
+
+
+def warn_if_slow_cpu_bf16(device: torch.device, precision: str, log) -> None:
+    """Log a warning with :func:`slow_cpu_bf16_message` when bf16 autocast is on for a CPU without bf16 kernels."""
+    if device.type == "cpu" and precision == "bf16" and not cpu_bf16_supported():
+        log("WARNING: CPU bfloat16 autocast is on, but " + slow_cpu_bf16_message())
 
 
 def step_autocast(device: torch.device, precision: str):
@@ -117,6 +144,7 @@ class CPUAutocastMixin:
         if self.device.type == "cpu" and self.cpu_precision == "bf16":
             self.print_to_log_file("CPU bfloat16 autocast is on (forward passes and losses in bf16, weights and "
                                    "optimiser in fp32)")
+        warn_if_slow_cpu_bf16(self.device, self.cpu_precision, self.print_to_log_file)
 
     def train_step(self, batch: dict) -> dict:
         with step_autocast(self.device, self.cpu_precision) if self.device.type == "cpu" else nullcontext():
