@@ -201,9 +201,12 @@ def test_slow_bf16_warning_in_the_trainer_log(monkeypatch):
 
     logged = []
     monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
-    precision.warn_if_slow_cpu_bf16(torch.device("cpu"), "bf16", logged.append)
-    precision.warn_if_slow_cpu_bf16(torch.device("cpu"), "fp32", logged.append)
-    assert len(logged) == 1 and "10.5x slower than fp32" in logged[0] and "=fp32" in logged[0]
+    precision.log_cpu_bf16(torch.device("cpu"), "bf16", logged.append, "weights")
+    precision.log_cpu_bf16(torch.device("cpu"), "fp32", logged.append, "weights")
+    assert logged[0] == "CPU bfloat16 autocast is on (forward passes and losses in bf16; weights in fp32)"
+    warnings = [m for m in logged if m.startswith("WARNING")]
+    assert len(logged) == 2 and len(warnings) == 1
+    assert "10.5x slower than fp32" in warnings[0] and "=fp32" in warnings[0]
     monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: True)
-    precision.warn_if_slow_cpu_bf16(torch.device("cpu"), "bf16", logged.append)
-    assert len(logged) == 1
+    precision.log_cpu_bf16(torch.device("cpu"), "bf16", logged.append, "weights")
+    assert len(logged) == 3 and not logged[2].startswith("WARNING")

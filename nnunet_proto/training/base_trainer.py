@@ -52,9 +52,9 @@ from nnunet_proto.training.precision import (
     cpu_precision,
     float32_fields,
     float32_math,
+    log_cpu_bf16,
     out_of_memory_advice,
     step_autocast,
-    warn_if_slow_cpu_bf16,
 )
 from nnunet_proto.training.progress import (
     CLIP_NORM,
@@ -385,10 +385,7 @@ class nnUNetTrainerSemiSupervised(nnUNetTrainer):
                                            for k, v in tc.items()))
         self.write_resolved_config()
         self._start_epoch = self.current_epoch
-        if self.device.type == "cpu" and self.precision == "bf16":
-            self.print_to_log_file("CPU bfloat16 autocast is on (forward passes and losses in bf16; method maths, "
-                                   "weights and optimiser in fp32)")
-        warn_if_slow_cpu_bf16(self.device, self.precision, self.print_to_log_file)
+        log_cpu_bf16(self.device, self.precision, self.print_to_log_file, "method maths, weights and optimiser")
 
     def write_resolved_config(self) -> None:
         """(Re)write ``nnunet_proto_config.json`` on rank 0, e.g. again after a stage switch changed it."""

@@ -61,10 +61,13 @@ def slow_cpu_bf16_message() -> str:
             f"({PRECISION_ENV}=fp32, plain nnUNetTrainer instead of nnUNetTrainer_cpubf16)")
 
 
-def warn_if_slow_cpu_bf16(device: torch.device, precision: str, log) -> None:
-    """Log a warning with :func:`slow_cpu_bf16_message` when bf16 autocast is on for a CPU without bf16 kernels."""
-    if device.type == "cpu" and precision == "bf16" and not cpu_bf16_supported():
-        log("WARNING: CPU bfloat16 autocast is on, but " + slow_cpu_bf16_message())
+def log_cpu_bf16(device: torch.device, precision: str, log, kept_fp32: str) -> None:
+    """When bf16 autocast is on for a CPU: say so (``kept_fp32``: what stays float32), and warn with
+    :func:`slow_cpu_bf16_message` on a CPU without bf16 kernels."""
+    if device.type == "cpu" and precision == "bf16":
+        log(f"CPU bfloat16 autocast is on (forward passes and losses in bf16; {kept_fp32} in fp32)")
+        if not cpu_bf16_supported():
+            log("WARNING: CPU bfloat16 autocast is on, but " + slow_cpu_bf16_message())
 
 
 def step_autocast(device: torch.device, precision: str):
@@ -141,10 +144,7 @@ class CPUAutocastMixin:
 
     def on_train_start(self):
         super().on_train_start()
-        if self.device.type == "cpu" and self.cpu_precision == "bf16":
-            self.print_to_log_file("CPU bfloat16 autocast is on (forward passes and losses in bf16, weights and "
-                                   "optimiser in fp32)")
-        warn_if_slow_cpu_bf16(self.device, self.cpu_precision, self.print_to_log_file)
+        log_cpu_bf16(self.device, self.cpu_precision, self.print_to_log_file, "weights and optimiser")
 
     def train_step(self, batch: dict) -> dict:
         with step_autocast(self.device, self.cpu_precision) if self.device.type == "cpu" else nullcontext():
