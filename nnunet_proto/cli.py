@@ -195,6 +195,8 @@ def cmd_benchmark(args) -> int:
         Path(require_env_path(nnUNet_results)) / "nnunet_proto_benchmarks" / args.name
     report_dir = Path(args.output) if args.output else results / "report"
     spec_file = results / SPEC_FILE
+    if args.export_runs or args.import_runs:
+        return _carry_runs(args, results, report_dir)
     if args.forget or args.report_only:
         if not spec_file.is_file():
             raise FileNotFoundError(f"no benchmark in {results} ({SPEC_FILE} is missing): nothing has run there yet. "
@@ -223,6 +225,44 @@ def cmd_benchmark(args) -> int:
     spec = _benchmark_spec(args, extra={"command": "nnunet_proto " + shlex.join(sys.argv[1:])})
     _check_cpu_bf16(spec.precision, spec.device, args.allow_slow_bf16)
     run_benchmark(spec, results, report_dir, reevaluate=args.reevaluate_test_set)
+    return 0
+
+
+def _carry_runs(args, results: Path, report_dir: Path) -> int:
+    """--export-runs / --import-runs (benchmark/records.py), then, after an import, the report."""
+    from nnunet_proto.benchmark.records import bundle_spec, export_runs, import_runs
+    from nnunet_proto.benchmark.report import write_report
+    from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec
+    from nnunet_proto.training.compat import nnUNet_preprocessed, nnUNet_raw, require_env_path
+
+    if args.export_runs and args.import_runs:
+        raise ValueError("--export-runs and --import-runs: give one of them per command")
+    spec_file = results / SPEC_FILE
+    saved = BenchmarkSpec.from_json(spec_file.read_text()) if spec_file.is_file() else None
+    if args.export_runs:
+        if saved is None:
+            raise FileNotFoundError(f"no benchmark in {results} ({SPEC_FILE} is missing): nothing to export; check "
+                                    f"--name/--results-dir")
+        pre = Path(require_env_path(nnUNet_preprocessed)) / _dataset_name(saved.dataset)
+        done = export_runs(results, Path(args.export_runs), pre)
+        print(f"exported {len(done['exported'])} finished run(s) of {results} to {args.export_runs}"
+              + (f"; left out {len(done['unfinished'])} unfinished: {', '.join(done['unfinished'])}"
+                 if done["unfinished"] else ""), file=sys.stderr)
+        return 0
+    dataset = _dataset_name((saved or bundle_spec(Path(args.import_runs))).dataset)
+    raw = Path(nnUNet_raw.get()) / dataset if nnUNet_raw.is_set() else None
+    images = args.test_images or (saved.test_images if saved else str(raw / "imagesTs") if raw else None)
+    labels = args.test_labels or (saved.test_labels if saved else str(raw / "labelsTs") if raw else None)
+    if not images or not labels:
+        raise ValueError("--import-runs checks the test set the runs were evaluated on: give --test-images and "
+                         "--test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
+    pre = Path(require_env_path(nnUNet_preprocessed)) / dataset
+    done = import_runs(results, Path(args.import_runs), pre, Path(images), Path(labels), saved)
+    for key, what in (("imported", "imported"), ("kept", "already finished here, kept"),
+                      ("in_progress", "started here, left alone")):
+        if done[key]:
+            print(f"{what}: {len(done[key])} run(s): {', '.join(done[key])}", file=sys.stderr)
+    print(write_report(BenchmarkSpec.from_json(spec_file.read_text()), results, report_dir))
     return 0
 
 
@@ -486,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reevaluate-test-set", action="store_true",
                    help="the test set changed since the finished runs were evaluated: evaluate them again on the new "
                         "one (their old predictions and metrics are moved to runs/<run>/superseded/; no retraining)")
+    s.add_argument("--export-runs", metavar="FILE",
+                   help="write the finished runs' records (per-case metrics, run info, curves; no checkpoint or "
+                        "prediction) to FILE (JSON, gzip if it ends in .gz), to continue the benchmark or merge it "
+                        "on another machine")
+    s.add_argument("--import-runs", metavar="FILE",
+                   help="add the runs of an --export-runs FILE to this benchmark (same budget, plans, test set and "
+                        "folds, checked first), then write the report; resuming trains only the other runs")
     s.add_argument("--forget", nargs="+", metavar="TRAINER",
                    help="drop these trainers' runs from the benchmark (runs.json, saved spec, report); their run "
                         "folders stay on disk")

@@ -65,11 +65,13 @@ def confirmation_picks(ranking: List[dict], k: int = 3) -> List[str]:
 
 
 def validation_per_class(info: dict) -> Dict[str, float]:
-    """nnU-Net's validation Dice of one run, ``{"fg": ..., "<label>": ...}``, from ``validation/summary.json`` in its
-    fold folder (``run_info.json``'s ``output_folder``); only the foreground mean (run_info) when that file is gone."""
+    """nnU-Net's validation Dice of one run, ``{"fg": ..., "<label>": ...}``, from its copy of nnU-Net's
+    ``validation/summary.json`` in the run folder (``info["validation_summary"]``, set by Results) or else from its
+    fold folder (``run_info.json``'s ``output_folder``); only the foreground mean (run_info) when both are gone."""
     out = {"fg": info.get("validation_foreground_dice")}
     folder = info.get("output_folder")
-    summary = Path(folder) / "validation" / "summary.json" if folder else None
+    summary = Path(info["validation_summary"]) if info.get("validation_summary") else \
+        Path(folder) / "validation" / "summary.json" if folder else None
     if summary is not None and summary.is_file():
         data = json.loads(summary.read_text())
         out["fg"] = data.get("foreground_mean", {}).get("Dice", out["fg"])

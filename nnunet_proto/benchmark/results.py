@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from nnunet_proto.benchmark.records import VALIDATION_SUMMARY
 from nnunet_proto.benchmark.spec import (
     CONTROL,
     PLAIN,
@@ -46,7 +47,7 @@ from nnunet_proto.benchmark.stats import (
     wilcoxon_p,
 )
 from nnunet_proto.evaluation.islands import CACHE_NAME as ISLANDS_CACHE
-from nnunet_proto.evaluation.islands import cached_folder_islands
+from nnunet_proto.evaluation.islands import cached_folder_islands, stored_islands
 from nnunet_proto.evaluation.metrics import RULE_BOTH_PRESENT as RULE_PRESENT
 from nnunet_proto.evaluation.metrics import RULE_PREDICTION_EMPTY as RULE_PRED_EMPTY
 
@@ -178,6 +179,8 @@ class Results:
             key = (run.row, run.amount, run.seed)
             self.steps_factor[run.row] = run.steps_factor
             info = _read_json(d / "run_info.json")
+            if (d / VALIDATION_SUMMARY).is_file():  # nnU-Net's validation summary kept with the run's records
+                info["validation_summary"] = str(d / VALIDATION_SUMMARY)
             self._add(key, d / "metrics.json", d / "metrics_postprocessed.json",
                       _read_json(d / "postprocessing.json") if (d / "postprocessing.json").is_file()
                       else {"available": False, "reason": OLD_RUN_REASON}, d, info)
@@ -194,11 +197,13 @@ class Results:
         self.classes = sorted(self.label_names, key=int)
         self.islands: Dict[tuple, dict] = {}  # raw test predictions' stray islands, per run (cached in the run dir)
         for key, pred in pred_dirs.items():
-            if pred.is_dir():
+            cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
+                                   f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
+            if not pred.is_dir() and cache.is_file():  # an imported run (records.py): no predictions, their counts
+                self.islands[key] = stored_islands(cache)["mean"]
+            elif pred.is_dir():
                 ds = pred / "dataset.json"
                 ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds.is_file() else ".nii.gz"
-                cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
-                                       f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
                 try:
                     self.islands[key] = cached_folder_islands(pred, [int(c) for c in self.classes], cache,
                                                               ending)["mean"]

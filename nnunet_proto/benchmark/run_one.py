@@ -49,6 +49,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from nnunet_proto.benchmark.records import VALIDATION_SUMMARY, refuse_imported_teacher
 from nnunet_proto.benchmark.spec import (
     PLAIN,
     TEACHER_CHECKPOINT,
@@ -83,6 +84,8 @@ def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device, teacher_r
         raise RuntimeError(f"the teacher of this self-training run, plain nnU-Net in {teacher_run}, has not finished "
                            f"(training, evaluation and postprocessing). The benchmark runs plain first: run the same "
                            f"benchmark command again; it completes the plain run, then this one.")
+    if teacher_run is not None:
+        refuse_imported_teacher(teacher_run, "the self-training row", "the weights (as teacher)")
     checkpoint = "checkpoint_final.pth" if spec.checkpoint == "final" else "checkpoint_best.pth"
     teacher = Teacher(plain_trainer(spec), spec.plans, spec.configuration, fold, checkpoint, use_mirroring=True)
     t0 = perf_counter()
@@ -101,6 +104,7 @@ def load_warm_start(trainer, plain_run: Path) -> dict:
         raise RuntimeError(f"{type(trainer).__name__} is warm-started from plain nnU-Net of the same fold, in "
                            f"{plain_run}, which has not finished. The benchmark runs plain first: run the same "
                            f"benchmark command again; it completes the plain run, then this one.")
+    refuse_imported_teacher(plain_run, type(trainer).__name__, "the weights (warm start)")
     plain_fold = Path(json.loads((plain_run / "run_info.json").read_text())["output_folder"])
     return load_every_weight(trainer, plain_fold / "checkpoint_final.pth")
 
@@ -329,6 +333,8 @@ def main(argv=None) -> int:
     if (fold_dir / "validation" / "summary.json").is_file():
         summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
         info["validation_foreground_dice"] = summary["foreground_mean"]["Dice"]
+        # per-class validation Dice travels with the run's records (records.export_runs)
+        shutil.copy(fold_dir / "validation" / "summary.json", run_dir / VALIDATION_SUMMARY)
 
     pred_dir = run_dir / "test_predictions"
     predict(spec, args.fold, model_dir, pred_dir, device)

@@ -139,6 +139,11 @@ def cached_folder_islands(folder: Path, labels: List[int], cache: Path, file_end
     return result
 
 
+def stored_islands(cache: Path) -> dict:
+    """What ``cached_folder_islands`` stored in ``cache``, without the folder (its predictions may be gone)."""
+    return _nan_back(json.loads(cache.read_text())["islands"])
+
+
 def _nan_back(obj):
     """Inverse of ``_nan_to_none`` for this file's one nullable field."""
     if isinstance(obj, dict):
