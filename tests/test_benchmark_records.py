@@ -50,6 +50,9 @@ def _benchmark(root, raw, pre, seeds=(0, 1), epochs=2):
             (d / "test_predictions" / "case.nii.gz").write_bytes(b"not travelling")
             (d / "islands.json").write_text(json.dumps({"key": {"labels": [1, 2], "files": ["case.nii.gz"]},
                                                         "islands": {"mean": ISLANDS}}))
+    teacher = Run(TRAINER, "3", seeds[0], 0).dir(root / "runs")  # one run's EMA teacher row travels with it
+    shutil.copy(teacher / "metrics.json", teacher / "metrics_teacher.json")
+    (teacher / "teacher.json").write_text(json.dumps({"available": False, "reason": "no validation predictions"}))
     (root / "runs.json").write_text(json.dumps([r.to_json() for r in runs]))
     return spec
 
@@ -80,8 +83,16 @@ def test_export_then_import_gives_the_same_report(exported, tmp_path):
         assert run_finished(d) and (d / IMPORTED_FILE).is_file() and not (d / "test_predictions").exists()
         assert json.loads((d / IMPORTED_FILE).read_text())["fold_cases"]["train"]
     a = json.loads((write_report(spec, tmp_path / "here", tmp_path / "ra").parent / "summary.json").read_text())
-    b = json.loads((write_report(spec, there, tmp_path / "rb").parent / "summary.json").read_text())
+    readme = write_report(spec, there, tmp_path / "rb")
+    b = json.loads((readme.parent / "summary.json").read_text())
     assert a["comparisons"] == b["comparisons"] and a["means"] == b["means"]
+    assert f"{TRAINER}@teacher|3" in b["means"]
+    # the EMA teacher's row is part of its run: 4 runs, not 5
+    assert a["runs"]["finished"] == b["runs"]["finished"] == 4 and a["runs"]["imported"] == []
+    assert {(r["trainer"], r["seed"]) for r in b["runs"]["imported"]} == {(t, s) for t in (PLAIN, TRAINER)
+                                                                          for s in (0, 1)}
+    text = readme.read_text()
+    assert "Runs finished: 4/4." in text and "**4 run(s) trained on another machine**" in text
     res = Results(BenchmarkSpec.from_json((there / SPEC_FILE).read_text()), there)
     key = (TRAINER, "3", 0)
     assert res.islands[key] == ISLANDS  # from the records: the predictions stayed behind

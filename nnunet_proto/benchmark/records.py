@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, run_finished
+from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, record_started, run_finished
 
 BUNDLE_FORMAT = "nnunet_proto benchmark runs"
 BUNDLE_VERSION = 1
@@ -142,7 +142,6 @@ def import_runs(results_root: Path, bundle_file: Path, preprocessed: Path, test_
     amount and seed (making that fold adds it to nnU-Net's splits file if missing, as starting the benchmark does).
     Runs already finished here are kept, runs started here are left alone (both reported).
     Returns {"imported", "kept", "in_progress"}: lists of run tags."""
-    from nnunet_proto.benchmark.runner import record_started
     from nnunet_proto.data.leakage import test_set_identity
     from nnunet_proto.data.splits import LabeledAmount, make_label_scarce_fold
     from nnunet_proto.training.compat import load_json

@@ -118,7 +118,10 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                     "conclusive": all(c["conclusive"] for c in control) if control else None},
         "class_presence": {"threshold": CLASS_PRESENCE_MIN, "rows": presence,
                            "ok": all(r["ok"] for r in presence) if presence else None},
-        "runs": {"finished": len(res.cases), "total": len(res.runs), "planned": res.planned,
+        "runs": {"finished": res.finished_runs(), "total": len(res.runs), "planned": res.planned,
+                 "imported": [{"trainer": k[0], "labeled_amount": k[1], "seed": k[2], **{
+                     f: v for f, v in o.items() if f in ("bundle", "exported_at", "machine")}}
+                     for k, o in sorted(res.imported.items())],
                  "without_postprocessing": [{"trainer": t, "labeled_amount": a, "seed": s, "reason": r}
                                             for t, a, s, r in res.missing_postprocessing()]},
         "means": means,
@@ -190,7 +193,7 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
     """Write README.md, summary.json and the plots of every finished run into report_dir; returns README.md."""
     report_dir.mkdir(parents=True, exist_ok=True)
     res = Results(spec, results_root)
-    done, total = len(res.cases), res.planned
+    done, total = res.finished_runs(), res.planned
     comp = comparisons(res)
     control = control_status(res, comp)
     presence = presence_rows(res)
@@ -219,6 +222,12 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
                   f"Factor: {spec.equal_compute_source}.", ""] + equal_compute_lines(check)
     if spec.notes:
         lines += [spec.notes, ""]
+    if res.imported:
+        lines += [f"**{len(res.imported)} run(s) trained on another machine** and imported with their records "
+                  f"(`--import-runs`; paired with plain nnU-Net on the same test cases like any run, but trained with "
+                  f"their machine's numerics, and their seconds in the Cost section are that machine's): "
+                  + "; ".join(f"{k[0]} labeled {k[1]} seed {k[2]} (exported {o.get('exported_at')}, "
+                              f"{o.get('machine')})" for k, o in sorted(res.imported.items())) + ".", ""]
     if failed:
         lines += [f"**Failed runs (not in the tables):** {', '.join(failed)}.", ""]
     missing = res.missing_postprocessing()

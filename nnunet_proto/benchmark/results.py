@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.records import VALIDATION_SUMMARY
+from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY
 from nnunet_proto.benchmark.spec import (
     CONTROL,
     PLAIN,
@@ -171,6 +171,7 @@ class Results:
         self.curves: Dict[tuple, dict] = {}
         self.label_names: Dict[str, str] = {}
         self.steps_factor: Dict[str, float] = {}
+        self.imported: Dict[tuple, dict] = {}  # (row, amount, seed) -> where the run's records came from
         pred_dirs: Dict[tuple, Path] = {}
         for run in self.runs:
             d = run.dir(results_root / "runs")
@@ -181,6 +182,8 @@ class Results:
             info = _read_json(d / "run_info.json")
             if (d / VALIDATION_SUMMARY).is_file():  # nnU-Net's validation summary kept with the run's records
                 info["validation_summary"] = str(d / VALIDATION_SUMMARY)
+            if (d / IMPORTED_FILE).is_file():  # trained on another machine (records.import_runs)
+                self.imported[key] = _read_json(d / IMPORTED_FILE)
             self._add(key, d / "metrics.json", d / "metrics_postprocessed.json",
                       _read_json(d / "postprocessing.json") if (d / "postprocessing.json").is_file()
                       else {"available": False, "reason": OLD_RUN_REASON}, d, info)
@@ -228,6 +231,10 @@ class Results:
             status = {"available": False, "reason": f"{pp_file.name} missing in {run_dir}"}
         self.pp_status[key] = status
         self.info[key] = info
+
+    def finished_runs(self) -> int:
+        """Runs with test metrics (an EMA teacher's row is part of its run, not a run of its own)."""
+        return sum(1 for key in self.cases if not split_row(key[0])[2])
 
     def trainers(self) -> List[str]:
         """The rows with results, in report order: plain, the control, each trainer followed by its EMA teacher,

@@ -27,7 +27,15 @@ from pathlib import Path
 from time import perf_counter, strftime
 from typing import Iterator, List, Sequence
 
-from nnunet_proto.benchmark.spec import SPEC_FILE, STEPS_MARK, BenchmarkSpec, Run, load_runs, run_finished
+from nnunet_proto.benchmark.spec import (
+    SPEC_FILE,
+    STEPS_MARK,
+    BenchmarkSpec,
+    Run,
+    load_runs,
+    record_started,
+    run_finished,
+)
 from nnunet_proto.data.pseudo_labels import PSEUDO_LABELS_ENV
 from nnunet_proto.paths import ext_trainer_paths, trainers_path
 from nnunet_proto.training.precision import PRECISION_ENV
@@ -66,15 +74,6 @@ def resolve_trainers(names: Sequence[str]) -> None:
                  for n in unknown]
         raise ValueError(f"unknown trainer(s) {', '.join(hints)}: not found in nnunetv2 or nnUNet_extTrainer "
                          f"({ext_trainer_paths()}). Nothing was run. This repository's trainers: {', '.join(known)}")
-
-
-def record_started(runs_file: Path, run: Run) -> None:
-    """Add ``run`` to runs.json (once); called when the run starts, so runs that never started are not listed."""
-    known = load_runs(runs_file) if runs_file.is_file() else []
-    if run not in known:
-        tmp = runs_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([r.to_json() for r in known + [run]], indent=2))
-        os.replace(tmp, runs_file)
 
 
 def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:

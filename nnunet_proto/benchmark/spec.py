@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +193,12 @@ def run_finished(run_dir: Path) -> bool:
 
 def load_runs(path: Path) -> List[Run]:
     return [Run(**r) for r in json.loads(path.read_text())]
+
+
+def record_started(runs_file: Path, run: Run) -> None:
+    """Add ``run`` to runs.json (once); called when the run starts, so runs that never started are not listed."""
+    known = load_runs(runs_file) if runs_file.is_file() else []
+    if run not in known:
+        tmp = runs_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([r.to_json() for r in known + [run]], indent=2))
+        os.replace(tmp, runs_file)
