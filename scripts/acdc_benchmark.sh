@@ -24,6 +24,11 @@
 #   bash scripts/acdc_benchmark.sh redesign-best [K]                         # the K (3) best of that screening by the rule of
 #                                                                            # docs/methods/README.md (one per method, no control)
 #   bash scripts/acdc_benchmark.sh redesign-confirm                          # confirm those three (the confirm stage)
+#   bash scripts/acdc_benchmark.sh export BENCHMARK FILE                     # the finished runs' records of benchmark BENCHMARK
+#                                                                            # (e.g. acdc_redesign_screen_fp32) into FILE
+#   bash scripts/acdc_benchmark.sh import BENCHMARK FILE                     # add them to BENCHMARK on this machine (after setup),
+#                                                                            # report in reports/BENCHMARK; the stage then resumes
+#                                                                            # with the other runs
 #
 # LABELED_H5_DIR: SSL4MIS ACDC h5 files with labels (patientXXX_frameYY.h5); UNLABELED_H5_DIR: more
 # patients' h5 images (labels, if any, are ignored). Folders: $NNUNET_PROTO_WORK/acdc (default
@@ -39,7 +44,9 @@
 set -euo pipefail
 case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen|redesign-best|redesign-confirm) ;;
-  *) sed -n '2,38p' "$0" >&2; exit 2 ;;
+  export|import)
+    [ $# -eq 3 ] || { echo "usage: $0 $1 BENCHMARK FILE (e.g. $1 acdc_redesign_screen_fp32 runs.json.gz)" >&2; exit 2; } ;;
+  *) sed -n '2,43p' "$0" >&2; exit 2 ;;
 esac
 # the precision of the stages that run under CPU bf16 by default (NNUNET_PROTO_CONFIRM_PRECISION: its older name)
 precision="${NNUNET_PROTO_PRECISION:-${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}}"
@@ -150,12 +157,16 @@ case "$stage" in
       --self-training --equal-compute "$equal_compute" --equal-compute-source "$equal_source" \
       --name "acdc_selftrain_$precision" -o "$work/reports/acdc_selftrain_$precision" -tr nnUNetTrainer "$@"
     ;;
+  export|import)
+    # records of finished runs between machines (nnunet_proto benchmark --export-runs/--import-runs)
+    "${cli[@]}" benchmark --name "$1" --"$stage"-runs "$2" -o "$work/reports/$1"
+    ;;
   redesign-screen)
     "${cli[@]}" benchmark "${common[@]}" --labeled 4 --seeds 0 --epochs 30 --precision "$precision" --no-control \
       --name "$redesign" -o "$work/reports/$redesign" -tr "${redesigned[@]}" "$@"
     ;;
   *)
-    sed -n '2,38p' "$0" >&2
+    sed -n '2,43p' "$0" >&2
     exit 2
     ;;
 esac

@@ -80,3 +80,16 @@ def test_acdc_benchmark_precision_setting_is_checked_first(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "NNUNET_PROTO_PRECISION must be bf16 or fp32, got 'fp16'" in out.stderr
     assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()
+
+
+def test_acdc_benchmark_export_and_import_need_a_benchmark_and_a_file(tmp_path):
+    """The stages that carry runs between machines check their arguments before building a venv."""
+    env = {**os.environ, "NNUNET_PROTO_VENV": str(tmp_path / "venv"), "NNUNET_PROTO_WORK": str(tmp_path / "work")}
+    for stage in ("export", "import"):
+        out = subprocess.run(["bash", str(REPO / "scripts" / "acdc_benchmark.sh"), stage, "acdc_x"], env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and "usage: " in out.stderr and f"{stage} BENCHMARK FILE" in out.stderr
+    assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()
+    usage = subprocess.run(["bash", str(REPO / "scripts" / "acdc_benchmark.sh")], env=env, capture_output=True,
+                           text=True)
+    assert "import BENCHMARK FILE" in usage.stderr and usage.stderr.rstrip().endswith("never on the test frames.")
