@@ -66,8 +66,17 @@ def exported(copied, tmp_path):
     return spec, bundle, done, raw, pre
 
 
-def test_export_then_import_gives_the_same_report(exported, tmp_path):
-    spec, bundle, done, raw, pre = exported
+def test_export_then_import_gives_the_same_report(copied, tmp_path):
+    raw, pre = copied
+    spec = _benchmark(tmp_path / "here", raw, pre)
+    # one run whose island counts were never computed (no report yet): the export counts them in its predictions
+    counted = Run(PLAIN, "3", 1, 0).dir(tmp_path / "here" / "runs")
+    (counted / "islands.json").unlink()
+    (counted / "test_predictions" / "case.nii.gz").unlink()
+    for label in (raw / "labelsTs").glob("*.nii.gz"):
+        shutil.copy(label, counted / "test_predictions" / label.name)
+    bundle = tmp_path / "runs.json.gz"
+    done = export_runs(tmp_path / "here", bundle, pre)
     assert len(done["exported"]) == 4 and done["unfinished"] == []
     data = json.loads(gzip.decompress(bundle.read_bytes()))
     assert all("test_predictions" not in name for e in data["runs"] for name in e["files"])
@@ -96,6 +105,7 @@ def test_export_then_import_gives_the_same_report(exported, tmp_path):
     res = Results(BenchmarkSpec.from_json((there / SPEC_FILE).read_text()), there)
     key = (TRAINER, "3", 0)
     assert res.islands[key] == ISLANDS  # from the records: the predictions stayed behind
+    assert res.islands[(PLAIN, "3", 1)].keys() == {"1", "2"}  # counted at export
     assert validation_per_class(res.info[key]) == pytest.approx({"fg": 0.65, "1": 0.55, "2": 0.75})
 
     again = import_runs(there, bundle, pre, raw / "imagesTs", raw / "labelsTs")

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, record_started, run_finished
+from nnunet_proto.evaluation.islands import CACHE_NAME as ISLANDS_CACHE
+from nnunet_proto.evaluation.islands import cached_folder_islands, stored_islands
 
 BUNDLE_FORMAT = "nnunet_proto benchmark runs"
 BUNDLE_VERSION = 1
@@ -38,6 +40,22 @@ RECORD_FILES = ("metrics.json", "metrics_postprocessed.json", "metrics_teacher.j
                 "metrics_teacher_postprocessed.json", "postprocessing.json", "teacher.json", "run_info.json",
                 "curves.json", "pseudo_labels.json", "islands.json", "islands_test_predictions_teacher.json",
                 VALIDATION_SUMMARY, IMPORTED_FILE)
+
+
+def prediction_islands(pred: Path, labels: List[int]) -> Optional[dict]:
+    """Stray-island statistics of a run's test predictions (``test_predictions`` or ``test_predictions_teacher``),
+    cached beside them in the run folder (the cache travels with the records, the predictions do not): computed
+    from the predictions when they are there, else read from the cache; None when neither is."""
+    cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
+                           f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
+    if pred.is_dir():
+        ds = pred / "dataset.json"
+        ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds.is_file() else ".nii.gz"
+        try:
+            return cached_folder_islands(pred, labels, cache, ending)
+        except FileNotFoundError:
+            pass
+    return stored_islands(cache) if cache.is_file() else None
 
 
 def is_imported(run_dir: Path) -> bool:
@@ -106,6 +124,9 @@ def export_runs(results_root: Path, out: Path, preprocessed: Path) -> dict:
         if not run_finished(d):
             unfinished.append(run.tag)
             continue
+        labels = [int(lab) for lab in json.loads((d / "metrics.json").read_text())["mean"]]
+        for pred in ("test_predictions", "test_predictions_teacher"):  # their island counts travel, not they
+            prediction_islands(d / pred, labels)
         files = {name: json.loads((d / name).read_text()) for name in RECORD_FILES if (d / name).is_file()}
         imported = files.get(IMPORTED_FILE)
         if VALIDATION_SUMMARY not in files:  # runs finished before run_one kept a copy in the run folder

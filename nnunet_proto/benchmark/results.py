@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY
+from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY, prediction_islands
 from nnunet_proto.benchmark.spec import (
     CONTROL,
     PLAIN,
@@ -46,8 +46,6 @@ from nnunet_proto.benchmark.stats import (
     seeds_for_power,
     wilcoxon_p,
 )
-from nnunet_proto.evaluation.islands import CACHE_NAME as ISLANDS_CACHE
-from nnunet_proto.evaluation.islands import cached_folder_islands, stored_islands
 from nnunet_proto.evaluation.metrics import RULE_BOTH_PRESENT as RULE_PRESENT
 from nnunet_proto.evaluation.metrics import RULE_PREDICTION_EMPTY as RULE_PRED_EMPTY
 
@@ -200,18 +198,9 @@ class Results:
         self.classes = sorted(self.label_names, key=int)
         self.islands: Dict[tuple, dict] = {}  # raw test predictions' stray islands, per run (cached in the run dir)
         for key, pred in pred_dirs.items():
-            cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
-                                   f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
-            if not pred.is_dir() and cache.is_file():  # an imported run (records.py): no predictions, their counts
-                self.islands[key] = stored_islands(cache)["mean"]
-            elif pred.is_dir():
-                ds = pred / "dataset.json"
-                ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds.is_file() else ".nii.gz"
-                try:
-                    self.islands[key] = cached_folder_islands(pred, [int(c) for c in self.classes], cache,
-                                                              ending)["mean"]
-                except FileNotFoundError:  # predictions deleted to save space: the section says so
-                    pass
+            islands = prediction_islands(pred, [int(c) for c in self.classes])
+            if islands is not None:  # None: predictions deleted to save space (the section says so)
+                self.islands[key] = islands["mean"]
         self.labels = self.classes + ["fg"]
         self.label_names["fg"] = "mean"
         # runs.json accumulates every invocation of this benchmark (more seeds or trainers later)
