@@ -233,7 +233,7 @@ def _carry_runs(args, results: Path, report_dir: Path) -> int:
     from nnunet_proto.benchmark.records import bundle_spec, export_runs, import_runs
     from nnunet_proto.benchmark.report import write_report
     from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec
-    from nnunet_proto.training.compat import nnUNet_preprocessed, nnUNet_raw, require_env_path
+    from nnunet_proto.training.compat import nnUNet_preprocessed, require_env_path
 
     if args.export_runs and args.import_runs:
         raise ValueError("--export-runs and --import-runs: give one of them per command")
@@ -250,12 +250,7 @@ def _carry_runs(args, results: Path, report_dir: Path) -> int:
                  if done["unfinished"] else ""), file=sys.stderr)
         return 0
     dataset = _dataset_name((saved or bundle_spec(Path(args.import_runs))).dataset)
-    raw = Path(nnUNet_raw.get()) / dataset if nnUNet_raw.is_set() else None
-    images = args.test_images or (saved.test_images if saved else str(raw / "imagesTs") if raw else None)
-    labels = args.test_labels or (saved.test_labels if saved else str(raw / "labelsTs") if raw else None)
-    if not images or not labels:
-        raise ValueError("--import-runs checks the test set the runs were evaluated on: give --test-images and "
-                         "--test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
+    images, labels = _test_folders(args, dataset, saved)  # the test set the runs must have been evaluated on
     pre = Path(require_env_path(nnUNet_preprocessed)) / dataset
     done = import_runs(results, Path(args.import_runs), pre, Path(images), Path(labels), saved)
     for key, what in (("imported", "imported"), ("kept", "already finished here, kept"),
@@ -281,14 +276,8 @@ def _check_cpu_bf16(precision: str, device: str, allow_slow: bool) -> None:
 
 def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # noqa: F821
     from nnunet_proto.benchmark.spec import CONTROL, SELF_TRAINING, BenchmarkSpec
-    from nnunet_proto.training.compat import nnUNet_raw
 
-    name = _dataset_name(args.dataset)
-    raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() else None
-    test_images = args.test_images or (str(raw / "imagesTs") if raw else None)
-    test_labels = args.test_labels or (str(raw / "labelsTs") if raw else None)
-    if not test_images or not test_labels:
-        raise ValueError("give --test-images and --test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
+    test_images, test_labels = _test_folders(args, args.dataset)
     return BenchmarkSpec(
         dataset=args.dataset, configuration=args.configuration, plans=args.plans,
         trainers=tuple(dict.fromkeys([*args.trainers, *([SELF_TRAINING] if args.self_training else [])])),
@@ -301,6 +290,19 @@ def _benchmark_spec(args, extra: Optional[dict] = None) -> "BenchmarkSpec":  # n
         test_time_mirroring=not args.disable_tta, labels=tuple(args.labels) if args.labels else None,
         name=args.name, notes=args.notes or "", extra=extra or {}, equal_compute=args.equal_compute,
         equal_compute_source=args.equal_compute_source or "")
+
+
+def _test_folders(args, dataset: str, saved=None) -> tuple:
+    """A benchmark's test images and labels: --test-images/--test-labels, else the saved benchmark's, else
+    nnUNet_raw/<dataset>/imagesTs and labelsTs."""
+    from nnunet_proto.training.compat import nnUNet_raw
+
+    raw = Path(nnUNet_raw.get()) / _dataset_name(dataset) if nnUNet_raw.is_set() else None
+    images = args.test_images or (saved.test_images if saved else str(raw / "imagesTs") if raw else None)
+    labels = args.test_labels or (saved.test_labels if saved else str(raw / "labelsTs") if raw else None)
+    if not images or not labels:
+        raise ValueError("give --test-images and --test-labels (or set nnUNet_raw so that imagesTs/labelsTs are used)")
+    return images, labels
 
 
 def _checked_device(device: str) -> str:

@@ -192,3 +192,14 @@ def test_cli_exports_and_imports_and_writes_the_report(exported, tmp_path):
     assert out.strip().endswith("README.md") and (tmp_path / "report" / "summary.json").is_file()
     saved = BenchmarkSpec.from_json((tmp_path / "there" / SPEC_FILE).read_text())
     assert saved.budget_key() == spec.budget_key() and saved.test_labels == str(raw / "labelsTs")
+
+
+def test_budget_differences_name_each_field_and_accept_the_dataset_by_id(copied, tmp_path):
+    """The one budget check of a resumed benchmark (runner.prepare) and of an import: -d 801 is Dataset801_*."""
+    import dataclasses
+
+    raw, pre = copied
+    spec = _benchmark(tmp_path / "here", raw, pre)
+    assert spec.budget_differences(dataclasses.replace(spec, dataset="801")) == {}
+    assert spec.budget_differences(dataclasses.replace(spec, epochs=3, precision="bf16")) == {
+        "epochs": (2, 3), "precision": ("fp32", "bf16")}

@@ -171,14 +171,11 @@ def import_runs(results_root: Path, bundle_file: Path, preprocessed: Path, test_
     theirs = BenchmarkSpec.from_json(json.dumps(bundle["spec"]))
     spec_file = results_root / SPEC_FILE
     ours = local_spec or (BenchmarkSpec.from_json(spec_file.read_text()) if spec_file.is_file() else None)
-    if ours is not None:
-        from nnunet_proto.training.compat import maybe_convert_to_dataset_name
-
-        a, b = ({**x.budget_key(), "dataset": maybe_convert_to_dataset_name(x.dataset)} for x in (theirs, ours))
-        if a != b:
-            diffs = ", ".join(f"{k}: {a[k]!r} in the bundle, {b[k]!r} here" for k in a if a[k] != b[k])
-            raise ValueError(f"{bundle_file} holds runs of a benchmark with another setup ({diffs}); import it into "
-                             f"a benchmark with the same settings (or under a new --name)")
+    differ = theirs.budget_differences(ours) if ours is not None else {}
+    if differ:
+        diffs = ", ".join(f"{k}: {there!r} in the bundle, {here!r} here" for k, (there, here) in differ.items())
+        raise ValueError(f"{bundle_file} holds runs of a benchmark with another setup ({diffs}); import it into "
+                         f"a benchmark with the same settings (or under a new --name)")
     plans = preprocessed / f"{theirs.plans}.json"
     if not plans.is_file():
         raise FileNotFoundError(f"{plans} not found: plan, preprocess and patch the dataset here as on the machine "

@@ -125,13 +125,9 @@ def prepare(spec: BenchmarkSpec, results_root: Path, reevaluate: bool = False) -
             raise FileNotFoundError(f"test folder {folder} is missing or empty")
     spec_file = results_root / SPEC_FILE
     if spec_file.is_file():
-        old = BenchmarkSpec.from_json(spec_file.read_text())
-        # -d 27 and -d Dataset027_ACDC are the same dataset
-        old_key, new_key = ({**x.budget_key(), "dataset": maybe_convert_to_dataset_name(x.dataset)}
-                            for x in (old, spec))
-        if old_key != new_key:
-            diffs = ", ".join(f"{k}: {old_key[k]!r} then, {new_key[k]!r} now" for k in old_key
-                              if old_key[k] != new_key[k])
+        differ = BenchmarkSpec.from_json(spec_file.read_text()).budget_differences(spec)
+        if differ:
+            diffs = ", ".join(f"{k}: {then!r} then, {now!r} now" for k, (then, now) in differ.items())
             raise ValueError(f"{results_root} holds a benchmark with another setup ({diffs}); resume it with the same "
                              f"settings or use another --name")
     resolve_trainers(spec.all_trainers)

@@ -110,6 +110,14 @@ class BenchmarkSpec:
                                                   "val_iterations_per_epoch", "group_regex", "base_fold", "checkpoint",
                                                   "test_time_mirroring", "precision")}
 
+    def budget_differences(self, other: "BenchmarkSpec") -> dict:
+        """{field: (self's value, other's value)} for every ``budget_key`` field that differs; -d 27 and -d
+        Dataset027_ACDC are the same dataset."""
+        from nnunet_proto.training.compat import maybe_convert_to_dataset_name
+
+        a, b = ({**x.budget_key(), "dataset": maybe_convert_to_dataset_name(x.dataset)} for x in (self, other))
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}, indent=2)
