@@ -23,7 +23,9 @@
 #                                                                            # BCP/MPER _warm, UniMatch (+ these)
 #   bash scripts/acdc_benchmark.sh redesign-best [K]                         # the K (3) best of that screening by the rule of
 #                                                                            # docs/methods/README.md (one per method, no control)
-#   bash scripts/acdc_benchmark.sh redesign-confirm                          # confirm those three (the confirm stage)
+#   bash scripts/acdc_benchmark.sh redesign-confirm                          # confirm those three (the confirm stage), plain at
+#                                                                            # equal compute = the largest total time vs plain of
+#                                                                            # the three in the screening (unless set, below)
 #   bash scripts/acdc_benchmark.sh export BENCHMARK FILE                     # the finished runs' records of benchmark BENCHMARK
 #                                                                            # (e.g. acdc_redesign_screen_fp32) into FILE
 #   bash scripts/acdc_benchmark.sh import BENCHMARK FILE                     # add them to BENCHMARK on this machine (after setup),
@@ -46,7 +48,7 @@ case "${1:-}" in
   setup|screen|ablate|best|bf16|confirm|selftrain-screen|selftrain|redesign-screen|redesign-best|redesign-confirm) ;;
   export|import)
     [ $# -eq 3 ] || { echo "usage: $0 $1 BENCHMARK FILE (e.g. $1 acdc_redesign_screen_fp32 runs.json.gz)" >&2; exit 2; } ;;
-  *) sed -n '2,43p' "$0" >&2; exit 2 ;;
+  *) awk 'NR > 1 && /^set -euo/ {exit} NR > 1' "$0" >&2; exit 2 ;;
 esac
 # the precision of the stages that run under CPU bf16 by default (NNUNET_PROTO_CONFIRM_PRECISION: its older name)
 precision="${NNUNET_PROTO_PRECISION:-${NNUNET_PROTO_CONFIRM_PRECISION:-bf16}}"
@@ -62,7 +64,8 @@ bench=acdc
 common=(-d 27 -c 2d -p nnUNetPlans_cpu --iterations 100 --group-regex '(patient\d+)' --disable-tta)
 screen=(nnUNetTrainerMeanTeacher nnUNetTrainerCPCL nnUNetTrainerMSPA nnUNetTrainerMPER nnUNetTrainerPCCS nnUNetTrainerBCP)
 # plain nnU-Net at equal compute: steps x the s/step ratio of the most expensive trainer of the confirmation (PCCS,
-# 2.32x plain under CPU bf16 in the side-by-side timing), rounded; override both together
+# 2.32x plain under CPU bf16 in the side-by-side timing), rounded; override both together. redesign-confirm derives
+# both from its screening instead unless NNUNET_PROTO_EQUAL_COMPUTE is set (ablation.equal_compute_factor)
 equal_compute="${NNUNET_PROTO_EQUAL_COMPUTE:-2.3}"
 equal_source="${NNUNET_PROTO_EQUAL_COMPUTE_SOURCE:-nnUNetTrainerPCCS, 2.32x plain per step under CPU bf16 (docs/benchmarks/timing_acdc_2d_cpu.md), rounded to 2.3}"
 # offline self-training's screening: the default student and one change each, on validation only (it ran when the
@@ -88,6 +91,20 @@ ranking = json.load(open(sys.argv[1]))["validation_ranking"]["4"]
 for r in ranking:
     print(f"{r['trainer']}: validation Dice {100 * r['validation_dice']:.1f}", file=sys.stderr)
 print(" ".join(confirmation_picks(ranking, int(sys.argv[2]))))
+PY
+}
+# plain at equal compute for a confirmation of the given trainers of screening $1: "FACTOR<tab>SOURCE"
+screen_equal_compute() {
+  local bench="$1"
+  shift
+  "$py" - "$work/reports/$bench/summary.json" "$@" <<'PY'
+import json, sys
+from nnunet_proto.benchmark.ablation import equal_compute_factor
+try:
+    factor, source = equal_compute_factor(json.load(open(sys.argv[1])), sys.argv[2:])
+except ValueError as e:
+    sys.exit(f"[acdc_benchmark] plain at equal compute: {e}")
+print(f"{factor}\t{source}")
 PY
 }
 stage="${1:-}"
@@ -138,6 +155,11 @@ case "$stage" in
     read -r -a best <<< "$(pick_best "$redesign" 3)"
     [ ${#best[@]} -ge 1 ] || { echo "the redesign screening has no finished run: run redesign-screen first" >&2; exit 1; }
     echo "[acdc_benchmark] confirming ${best[*]}" >&2
+    if [ -z "${NNUNET_PROTO_EQUAL_COMPUTE:-}" ]; then  # pick_best has just written the screening's summary.json
+      eq="$(screen_equal_compute "$redesign" "${best[@]}")"
+      export NNUNET_PROTO_EQUAL_COMPUTE="${eq%%$'\t'*}" NNUNET_PROTO_EQUAL_COMPUTE_SOURCE="${eq#*$'\t'}"
+      echo "[acdc_benchmark] plain at equal compute: x$NNUNET_PROTO_EQUAL_COMPUTE ($NNUNET_PROTO_EQUAL_COMPUTE_SOURCE)" >&2
+    fi
     bash "$0" confirm "${best[@]}" "$@"
     ;;
   selftrain-screen)
@@ -166,7 +188,7 @@ case "$stage" in
       --name "$redesign" -o "$work/reports/$redesign" -tr "${redesigned[@]}" "$@"
     ;;
   *)
-    sed -n '2,43p' "$0" >&2
+    awk 'NR > 1 && /^set -euo/ {exit} NR > 1' "$0" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import DATASET_ID, PLANS, run_cli
 
+from nnunet_proto.benchmark.records import machine_name
 from nnunet_proto.benchmark.results import Results, case_table
 from nnunet_proto.benchmark.spec import BenchmarkSpec
 
@@ -82,6 +83,7 @@ def test_benchmark_runs_reports_and_resumes(benchmark_args, synthetic_dataset):
     assert len(metrics["metric_per_case"]) == 2 and {"Dice", "IoU", "HD95", "ASD"} <= set(metrics["foreground_mean"])
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["checkpoint"] == "final" and info["seconds_per_epoch_median"] > 0
+    assert info["training_machines"] == [machine_name("cpu")]  # what the cost table's ratios were measured on
     curves = json.loads((run_dir / "curves.json").read_text())
     assert "ssl_loss_bpc" in curves
     assert "predicting test cases" in (run_dir / "log.txt").read_text()  # progress of the prediction phase

@@ -5,6 +5,7 @@ the session's synthetic dataset, copied per test so that a test may damage its p
 """
 import gzip
 import json
+import os
 import shutil
 
 import numpy as np
@@ -203,3 +204,15 @@ def test_budget_differences_name_each_field_and_accept_the_dataset_by_id(copied,
     assert spec.budget_differences(dataclasses.replace(spec, dataset="801")) == {}
     assert spec.budget_differences(dataclasses.replace(spec, epochs=3, precision="bf16")) == {
         "epochs": (2, 3), "precision": ("fp32", "bf16")}
+
+
+def test_a_run_records_every_machine_that_trained_it(tmp_path):
+    """run_one records the machine before training starts (a resumed run elsewhere adds its own, once)."""
+    from nnunet_proto.benchmark.records import TRAINING_MACHINES_FILE, machine_name, record_training_machine
+
+    name = machine_name("cpu")
+    assert name.endswith(f"({os.cpu_count()} logical CPUs)") and not name.startswith(" (")
+    assert record_training_machine(tmp_path, name) == [name]
+    assert record_training_machine(tmp_path, "other CPU") == [name, "other CPU"]
+    assert record_training_machine(tmp_path, name) == [name, "other CPU"]
+    assert json.loads((tmp_path / TRAINING_MACHINES_FILE).read_text()) == [name, "other CPU"]

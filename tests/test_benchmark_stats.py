@@ -450,6 +450,61 @@ def test_equal_compute_row_is_checked_against_the_most_expensive_row(tmp_path, f
     assert "## Against plain nnU-Net at equal compute" in text and "| 2 | nnUNetTrainerX | raw | 36 | +3.0" in text
 
 
+def _set_info(tmp_path, spec, trainer, **fields):
+    for seed in spec.seeds:
+        f = tmp_path / "runs" / Run(trainer, "2", seed, 0).tag / "run_info.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "epochs": 2, **fields}))
+
+
+def test_equal_compute_factor_comes_from_the_screening_on_one_machine(tmp_path):
+    """A confirmation's plain at equal compute: the largest total time vs plain of its picks in the screening,
+    rounded up, the machine named; refused when a pick and plain trained on different machines or a pick has no
+    cost. The cost table names each row's machines and warns when rows differ."""
+    from nnunet_proto.benchmark.ablation import equal_compute_factor
+
+    warm, x = "nnUNetTrainerW_warm", "nnUNetTrainerX"
+    spec = _bench(tmp_path, [warm, x], {}, control=None)
+    _set_info(tmp_path, spec, PLAIN)
+    _set_info(tmp_path, spec, x)
+    _set_info(tmp_path, spec, warm, warm_start_from={"file": "plain/checkpoint_final.pth", "sha256": "0" * 64})
+
+    def summary():
+        write_report(spec, tmp_path, tmp_path / "report")
+        return json.loads((tmp_path / "report" / "summary.json").read_text())
+
+    # W_warm: 2.5 s/epoch x 2 + plain's 1 x 2 over plain's 2 = 3.5x; X: 2.5x; runs of older versions: no machine
+    factor, source = equal_compute_factor(summary(), [x, warm], amount="2")
+    assert factor == pytest.approx(3.5) and source.startswith(f"{warm}, 3.50x") and "machine not recorded" in source
+    assert equal_compute_factor(summary(), [x], amount="2")[0] == pytest.approx(2.5)
+    assert "| not recorded |" in (tmp_path / "report" / "README.md").read_text()
+    for row in (PLAIN, x, warm):
+        _set_info(tmp_path, spec, row, training_machines=["CPU A (2 logical CPUs)"])
+    factor, source = equal_compute_factor(summary(), [x, warm], amount="2")
+    assert factor == pytest.approx(3.5) and "on CPU A (2 logical CPUs)" in source
+    text = (tmp_path / "report" / "README.md").read_text()
+    assert "| CPU A (2 logical CPUs) |" in text and "Rows trained on different machines" not in text
+    _set_info(tmp_path, spec, x, training_machines=["CPU A (2 logical CPUs)", "CPU B (16 logical CPUs)"])
+    s = summary()
+    assert "**Rows trained on different machines** (CPU A (2 logical CPUs); CPU B (16 logical CPUs))" in (
+        tmp_path / "report" / "README.md").read_text()
+    with pytest.raises(ValueError, match="different machines"):
+        equal_compute_factor(s, [x, warm], amount="2")
+    assert equal_compute_factor(s, [warm], amount="2")[0] == pytest.approx(3.5)  # W and plain: one machine
+    with pytest.raises(ValueError, match="no measured cost"):
+        equal_compute_factor(s, ["nnUNetTrainerNotRun"], amount="2")
+
+
+@pytest.mark.parametrize("ratio,factor", [(3.4, 3.4), (3.41, 3.5), (2.32, 2.4), (1.0, 1.0)])
+def test_equal_compute_factor_rounds_up(ratio, factor):
+    from nnunet_proto.benchmark.ablation import equal_compute_factor
+
+    summary = {"benchmark": "b", "comparisons": [{"trainer": "T", "labeled_amount": "4",
+                                                  "cost_vs_plain": {"seconds": ratio}}]}
+    assert equal_compute_factor(summary, ["T"]) == (pytest.approx(factor), f"T, {ratio:.2f}x plain's total "
+                                                    f"training time in the screening (b, 4 labeled, machine not "
+                                                    f"recorded), rounded up to {factor:.1f}")
+
+
 def test_cost_uses_each_rows_fastest_pace_and_the_pseudo_labeling_that_was_done(tmp_path):
     """Runs slowed by other work do not set a row's cost (its fastest run does), and a self-training run that
     reused labels an earlier run had made does not count their cost as ~0 s; an interrupted labeling is scaled to

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_proto.benchmark.results import Results, is_trainer_row, nanmean
 from nnunet_proto.benchmark.spec import PLAIN
@@ -62,6 +62,41 @@ def confirmation_picks(ranking: List[dict], k: int = 3) -> List[str]:
             continue  # a control, or an EMA-teacher / equal-compute row (not a trainer to confirm)
         picked.setdefault(base_trainer(trainer), trainer)
     return list(picked.values())[:k]
+
+
+def equal_compute_factor(summary: dict, picks: Sequence[str], amount: str = "4") -> Tuple[float, str]:
+    """Plain nnU-Net at equal compute for a confirmation of ``picks``: the largest *total time vs plain* of the
+    picked rows in the screening's ``summary.json`` (``cost_vs_plain.seconds``: a warm start's plain training and
+    offline self-training's teacher and pseudo-labeling included), rounded up to one decimal, and a sentence that
+    says where it comes from. Refused (ValueError) when a pick has no measured cost or when a pick's runs and
+    plain's trained on different machines (time ratios would compare machines); runs that recorded no machine
+    (older versions) are accepted and the sentence says so."""
+    rows = {r["trainer"]: r for r in summary.get("comparisons", []) if r.get("labeled_amount") == amount}
+    measured, unrecorded = [], []
+    for trainer in picks:
+        row = rows.get(trainer)
+        ratio = (row.get("cost_vs_plain") or {}).get("seconds") if row else None
+        if ratio is None or not math.isfinite(ratio):
+            raise ValueError(f"{trainer} has no measured cost against plain at {amount} labeled in the screening "
+                             f"(unfinished, or plain missing): set the factor yourself (NNUNET_PROTO_EQUAL_COMPUTE "
+                             f"and NNUNET_PROTO_EQUAL_COMPUTE_SOURCE for scripts/acdc_benchmark.sh)")
+        machines = row.get("training_machines", [None]) + row.get("plain_training_machines", [None])
+        known = {m for m in machines if m}
+        if len(known) > 1:
+            raise ValueError(f"{trainer} and plain trained on different machines ({'; '.join(sorted(known))}): their "
+                             f"time ratio compares machines. Set the factor from a side-by-side timing yourself "
+                             f"(NNUNET_PROTO_EQUAL_COMPUTE and NNUNET_PROTO_EQUAL_COMPUTE_SOURCE)")
+        if None in machines:
+            unrecorded.append(trainer)
+        measured.append((ratio, trainer, sorted(known)))
+    if not measured:
+        raise ValueError("no trainer to confirm: the equal-compute factor needs at least one pick")
+    ratio, trainer, known = max(measured)
+    factor = math.ceil(round(ratio * 10, 6)) / 10
+    where = f"on {known[0]}" if known else "machine not recorded"
+    note = f"; machine not recorded for {', '.join(unrecorded)} or plain" if unrecorded and known else ""
+    return factor, (f"{trainer}, {ratio:.2f}x plain's total training time in the screening "
+                    f"({summary.get('benchmark')}, {amount} labeled, {where}{note}), rounded up to {factor:.1f}")
 
 
 def validation_per_class(info: dict) -> Dict[str, float]:

@@ -35,6 +35,8 @@ BUNDLE_VERSION = 1
 IMPORTED_FILE = "imported.json"
 #: nnU-Net's validation/summary.json of the run's fold, kept in the run folder (per-class validation Dice)
 VALIDATION_SUMMARY = "validation_summary.json"
+#: in a run folder: the processor of every machine that trained the run (a resumed run can have several)
+TRAINING_MACHINES_FILE = "training_machines.json"
 #: the run folder's files the report is built from (whichever exist)
 RECORD_FILES = ("metrics.json", "metrics_postprocessed.json", "metrics_teacher.json",
                 "metrics_teacher_postprocessed.json", "postprocessing.json", "teacher.json", "run_info.json",
@@ -56,6 +58,35 @@ def prediction_islands(pred: Path, labels: List[int]) -> Optional[dict]:
         except FileNotFoundError:
             pass
     return stored_islands(cache) if cache.is_file() else None
+
+
+def machine_name(device_type: str = "cpu") -> str:
+    """What trained a run, for the cost table: the CUDA device's name, or the processor's model (``/proc/cpuinfo``,
+    else ``platform``) with its logical CPU count. Time ratios between rows are only comparable on one machine."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    name = ""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.lower().startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine() or 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
+
+
+def record_training_machine(run_dir: Path, name: str) -> List[str]:
+    """Add ``name`` to the run's training machines (once) before it trains, so that an interrupted run resumed
+    elsewhere keeps both; returns the list."""
+    f = run_dir / TRAINING_MACHINES_FILE
+    names = json.loads(f.read_text()) if f.is_file() else []
+    if name not in names:
+        names.append(name)
+        tmp = f.with_name(f.name + ".tmp")
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, f)
+    return names
 
 
 def is_imported(run_dir: Path) -> bool:

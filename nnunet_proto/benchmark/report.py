@@ -86,6 +86,8 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                                      "pseudo_label_seconds": _none(cost["pseudo_label_seconds"])},
                    "validation_dice": _none(res.validation_dice(trainer, amount)),
                    "plain_validation_dice": _none(res.validation_dice(PLAIN, amount)),
+                   "training_machines": res.training_machines(trainer),
+                   "plain_training_machines": res.training_machines(PLAIN),
                    "s_per_step": _none(res.seconds_per_step(trainer, amount)),
                    "s_per_step_vs_plain": _none(res.seconds_per_step(trainer, amount)
                                                 / res.seconds_per_step(PLAIN, amount))}

@@ -318,6 +318,16 @@ class Results:
             return math.nan
         return float(wall) * total / done
 
+    def training_machines(self, row: str) -> List[Optional[str]]:
+        """Each machine that trained a run of the row, once, in order of first appearance; None for runs that
+        recorded none (older versions)."""
+        out: List[Optional[str]] = []
+        for info in self._infos(row):
+            for m in info.get("training_machines") or [None]:
+                if m not in out:
+                    out.append(m)
+        return out
+
     def warm_started(self, row: str) -> bool:
         """Whether the row's runs start from the plain run of their fold (``warm_start_from`` in run_info)."""
         return any(i.get("warm_start_from") for k, i in self.info.items() if k[0] == row)

@@ -49,7 +49,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from nnunet_proto.benchmark.records import VALIDATION_SUMMARY, refuse_imported_teacher
+from nnunet_proto.benchmark.records import (
+    TRAINING_MACHINES_FILE,
+    VALIDATION_SUMMARY,
+    machine_name,
+    record_training_machine,
+    refuse_imported_teacher,
+)
 from nnunet_proto.benchmark.spec import (
     PLAIN,
     TEACHER_CHECKPOINT,
@@ -110,9 +116,10 @@ def load_warm_start(trainer, plain_run: Path) -> dict:
 
 
 def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device,
-          steps_factor: float = 1.0, plain_run: Optional[Path] = None) -> dict:
+          steps_factor: float = 1.0, plain_run: Optional[Path] = None, run_dir: Optional[Path] = None) -> dict:
     """Train (or resume) one run. ``plain_run``: the plain row's run folder of the same fold and seed, the warm
-    start of a trainer that skips stage one (loaded only when the run starts, not when it resumes)."""
+    start of a trainer that skips stage one (loaded only when the run starts, not when it resumes). ``run_dir``:
+    the run folder, where the machine that trains is recorded before training starts."""
     from nnunet_proto.training.compat import get_trainer_from_args
     from nnunet_proto.training.stage_switch import WARM_START_ENV, warm_starts
 
@@ -143,6 +150,8 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
                 raise RuntimeError(f"{trainer_name} skips stage one and needs the plain run of fold {fold} as its "
                                    f"warm start")
             info["warm_start_from"] = load_warm_start(trainer, plain_run)
+        if run_dir is not None:
+            record_training_machine(run_dir, machine_name(device.type))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         reset_rss_high_water()
@@ -316,7 +325,9 @@ def main(argv=None) -> int:
                   flush=True)
             record.write_text(json.dumps(pseudo_label(spec, args.fold, device, plain_run), indent=2, default=str))
         labels = json.loads(record.read_text())
-    info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor, plain_run), **labels}
+    info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor, plain_run, run_dir), **labels}
+    if (run_dir / TRAINING_MACHINES_FILE).is_file():  # runs trained before the record existed have none
+        info["training_machines"] = json.loads((run_dir / TRAINING_MACHINES_FILE).read_text())
     fold_dir = Path(info["output_folder"])
     model_dir = fold_dir.parent
     ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)

@@ -377,10 +377,12 @@ def cost_section(res: Results) -> List[str]:
              "of its fastest run × its epochs (other work on the machine only ever slows a run, so the fastest run "
              "is the closest to the row's own cost), for self-training the teacher's training plus the "
              "pseudo-labeling (the fastest of the amount's runs) plus the student's, for a warm-started run the "
-             "plain run's training plus its own; peak memory; nnU-Net's validation Dice.",
+             "plain run's training plus its own; peak memory; nnU-Net's validation Dice; *trained on*: the machine "
+             "(processor or GPU) of every run of the row (time ratios compare trainers only between rows trained on "
+             "one machine; runs of older versions did not record it).",
              "", "| trainer | s/epoch (median) | s/iteration | vs plain | training steps | total time vs plain | "
-             "pseudo-labeling s | peak memory MB | validation Dice (nnU-Net, val cases) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "pseudo-labeling s | peak memory MB | validation Dice (nnU-Net, val cases) | trained on |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     plain = [i.get("seconds_per_epoch_median") for k, i in res.info.items() if k[0] == PLAIN]
     plain_s = float(np.median([p for p in plain if p])) if any(plain) else math.nan
     for trainer in res.trainers():
@@ -400,8 +402,18 @@ def cost_section(res: Results) -> List[str]:
         lines.append(f"| {display_name(trainer)} | {sec:.1f} | {sec / res.spec.iterations_per_epoch:.3f} | "
                      f"{sec / plain_s:.2f}x | {_steps_txt(res, trainer)} | "
                      f"{'same run' if teacher else (f'{np.median(total):.2f}x' if total else '–')} | "
-                     f"{f'{np.median(pl):.0f}' if pl else '–'} | {mem_txt} | {val_txt} |")
+                     f"{f'{np.median(pl):.0f}' if pl else '–'} | {mem_txt} | {val_txt} | "
+                     f"{_machines_txt(res.training_machines(trainer))} |")
+    machines = {m for t in res.trainers() for m in res.training_machines(t) if m}
+    if len(machines) > 1:
+        lines += ["", f"**Rows trained on different machines** ({'; '.join(sorted(machines))}): their time ratios "
+                      f"compare machines as well as trainers."]
     return lines + [""]
+
+
+def _machines_txt(machines: List[Optional[str]]) -> str:
+    """The cost table's *trained on* cell: each machine once; None is a run of an older version."""
+    return "; ".join(m if m else "not recorded" for m in machines) or "–"
 
 
 #: a measured cost up to this much above the equal-compute factor is the factor's rounding, not a shortfall
