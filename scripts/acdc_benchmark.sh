@@ -20,7 +20,8 @@
 #   bash scripts/acdc_benchmark.sh redesign-screen [TRAINER ...]             # issue 23's redesign on validation (labeled 4, seed 0,
 #                                                                            # the confirmation's budget): CPCL, its one-switch
 #                                                                            # variants, _v2 and _labeledcontrol, MT/PCCS _v2,
-#                                                                            # BCP/MPER _warm, UniMatch (+ these)
+#                                                                            # BCP/MPER _warm, UniMatch, its _wband and
+#                                                                            # _quantile (+ these)
 #   bash scripts/acdc_benchmark.sh redesign-best [K]                         # the K (3) best of that screening by the rule of
 #                                                                            # docs/methods/README.md (one per method, no control)
 #   bash scripts/acdc_benchmark.sh redesign-confirm                          # confirm those three (the confirm stage), plain at
@@ -79,7 +80,7 @@ students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrai
 redesigned=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
           nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerCPCL_labeledcontrol
           nnUNetTrainerMeanTeacher_v2 nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm
-          nnUNetTrainerUniMatch)
+          nnUNetTrainerUniMatch nnUNetTrainerUniMatch_wband nnUNetTrainerUniMatch_quantile)
 # the decision rule's step 1 (docs/methods/README.md, nnunet_proto.benchmark.ablation.confirmation_picks): the K best
 # rows of a screening by nnU-Net's validation Dice, one per method, controls left out; prints their names
 pick_best() {

@@ -243,13 +243,16 @@ def test_redesign_variants_are_one_switch_each_and_v2_trains(synthetic_dataset, 
     from nnunet_proto.training.variants import REDESIGN, redesign_variants
 
     for name, suffixes in (("nnUNetTrainerMeanTeacher", ("strong", "ema99", "wband", "ramp20")),
-                           ("nnUNetTrainerCPCL", tuple(REDESIGN)), ("nnUNetTrainerPCCS", tuple(REDESIGN))):
+                           ("nnUNetTrainerCPCL", tuple(REDESIGN)), ("nnUNetTrainerPCCS", tuple(REDESIGN)),
+                           ("nnUNetTrainerUniMatch", ("wband", "quantile"))):
         base = recursive_find_trainer_class_by_name(name)
         for suffix in suffixes:
             variant = recursive_find_trainer_class_by_name(f"{name}_{suffix}")
             assert variant.variant_of.__name__ == name
             changed = {k for k, v in variant.config.to_dict().items() if base.config.to_dict()[k] != v}
             assert changed == set(REDESIGN[suffix]), (name, suffix, changed)
+        if name.endswith("UniMatch"):  # already weak-to-strong with the per-step EMA: two switches, no _v2
+            continue
         v2 = recursive_find_trainer_class_by_name(f"{name}_v2").config
         assert v2.strong_view and v2.ema_mode == "per_step" and v2.weight_band == (0.3, 1.0)
         assert v2.threshold_mode == ("fixed" if name.endswith("MeanTeacher") else "quantile")
@@ -263,5 +266,11 @@ def test_redesign_variants_are_one_switch_each_and_v2_trains(synthetic_dataset, 
         assert math.isfinite(float(out["loss"]))
         assert 0.0 <= out[f"{PREFIX}teacher_disagreement"] <= 1.0
         assert trainer.teacher.decay == pytest.approx(0.99)  # per step, whatever the run length
+    finally:
+        trainer.on_train_end()
+    trainer = started_trainer("nnUNetTrainerUniMatch_wband", synthetic_dataset, "2d", epochs=2, iterations=2)
+    try:
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert math.isfinite(float(out["loss"])) and set(trainer.weight_gains) == {"strong", "fp"}
     finally:
         trainer.on_train_end()

@@ -8,11 +8,14 @@ encoder output), each with nnU-Net's Dice + CE at weight 1 (sigmoid ramp over th
 See nnunet_proto/methods/unimatch.py, nnunet_proto/ops/strong_views.py and docs/methods/unimatch.md.
 nnUNetTrainerUniMatch_paper: the official ACDC code's form (``UniMatchConfig.paper()``: the network's own
 prediction as teacher, Dice-only unlabeled loss, no ramp).
+nnUNetTrainerUniMatch_wband / _quantile: issue 23's weight band (each term's gradient share at full ramp in
+[0.3, 1] of the supervised gradient) / quantile gate (each predicted class keeps its most confident half), one switch
+each, for the validation screening (docs/methods/unimatch.md); not validated, defaults unchanged.
 Short variants: nnUNetTrainerUniMatch_smoke, _1epoch, _5epochs, ... _250epochs.
 """
 from nnunet_proto.methods.unimatch import UniMatch, UniMatchConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import literal_variant, schedule_variants
+from nnunet_proto.training.variants import REDESIGN, config_variant, literal_variant, schedule_variants
 
 
 class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
@@ -22,3 +25,8 @@ class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
 
 globals().update(schedule_variants(nnUNetTrainerUniMatch))
 globals().update(literal_variant(nnUNetTrainerUniMatch, UniMatchConfig.paper()))
+for _suffix in ("wband", "quantile"):
+    globals().update(config_variant(
+        nnUNetTrainerUniMatch, _suffix, nnUNetTrainerUniMatch.config.replace(**REDESIGN[_suffix]),
+        f"nnUNetTrainerUniMatch with {REDESIGN[_suffix]} (issue 23's redesign, one switch; not validated)."))
+del _suffix
