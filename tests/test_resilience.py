@@ -139,9 +139,16 @@ def _seeded_losses(ds, name, steps=4):
 
 @pytest.mark.parametrize("name", ["nnUNetTrainerCPCL", "nnUNetTrainerMeanTeacher"])
 def test_seeded_cpu_runs_are_identical(name, synthetic_dataset, fresh_results, tmp_path, monkeypatch):
-    first, w1 = _seeded_losses(synthetic_dataset, name)
-    shutil.rmtree(fresh_results)
-    second, w2 = _seeded_losses(synthetic_dataset, name)
+    # one intra-op thread for both runs (docs/reproducibility.md): nnU-Net's predictor changes torch's thread count
+    # in-process, so without this the count would depend on the tests that ran before in the same worker
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first, w1 = _seeded_losses(synthetic_dataset, name)
+        shutil.rmtree(fresh_results)
+        second, w2 = _seeded_losses(synthetic_dataset, name)
+    finally:
+        torch.set_num_threads(threads)
     assert first == second  # bit-identical losses
     assert all(torch.equal(a, b) for a, b in zip(w1, w2))
     assert len(set(first)) > 1
