@@ -15,7 +15,7 @@ Short variants: nnUNetTrainerUniMatch_smoke, _1epoch, _5epochs, ... _250epochs.
 """
 from nnunet_proto.methods.unimatch import UniMatch, UniMatchConfig
 from nnunet_proto.training.base_trainer import nnUNetTrainerSemiSupervised
-from nnunet_proto.training.variants import REDESIGN, config_variant, literal_variant, schedule_variants
+from nnunet_proto.training.variants import literal_variant, redesign_variant, schedule_variants
 
 
 class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
@@ -25,8 +25,5 @@ class nnUNetTrainerUniMatch(nnUNetTrainerSemiSupervised):
 
 globals().update(schedule_variants(nnUNetTrainerUniMatch))
 globals().update(literal_variant(nnUNetTrainerUniMatch, UniMatchConfig.paper()))
-for _suffix in ("wband", "quantile"):
-    globals().update(config_variant(
-        nnUNetTrainerUniMatch, _suffix, nnUNetTrainerUniMatch.config.replace(**REDESIGN[_suffix]),
-        f"nnUNetTrainerUniMatch with {REDESIGN[_suffix]} (issue 23's redesign, one switch; not validated)."))
-del _suffix
+globals().update(redesign_variant(nnUNetTrainerUniMatch, "wband"))
+globals().update(redesign_variant(nnUNetTrainerUniMatch, "quantile"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from nnunet_proto.benchmark.spec import SPEC_FILE, BenchmarkSpec, Run, load_runs, record_started, run_finished
+from nnunet_proto.data.splits import write_json_atomic
 from nnunet_proto.evaluation.islands import CACHE_NAME as ISLANDS_CACHE
 from nnunet_proto.evaluation.islands import cached_folder_islands, stored_islands
 
@@ -76,16 +77,19 @@ def machine_name(device_type: str = "cpu") -> str:
     return f"{name or platform.processor() or platform.machine() or 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
 
 
+def training_machines(run_dir: Path) -> Optional[List[str]]:
+    """The machines recorded as having trained the run, or None (a run trained before the record existed)."""
+    f = run_dir / TRAINING_MACHINES_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def record_training_machine(run_dir: Path, name: str) -> List[str]:
     """Add ``name`` to the run's training machines (once) before it trains, so that an interrupted run resumed
     elsewhere keeps both; returns the list."""
-    f = run_dir / TRAINING_MACHINES_FILE
-    names = json.loads(f.read_text()) if f.is_file() else []
+    names = training_machines(run_dir) or []
     if name not in names:
         names.append(name)
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text(json.dumps(names))
-        os.replace(tmp, f)
+        write_json_atomic(run_dir / TRAINING_MACHINES_FILE, names)
     return names
 
 

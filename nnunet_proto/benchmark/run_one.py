@@ -50,11 +50,11 @@ import numpy as np
 import torch
 
 from nnunet_proto.benchmark.records import (
-    TRAINING_MACHINES_FILE,
     VALIDATION_SUMMARY,
     machine_name,
     record_training_machine,
     refuse_imported_teacher,
+    training_machines,
 )
 from nnunet_proto.benchmark.spec import (
     PLAIN,
@@ -326,8 +326,9 @@ def main(argv=None) -> int:
             record.write_text(json.dumps(pseudo_label(spec, args.fold, device, plain_run), indent=2, default=str))
         labels = json.loads(record.read_text())
     info = {**train(spec, args.trainer, args.fold, args.seed, device, args.steps_factor, plain_run, run_dir), **labels}
-    if (run_dir / TRAINING_MACHINES_FILE).is_file():  # runs trained before the record existed have none
-        info["training_machines"] = json.loads((run_dir / TRAINING_MACHINES_FILE).read_text())
+    machines = training_machines(run_dir)
+    if machines is not None:  # runs trained before the record existed have none
+        info["training_machines"] = machines
     fold_dir = Path(info["output_folder"])
     model_dir = fold_dir.parent
     ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)

@@ -90,6 +90,13 @@ REDESIGN: Dict[str, Dict[str, Any]] = {
 REDESIGN_V2 = ("strong", "ema99", "quantile", "wband")
 
 
+def redesign_variant(base: type, suffix: str) -> Dict[str, type]:
+    """``{"<base>_<suffix>": class}``: ``base`` with the one switch ``REDESIGN[suffix]``."""
+    changes = REDESIGN[suffix]
+    return config_variant(base, suffix, base.config.replace(**changes),
+                          f"{base.__name__} with {changes} (issue 23's redesign, one switch; not validated).")
+
+
 def redesign_variants(base: type, gated: bool = True) -> Dict[str, type]:
     """``<base>_strong``, ``_ema99``, ``_quantile`` (only where the method trains on gated pseudo labels:
     ``gated``), ``_wband``, ``_ramp20`` and ``_v2`` (strong + ema99 + quantile + wband): ``base`` with one switch of
@@ -97,9 +104,7 @@ def redesign_variants(base: type, gated: bool = True) -> Dict[str, type]:
     out: Dict[str, type] = {}
     suffixes = [s for s in REDESIGN if gated or s != "quantile"]
     for suffix in suffixes:
-        changes = REDESIGN[suffix]
-        out.update(config_variant(base, suffix, base.config.replace(**changes),
-                                  f"{base.__name__} with {changes} (issue 23's redesign, one switch; not validated)."))
+        out.update(redesign_variant(base, suffix))
     combined: Dict[str, Any] = {}
     for suffix in REDESIGN_V2:
         if suffix in suffixes:
