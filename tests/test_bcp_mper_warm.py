@@ -104,6 +104,8 @@ def test_variants_switch_the_options_on_together(name, nnunet_root):
     plain = recursive_find_trainer_class_by_name(f"nnUNetTrainer{name}_plainstage1").config
     base = METHODS[name][1]()
     assert warm == base.replace(stage_switch="warm_start", unmixed_supervised_weight=1.0)
+    lcc = recursive_find_trainer_class_by_name(f"nnUNetTrainer{name}_warm_lcc").config
+    assert lcc == warm.replace(pseudo_label_largest_component=True) and not warm.pseudo_label_largest_component
     assert plain == base.replace(stage_one_loss="plain", unmixed_supervised_weight=1.0)
 
 

@@ -576,6 +576,20 @@ def test_screening_reading_applies_the_pre_registered_three_point_rule(trainer, 
     assert reading in screening_reading(trainer, delta)
 
 
+def test_a_variant_is_read_against_its_nearest_ancestor_that_ran():
+    """BCP_warm_lcc is one switch on BCP_warm, so it is read against BCP_warm where that ran, else against BCP's
+    default; a default or a variant without any ancestor in the screening has no ablation row."""
+    from nnunet_proto.benchmark.ablation import ablation_base
+
+    ran = ["nnUNetTrainer", "nnUNetTrainerBCP_warm", "nnUNetTrainerBCP_warm_lcc", "nnUNetTrainerCPCL",
+           "nnUNetTrainerCPCL_strong", "nnUNetTrainerPCCS_v2"]
+    assert ablation_base("nnUNetTrainerBCP_warm_lcc", ran) == "nnUNetTrainerBCP_warm"
+    assert ablation_base("nnUNetTrainerBCP_warm_lcc", ["nnUNetTrainerBCP"]) == "nnUNetTrainerBCP"
+    assert ablation_base("nnUNetTrainerCPCL_strong", ran) == "nnUNetTrainerCPCL"
+    assert ablation_base("nnUNetTrainerBCP_warm", ran) is None  # BCP's default did not run
+    assert ablation_base("nnUNetTrainerPCCS_v2", ran) is None and ablation_base("nnUNetTrainerCPCL", ran) is None
+
+
 def test_confirmation_picks_the_best_row_of_each_method_and_never_a_control():
     """The screening's pre-registered rule, step 1: the k best by validation Dice, one per method (a variant beats
     its own default only if it validates better), CPCL's labeled-patch control never picked, NaN rows skipped."""

@@ -113,4 +113,4 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
 
 globals().update(schedule_variants(nnUNetTrainerBCP))
 globals().update(literal_variant(nnUNetTrainerBCP, BCPConfig.paper()))
-globals().update(stages.option_variants(nnUNetTrainerBCP))  # _warm, _plainstage1
+globals().update(stages.option_variants(nnUNetTrainerBCP))  # _warm, _warm_lcc, _plainstage1

@@ -47,6 +47,17 @@ def base_trainer(trainer: str) -> str:
     return trainer.split("_")[0]
 
 
+def ablation_base(trainer: str, ran: Sequence[str]) -> Optional[str]:
+    """The row a variant is read against in a screening: its nearest ancestor by name that ran (``_warm_lcc`` ->
+    ``_warm`` when that ran, else the method's default); None for a method's default or when no ancestor ran."""
+    parts = trainer.split("_")
+    for cut in range(len(parts) - 1, 0, -1):
+        ancestor = "_".join(parts[:cut])
+        if ancestor in ran:
+            return ancestor
+    return None
+
+
 def confirmation_picks(ranking: List[dict], k: int = 3) -> List[str]:
     """Step 1 of the screening's decision rule (docs/methods/README.md): the ``k`` best rows of a screening's
     ``validation_ranking`` (best first, as summary.json holds it), at most one per method (its default or a variant,
@@ -122,8 +133,8 @@ def ablation_rows(res: Results) -> List[dict]:
     labels = ["fg"] + list(res.classes)
     for amount in res.amounts:
         for trainer in trainers:
-            base = base_trainer(trainer)
-            if trainer == base or base not in trainers or trainer == res.control:
+            base = ablation_base(trainer, trainers)
+            if base is None or trainer == res.control:
                 continue
             seeds = [s for s in res.seeds if all((t, amount, s) in res.info for t in (trainer, base, PLAIN))]
             if not seeds:

@@ -180,17 +180,22 @@ def add_unmixed_term(trainer, terms: Dict[str, torch.Tensor], unmixed: Optional[
 
 
 def option_variants(base: type) -> Dict[str, type]:
-    """``<base>_warm`` (no stage one: ``stage_switch="warm_start"``) and ``<base>_plainstage1`` (nnU-Net's own loss
-    in stage one), both with nnU-Net's loss on the un-mixed labeled patches at weight 1 in stage two; opt-in, not
-    validated (issue 23, item 6)."""
+    """``<base>_warm`` (no stage one: ``stage_switch="warm_start"``), ``<base>_warm_lcc`` (the same with the largest
+    connected component of each class of the pseudo labels: ``pseudo_label_largest_component``) and
+    ``<base>_plainstage1`` (nnU-Net's own loss in stage one), all with nnU-Net's loss on the un-mixed labeled patches
+    at weight 1 in stage two; opt-in, not validated (issue 23, items 4 and 6)."""
     name = base.__name__
     unmixed = "nnU-Net's loss on the un-mixed labeled patches (weight 1) beside the mixed terms in stage two"
+    warm = base.config.replace(stage_switch="warm_start", unmixed_supervised_weight=1.0)
     return {
-        **config_variant(base, "warm", base.config.replace(stage_switch="warm_start", unmixed_supervised_weight=1.0),
+        **config_variant(base, "warm", warm,
                          f"{name} without stage one (opt-in, not validated): train with {WARM_START_ENV}=<plain "
                          f"nnU-Net checkpoint_final.pth> (every weight) or nnUNetv2_train ... -pretrained_weights "
                          f"<that file> (all but the heads); the teacher is reset to the "
                          f"loaded student at the start; {unmixed}."),
+        **config_variant(base, "warm_lcc", warm.replace(pseudo_label_largest_component=True),
+                         f"{name}_warm with the pseudo labels cut to the largest connected component of each class "
+                         f"before the gate, as BCP's code does (opt-in, not validated)."),
         **config_variant(base, "plainstage1",
                          base.config.replace(stage_one_loss="plain", unmixed_supervised_weight=1.0),
                          f"{name} with nnU-Net's own loss on the un-mixed labeled batch in stage one and {unmixed} "
