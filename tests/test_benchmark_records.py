@@ -76,6 +76,13 @@ def test_export_then_import_gives_the_same_report(copied, tmp_path):
     (counted / "test_predictions" / "case.nii.gz").unlink()
     for label in (raw / "labelsTs").glob("*.nii.gz"):
         shutil.copy(label, counted / "test_predictions" / label.name)
+    # ... and its final validation predictions in nnU-Net's fold folder: counted at export too, the count travels
+    validation = tmp_path / "nnunet_results" / "fold_0" / "validation"
+    validation.mkdir(parents=True)
+    for label in (raw / "labelsTs").glob("*.nii.gz"):
+        shutil.copy(label, validation / label.name)
+    info = json.loads((counted / "run_info.json").read_text())
+    (counted / "run_info.json").write_text(json.dumps({**info, "output_folder": str(validation.parent)}))
     bundle = tmp_path / "runs.json.gz"
     done = export_runs(tmp_path / "here", bundle, pre)
     assert len(done["exported"]) == 4 and done["unfinished"] == []
@@ -107,6 +114,10 @@ def test_export_then_import_gives_the_same_report(copied, tmp_path):
     key = (TRAINER, "3", 0)
     assert res.islands[key] == ISLANDS  # from the records: the predictions stayed behind
     assert res.islands[(PLAIN, "3", 1)].keys() == {"1", "2"}  # counted at export
+    shutil.rmtree(validation)  # nnU-Net's folder stays on the training machine; its count came with the records
+    res = Results(BenchmarkSpec.from_json((there / SPEC_FILE).read_text()), there)
+    assert res.validation_islands[(PLAIN, "3", 1)] == res.islands[(PLAIN, "3", 1)]  # the same label files
+    assert (PLAIN, "3", 0) not in res.validation_islands  # no validation folder, no cache: no row
     assert validation_per_class(res.info[key]) == pytest.approx({"fg": 0.65, "1": 0.55, "2": 0.75})
 
     again = import_runs(there, bundle, pre, raw / "imagesTs", raw / "labelsTs")

@@ -1,6 +1,7 @@
 """Benchmark statistics and report on hand-made results: hierarchical bootstrap, A/A control, postprocessing."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -337,6 +338,35 @@ def test_report_shows_stray_islands_of_the_raw_test_predictions(tmp_path):
     assert "| nnUNetTrainerX | 2 | 3.0 / 11.1 % | 1.0 / 0.0 % |" in text  # 2 of 18 RV voxels are islands
     islands = json.loads((tmp_path / "report" / "summary.json").read_text())["islands"]
     assert islands["nnUNetTrainerX|2"]["RV"] == {"components": 3.0, "outside_largest": pytest.approx(2 / 18)}
+    assert "final validation predictions" not in text  # no run has its nnU-Net validation folder here
+
+
+def test_report_shows_stray_islands_of_the_validation_predictions(tmp_path):
+    """The screening reads validation, so the islands of each run's final validation predictions (nnU-Net's
+    fold_X/validation, named by run_info's output_folder) get their own table, cached in the run folder."""
+    import SimpleITK as sitk
+
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, seeds=(0,), control=None, pp=False)
+    run_dir = tmp_path / "runs" / Run("nnUNetTrainerX", "2", 0, 0).tag
+    fold = tmp_path / "results" / "nnUNetTrainerX__P__2d" / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    (fold.parent / "dataset.json").write_text(json.dumps({"file_ending": ".nrrd"}))
+    seg = np.zeros((3, 16, 16), dtype=np.uint8)
+    seg[1, 2:6, 2:6] = 1
+    seg[2, 14, 4] = seg[2, 14, 8] = seg[2, 14, 12] = 1  # 3 single-voxel RV islands
+    sitk.WriteImage(sitk.GetImageFromArray(seg), str(fold / "validation" / "c0.nrrd"))
+    (fold / "validation" / "summary.json").write_text("{}")  # nnU-Net's own files there are not segmentations
+    info = json.loads((run_dir / "run_info.json").read_text())
+    (run_dir / "run_info.json").write_text(json.dumps({**info, "output_folder": str(fold)}))
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "final validation predictions" in text and "| nnUNetTrainerX | 2 | 4.0 / 15.8 % | 0.0 / – |" in text
+    table = text.split("final validation predictions")[1].split("\n\n")[1]
+    assert "nnUNetTrainerX" in table and "| nnUNetTrainer | 2 |" not in table  # plain has no folder here
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["validation_islands"]["nnUNetTrainerX|2"]["RV"]["components"] == 4.0
+    shutil.rmtree(fold)  # the cache in the run folder stands in for nnU-Net's folder (it travels with the records)
+    again = write_report(spec, tmp_path, tmp_path / "r2").read_text()
+    assert "| nnUNetTrainerX | 2 | 4.0 / 15.8 % | 0.0 / – |" in again
 
 
 def test_report_of_an_unfinished_benchmark_counts_planned_runs_and_keeps_the_plot_legend(tmp_path, monkeypatch):

@@ -42,23 +42,38 @@ TRAINING_MACHINES_FILE = "training_machines.json"
 RECORD_FILES = ("metrics.json", "metrics_postprocessed.json", "metrics_teacher.json",
                 "metrics_teacher_postprocessed.json", "postprocessing.json", "teacher.json", "run_info.json",
                 "curves.json", "pseudo_labels.json", "islands.json", "islands_test_predictions_teacher.json",
-                VALIDATION_SUMMARY, IMPORTED_FILE)
+                "islands_validation.json", VALIDATION_SUMMARY, IMPORTED_FILE)
+#: the stray islands of a run's final validation predictions, cached in the run folder (the folder is nnU-Net's)
+VALIDATION_ISLANDS = "islands_validation.json"
 
 
-def prediction_islands(pred: Path, labels: List[int]) -> Optional[dict]:
+def prediction_islands(pred: Path, labels: List[int], cache: Optional[Path] = None) -> Optional[dict]:
     """Stray-island statistics of a run's test predictions (``test_predictions`` or ``test_predictions_teacher``),
-    cached beside them in the run folder (the cache travels with the records, the predictions do not): computed
-    from the predictions when they are there, else read from the cache; None when neither is."""
-    cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
-                           f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
+    cached beside them in the run folder (the cache travels with the records, the predictions do not), or of the
+    predictions in ``pred`` cached in ``cache``: computed from the predictions when they are there, else read from
+    the cache; None when neither is."""
+    if cache is None:
+        cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
+                               f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
     if pred.is_dir():
-        ds = pred / "dataset.json"
-        ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds.is_file() else ".nii.gz"
+        # the file ending: dataset.json beside test predictions, or nnU-Net's in the trainer folder of fold_X/validation
+        ds = next((f for f in (pred / "dataset.json", pred.parent.parent / "dataset.json") if f.is_file()), None)
+        ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds is not None else ".nii.gz"
         try:
             return cached_folder_islands(pred, labels, cache, ending)
         except FileNotFoundError:
             pass
     return stored_islands(cache) if cache.is_file() else None
+
+
+def validation_islands(run_dir: Path, labels: List[int]) -> Optional[dict]:
+    """Stray islands of a run's final validation predictions (nnU-Net's ``fold_X/validation``, the fold's validation
+    cases: what a screening is read on), cached in the run folder as :data:`VALIDATION_ISLANDS`; None when neither
+    the predictions nor the cache are there (an imported run of an older version)."""
+    info = run_dir / "run_info.json"
+    folder = json.loads(info.read_text()).get("output_folder") if info.is_file() else None
+    pred = Path(folder) / "validation" if folder else run_dir / "no_output_folder"
+    return prediction_islands(pred, labels, cache=run_dir / VALIDATION_ISLANDS)
 
 
 def machine_name(device_type: str = "cpu") -> str:
@@ -162,6 +177,7 @@ def export_runs(results_root: Path, out: Path, preprocessed: Path) -> dict:
         labels = [int(lab) for lab in json.loads((d / "metrics.json").read_text())["mean"]]
         for pred in ("test_predictions", "test_predictions_teacher"):  # their island counts travel, not they
             prediction_islands(d / pred, labels)
+        validation_islands(d, labels)
         files = {name: json.loads((d / name).read_text()) for name in RECORD_FILES if (d / name).is_file()}
         imported = files.get(IMPORTED_FILE)
         if VALIDATION_SUMMARY not in files:  # runs finished before run_one kept a copy in the run folder

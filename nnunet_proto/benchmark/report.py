@@ -130,6 +130,8 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
         "validation_ranking": {a: _validation_ranking(res, a) for a in res.amounts},
         "islands": {f"{t}|{a}": {res.label_names[c]: v for c, v in m.items()}
                     for t in res.trainers() for a in res.amounts if (m := res.island_means(t, a))},
+        "validation_islands": {f"{t}|{a}": {res.label_names[c]: v for c, v in m.items()}
+                               for t in res.trainers() for a in res.amounts if (m := res.island_means(t, a, True))},
     }
 
 

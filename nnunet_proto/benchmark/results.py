@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY, prediction_islands
+from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY, prediction_islands, validation_islands
 from nnunet_proto.benchmark.spec import (
     CONTROL,
     PLAIN,
@@ -171,6 +171,7 @@ class Results:
         self.steps_factor: Dict[str, float] = {}
         self.imported: Dict[tuple, dict] = {}  # (row, amount, seed) -> where the run's records came from
         pred_dirs: Dict[tuple, Path] = {}
+        run_dirs: Dict[tuple, Path] = {}
         for run in self.runs:
             d = run.dir(results_root / "runs")
             if not (d / "metrics.json").is_file():
@@ -186,6 +187,7 @@ class Results:
                       _read_json(d / "postprocessing.json") if (d / "postprocessing.json").is_file()
                       else {"available": False, "reason": OLD_RUN_REASON}, d, info)
             pred_dirs[key] = d / "test_predictions"
+            run_dirs[key] = d
             if (d / "curves.json").is_file():
                 self.curves[key] = json.loads((d / "curves.json").read_text())
             if (d / TEACHER_DONE_FILE).is_file() and (d / "metrics_teacher.json").is_file():
@@ -201,6 +203,12 @@ class Results:
             islands = prediction_islands(pred, [int(c) for c in self.classes])
             if islands is not None:  # None: predictions deleted to save space (the section says so)
                 self.islands[key] = islands["mean"]
+        # the same on the final validation predictions (the fold's validation cases, what a screening reads)
+        self.validation_islands: Dict[tuple, dict] = {}
+        for key, d in run_dirs.items():
+            islands = validation_islands(d, [int(c) for c in self.classes])
+            if islands is not None:
+                self.validation_islands[key] = islands["mean"]
         self.labels = self.classes + ["fg"]
         self.label_names["fg"] = "mean"
         # runs.json accumulates every invocation of this benchmark (more seeds or trainers later)
@@ -361,9 +369,11 @@ class Results:
         v = [x for x in v if x is not None]
         return float(np.mean(v)) if v else math.nan
 
-    def island_means(self, trainer: str, amount: str) -> Dict[str, Dict[str, float]]:
-        """Per class, the mean over seeds of each run's mean components per case and share outside the largest."""
-        runs = [v for k, v in self.islands.items() if k[:2] == (trainer, amount)]
+    def island_means(self, trainer: str, amount: str, validation: bool = False) -> Dict[str, Dict[str, float]]:
+        """Per class, the mean over seeds of each run's mean components per case and share outside the largest:
+        raw test predictions, or the final validation predictions (``validation``)."""
+        islands = self.validation_islands if validation else self.islands
+        runs = [v for k, v in islands.items() if k[:2] == (trainer, amount)]
         return {c: {m: nanmean([r[c][m] for r in runs]) for m in ("components", "outside_largest")}
                 for c in self.classes} if runs else {}
 

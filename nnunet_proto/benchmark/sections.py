@@ -313,23 +313,31 @@ def presence_section(res: Results, rows: List[dict]) -> List[str]:
     return lines + [""]
 
 
-def islands_section(res: Results) -> List[str]:
-    if not res.islands:
-        return ["No test predictions to inspect (run folders without `test_predictions/`).", ""]
+def _islands_table(res: Results, validation: bool) -> List[str]:
     names = [res.label_names[c] for c in res.classes]
-    lines = ["Raw test predictions, before postprocessing: per class, the mean number of connected components "
-             "per case (1 = a single blob) / the share of the class' predicted voxels outside its largest "
-             "component (the stray islands that keeping the largest component removes). Mean over seeds.", "",
-             "| trainer | labeled | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    lines = ["| trainer | labeled | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for amount in res.amounts:
         for trainer in res.trainers():
-            m = res.island_means(trainer, amount)
+            m = res.island_means(trainer, amount, validation)
             if m:
                 cells = [f"{m[c]['components']:.1f} / {100 * m[c]['outside_largest']:.1f} %"
                          if not math.isnan(m[c]['outside_largest']) else f"{m[c]['components']:.1f} / –"
                          for c in res.classes]
                 lines.append(f"| {display_name(trainer)} | {amount} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def islands_section(res: Results) -> List[str]:
+    lines = (["Raw test predictions, before postprocessing: per class, the mean number of connected components "
+              "per case (1 = a single blob) / the share of the class' predicted voxels outside its largest "
+              "component (the stray islands that keeping the largest component removes). Mean over seeds.", ""]
+             + _islands_table(res, False) if res.islands else
+             ["No test predictions to inspect (run folders without `test_predictions/`).", ""])
+    if res.validation_islands:
+        lines += ["The same on each run's final validation predictions (nnU-Net's validation cases of the fold, "
+                  "before postprocessing), the cases a screening is read on; EMA-teacher rows have none.", ""]
+        lines += _islands_table(res, True)
+    return lines
 
 
 def postprocessing_section(res: Results) -> List[str]:
