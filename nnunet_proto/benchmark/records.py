@@ -38,13 +38,13 @@ IMPORTED_FILE = "imported.json"
 VALIDATION_SUMMARY = "validation_summary.json"
 #: in a run folder: the processor of every machine that trained the run (a resumed run can have several)
 TRAINING_MACHINES_FILE = "training_machines.json"
+#: the stray islands of a run's final validation predictions, cached in the run folder (the folder is nnU-Net's)
+VALIDATION_ISLANDS = "islands_validation.json"
 #: the run folder's files the report is built from (whichever exist)
 RECORD_FILES = ("metrics.json", "metrics_postprocessed.json", "metrics_teacher.json",
                 "metrics_teacher_postprocessed.json", "postprocessing.json", "teacher.json", "run_info.json",
                 "curves.json", "pseudo_labels.json", "islands.json", "islands_test_predictions_teacher.json",
-                "islands_validation.json", VALIDATION_SUMMARY, IMPORTED_FILE)
-#: the stray islands of a run's final validation predictions, cached in the run folder (the folder is nnU-Net's)
-VALIDATION_ISLANDS = "islands_validation.json"
+                VALIDATION_ISLANDS, VALIDATION_SUMMARY, IMPORTED_FILE)
 
 
 def prediction_islands(pred: Path, labels: List[int], cache: Optional[Path] = None) -> Optional[dict]:
