@@ -251,7 +251,7 @@ def test_warm_start_loads_every_weight_of_the_finished_plain_run(synthetic_datas
     checkpoint_final.pth (the heads included), recorded with its hash; other trainers are not warm-started."""
     from conftest import build_trainer
 
-    from nnunet_proto.benchmark.run_one import load_warm_start
+    from nnunet_proto.benchmark.run_one import load_warm_start, recorded_warm_start
     from nnunet_proto.data.pseudo_labels import file_sha256
     from nnunet_proto.training.compat import unwrap_network
     from nnunet_proto.training.stage_switch import warm_starts
@@ -269,7 +269,12 @@ def test_warm_start_loads_every_weight_of_the_finished_plain_run(synthetic_datas
     (plain_run / "run_info.json").write_text(json.dumps({"output_folder": str(fold_dir)}))
     trainer = build_trainer("nnUNetTrainerBCP_warm", synthetic_dataset)
     assert warm_starts(trainer) and not warm_starts(build_trainer("nnUNetTrainerBCP", synthetic_dataset))
-    assert load_warm_start(trainer, plain_run) == {"file": str(ckpt), "sha256": file_sha256(ckpt)}
+    run_dir = tmp_path / "runs" / "nnUNetTrainerBCP_warm" / "labeled2_seed0"
+    run_dir.mkdir(parents=True)
+    record = {"file": str(ckpt), "sha256": file_sha256(ckpt)}
+    assert recorded_warm_start(run_dir) is None
+    assert load_warm_start(trainer, plain_run, run_dir) == record
+    assert recorded_warm_start(run_dir) == record  # a process that resumes the run reads it back
     expected = unwrap_network(plain.network).state_dict()
     loaded = unwrap_network(trainer.network).state_dict()
     assert any(".seg_layers." in k for k in expected)

@@ -101,9 +101,22 @@ def pseudo_label(spec: BenchmarkSpec, fold: int, device: torch.device, teacher_r
             "pseudo_label_postprocessing": [x["function"] for x in summary["postprocessing"]["steps"]]}
 
 
-def load_warm_start(trainer, plain_run: Path) -> dict:
+#: in a run folder: the warm start a run loaded (file and sha256), written when it is loaded, so that a run resumed
+#: by a later process (a session ended mid-run) still reports it and the cost table still counts plain's training
+WARM_START_FILE = "warm_start.json"
+
+
+def recorded_warm_start(run_dir: Optional[Path]) -> Optional[dict]:
+    """The warm start :func:`load_warm_start` recorded in ``run_dir``, or None."""
+    f = run_dir / WARM_START_FILE if run_dir is not None else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
+
+
+def load_warm_start(trainer, plain_run: Path, run_dir: Optional[Path] = None) -> dict:
     """Load the finished plain run of the same fold into the warm-started trainer's student (every weight,
-    after ``initialize()``; the trainer resets its teacher to it at train start). Refuses an unfinished plain run."""
+    after ``initialize()``; the trainer resets its teacher to it at train start) and record it in ``run_dir``
+    (:data:`WARM_START_FILE`). Refuses an unfinished plain run."""
+    from nnunet_proto.data.splits import write_json_atomic
     from nnunet_proto.training.stage_switch import load_every_weight
 
     if not run_finished(plain_run):
@@ -112,7 +125,10 @@ def load_warm_start(trainer, plain_run: Path) -> dict:
                            f"benchmark command again; it completes the plain run, then this one.")
     refuse_imported_teacher(plain_run, type(trainer).__name__, "the weights (warm start)")
     plain_fold = Path(json.loads((plain_run / "run_info.json").read_text())["output_folder"])
-    return load_every_weight(trainer, plain_fold / "checkpoint_final.pth")
+    record = load_every_weight(trainer, plain_fold / "checkpoint_final.pth")
+    if run_dir is not None:
+        write_json_atomic(run_dir / WARM_START_FILE, record)
+    return record
 
 
 def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: torch.device,
@@ -144,12 +160,14 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
         if latest.is_file():
             trainer.load_checkpoint(str(latest))
             info["resumed_from_epoch"] = trainer.current_epoch
+            if recorded_warm_start(run_dir) is not None:  # loaded by the process that started the run
+                info["warm_start_from"] = recorded_warm_start(run_dir)
             print(f"resuming {trainer_name} fold {fold} at epoch {trainer.current_epoch}", flush=True)
         elif warm_starts(trainer):
             if plain_run is None:
                 raise RuntimeError(f"{trainer_name} skips stage one and needs the plain run of fold {fold} as its "
                                    f"warm start")
-            info["warm_start_from"] = load_warm_start(trainer, plain_run)
+            info["warm_start_from"] = load_warm_start(trainer, plain_run, run_dir)
         if run_dir is not None:
             record_training_machine(run_dir, machine_name(device.type))
         if device.type == "cuda":
