@@ -47,18 +47,19 @@ RECORD_FILES = ("metrics.json", "metrics_postprocessed.json", "metrics_teacher.j
                 VALIDATION_ISLANDS, VALIDATION_SUMMARY, IMPORTED_FILE)
 
 
-def prediction_islands(pred: Path, labels: List[int], cache: Optional[Path] = None) -> Optional[dict]:
+def prediction_islands(pred: Path, labels: List[int], cache: Optional[Path] = None,
+                       dataset_json: Optional[Path] = None) -> Optional[dict]:
     """Stray-island statistics of a run's test predictions (``test_predictions`` or ``test_predictions_teacher``),
     cached beside them in the run folder (the cache travels with the records, the predictions do not), or of the
     predictions in ``pred`` cached in ``cache``: computed from the predictions when they are there, else read from
-    the cache; None when neither is."""
+    the cache; None when neither is. ``dataset_json`` (default: the one beside the predictions) gives their file
+    ending."""
     if cache is None:
         cache = pred.parent / (ISLANDS_CACHE if pred.name == "test_predictions" else
                                f"{Path(ISLANDS_CACHE).stem}_{pred.name}.json")
     if pred.is_dir():
-        # the file ending: dataset.json beside test predictions, or nnU-Net's in the trainer folder of fold_X/validation
-        ds = next((f for f in (pred / "dataset.json", pred.parent.parent / "dataset.json") if f.is_file()), None)
-        ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds is not None else ".nii.gz"
+        ds = dataset_json or pred / "dataset.json"
+        ending = json.loads(ds.read_text()).get("file_ending", ".nii.gz") if ds.is_file() else ".nii.gz"
         try:
             return cached_folder_islands(pred, labels, cache, ending)
         except FileNotFoundError:
@@ -72,8 +73,9 @@ def validation_islands(run_dir: Path, labels: List[int]) -> Optional[dict]:
     the predictions nor the cache are there (an imported run of an older version)."""
     info = run_dir / "run_info.json"
     folder = json.loads(info.read_text()).get("output_folder") if info.is_file() else None
-    pred = Path(folder) / "validation" if folder else run_dir / "no_output_folder"
-    return prediction_islands(pred, labels, cache=run_dir / VALIDATION_ISLANDS)
+    fold = Path(folder) if folder else run_dir / "no_output_folder"
+    return prediction_islands(fold / "validation", labels, cache=run_dir / VALIDATION_ISLANDS,
+                              dataset_json=fold.parent / "dataset.json")  # nnU-Net's, in the trainer folder
 
 
 def machine_name(device_type: str = "cpu") -> str:

@@ -64,6 +64,7 @@ from nnunet_proto.benchmark.spec import (
     is_self_training,
     run_finished,
 )
+from nnunet_proto.data.splits import write_json_atomic
 from nnunet_proto.resources import reset_rss_high_water, rss_high_water_mb
 from nnunet_proto.training.base_trainer import seed_everything
 from nnunet_proto.training.precision import PRECISION_ENV
@@ -116,7 +117,6 @@ def load_warm_start(trainer, plain_run: Path, run_dir: Optional[Path] = None) ->
     """Load the finished plain run of the same fold into the warm-started trainer's student (every weight,
     after ``initialize()``; the trainer resets its teacher to it at train start) and record it in ``run_dir``
     (:data:`WARM_START_FILE`). Refuses an unfinished plain run."""
-    from nnunet_proto.data.splits import write_json_atomic
     from nnunet_proto.training.stage_switch import load_every_weight
 
     if not run_finished(plain_run):
@@ -160,8 +160,6 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
         if latest.is_file():
             trainer.load_checkpoint(str(latest))
             info["resumed_from_epoch"] = trainer.current_epoch
-            if recorded_warm_start(run_dir) is not None:  # loaded by the process that started the run
-                info["warm_start_from"] = recorded_warm_start(run_dir)
             print(f"resuming {trainer_name} fold {fold} at epoch {trainer.current_epoch}", flush=True)
         elif warm_starts(trainer):
             if plain_run is None:
@@ -179,6 +177,8 @@ def train(spec: BenchmarkSpec, trainer_name: str, fold: int, seed: int, device: 
         info["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
                                   else rss_high_water_mb())
         info["memory_kind"] = "CUDA max allocated" if device.type == "cuda" else "peak RSS of the training process"
+    if "warm_start_from" not in info and (loaded := recorded_warm_start(run_dir)) is not None:
+        info["warm_start_from"] = loaded  # resumed or finished: the process that started the run loaded it
     if spec.run_validation and not (out / "validation" / "summary.json").is_file():
         if not trainer.was_initialized:
             trainer.load_checkpoint(str(out / "checkpoint_final.pth"))
