@@ -564,6 +564,43 @@ def test_cost_uses_each_rows_fastest_pace_and_the_pseudo_labeling_that_was_done(
     assert "– (labels of an earlier run)" in text
 
 
+def _curves(run_dir, seconds):
+    """Training curves with these epoch times (nnU-Net's epoch timestamps, as run_one saves them)."""
+    start = np.cumsum([0.0] + list(seconds[:-1])) + 1000.0
+    (run_dir / "curves.json").write_text(json.dumps({"epoch_start_timestamps": list(start),
+                                                     "epoch_end_timestamps": list(start + np.asarray(seconds))}))
+
+
+def test_a_run_shared_with_other_work_has_its_pace_from_its_fast_epochs(tmp_path):
+    """A run's pace is the 10th percentile of its epoch times, so epochs slowed by other work, the first epoch's
+    start-up and an epoch spanning a pause do not count; plain's pace is the fastest of plain and its equal-compute
+    row (the same work per epoch), so a plain run slowed throughout does not inflate every ratio; the cost table
+    and the total time use it, and runs without curves keep their recorded median."""
+    spec = _bench(tmp_path, ["nnUNetTrainerX"], {}, seeds=(0,), control=None, equal_compute=2.0,
+                  equal_compute_source="test")
+    _with_equal_compute_row(tmp_path, spec, 2.0, sec=0.1, shift=0.0)
+    runs = tmp_path / "runs"
+    # plain slowed by half throughout (median 1.5 s); its equal-compute row ran alone for its last 4 of 20 epochs
+    _curves(runs / Run(PLAIN, "2", 0, 0).tag, [1.5] * 10)
+    _curves(runs / Run(PLAIN, "2", 0, 0, steps_factor=2.0).tag, [30.0] + [1.5] * 15 + [1.0] * 4)
+    # X: start-up, slowed epochs, one that spans a pause; alone it takes 2.5 s
+    _curves(runs / Run("nnUNetTrainerX", "2", 0, 0).tag, [9.0, 2.5, 2.5, 5.0, 2.5, 4.0, 600.0, 2.5, 2.5, 4.0])
+    res = Results(spec, tmp_path)
+    assert res.run_pace(("nnUNetTrainerX", "2", 0)) == pytest.approx(2.5)
+    assert res.run_pace((PLAIN, "2", 0)) == pytest.approx(1.5)
+    assert res.epoch_seconds(PLAIN) == pytest.approx(1.0)
+    assert res.epoch_seconds("nnUNetTrainerX") == pytest.approx(2.5)
+    assert res.total_cost("nnUNetTrainerX", "2")["seconds_vs_plain"] == pytest.approx(2.5)
+    text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    assert "| nnUNetTrainerX | 2.5 | 2.5 | 0.500 | 2.50x | 10 | 2.50x |" in text  # pace, median, s/iteration, ...
+    assert "| nnUNetTrainer | 1.0 |" in text  # plain at the pace of its equal-compute row
+    measured = json.loads((tmp_path / "report" / "summary.json").read_text())["equal_compute"]["measured"]
+    assert measured["covered"] is False and measured["most_expensive"]["seconds_vs_plain"] == pytest.approx(2.5)
+    # without curves: the recorded median (0.25 s/iteration x 10)
+    (runs / Run("nnUNetTrainerX", "2", 0, 0).tag / "curves.json").unlink()
+    assert Results(spec, tmp_path).epoch_seconds("nnUNetTrainerX") == pytest.approx(2.5)
+
+
 def test_validation_ablations_compare_each_variant_with_its_base(tmp_path):
     """Which change moved what: a variant against its base trainer on validation, per class from nnU-Net's
     validation summary.json, in the report and summary.json; a variant without its base is not listed."""

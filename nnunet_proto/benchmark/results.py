@@ -58,6 +58,10 @@ OLD_RUN_REASON = ("postprocessing stage not run (finished by an older version of
                   "benchmark command to complete it without retraining")
 
 
+#: a run's pace (``Results.run_pace``) is this percentile of its epoch times
+PACE_PERCENTILE = 10
+
+
 def split_row(row: str) -> tuple:
     """(trainer, steps factor, is the EMA teacher) of a row name."""
     teacher = row.endswith(TEACHER_MARK)
@@ -308,12 +312,31 @@ class Results:
         v = [x for x in v if x]
         return float(np.median(v)) if v else math.nan
 
+    def run_pace(self, key: tuple) -> float:
+        """One run's seconds per epoch at its own pace: the ``PACE_PERCENTILE``th percentile of its epoch times
+        (nnU-Net's epoch timestamps, every epoch of a resumed run included). Every epoch does the same work, and
+        other work on the machine only ever slows an epoch, so the run's fast epochs are its own cost: a run that
+        shared its cores for most of its epochs still has its pace where a tenth of them ran alone, and the first
+        epoch's start-up or an epoch that spans a pause do not count. Runs without training curves fall back to
+        their recorded median."""
+        start = self.curves.get(key, {}).get("epoch_start_timestamps", [])
+        end = self.curves.get(key, {}).get("epoch_end_timestamps", [])
+        secs = [e - s for s, e in zip(start, end) if e > s]
+        if secs:
+            return float(np.percentile(secs, PACE_PERCENTILE))
+        median = self.info.get(key, {}).get("seconds_per_epoch_median")
+        return float(median) if median else math.nan
+
     def epoch_seconds(self, row: str) -> float:
-        """The row's pace: the fastest of its runs' median s/epoch (all amounts and seeds). Runs share a machine
-        with other work at times, and other work only ever slows a run, so the fastest run is the closest to the
-        row's own cost (a median still moved with two slowed runs out of six)."""
-        v = [i.get("seconds_per_epoch_median") for i in self._infos(row)]
-        v = [x for x in v if x]
+        """The row's pace: the fastest of its runs' paces (``run_pace``; all amounts and seeds), by the same
+        reasoning (a run slowed throughout does not move it while another ran alone). Plain's pace is the
+        fastest of plain's runs and of its equal-compute rows' (the same trainer, the same work per epoch). An EMA
+        teacher's row has its student's pace (the same run)."""
+        rows = {row[: -len(TEACHER_MARK)] if split_row(row)[2] else row}
+        if row == PLAIN:
+            rows |= {k[0] for k in self.info if split_row(k[0])[0] == PLAIN and not split_row(k[0])[2]}
+        v = [self.run_pace(k) for k in self.info if k[0] in rows]
+        v = [x for x in v if math.isfinite(x)]
         return float(min(v)) if v else math.nan
 
     def pseudo_label_seconds(self, key: tuple) -> float:

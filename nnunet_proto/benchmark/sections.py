@@ -378,37 +378,42 @@ def _steps_txt(res: Results, row: str) -> str:
 
 
 def cost_section(res: Results) -> List[str]:
-    lines = ["Per row: median seconds per epoch and per iteration (nnU-Net's epoch timestamps: training plus its "
-             "validation iterations), relative to plain; training steps of one run (the self-training student "
-             "adds its teacher's, the plain run of the same fold, and a warm-started run the plain run it starts "
-             "from); *total time vs plain*: one run's training time over plain's, each row's time being the s/epoch "
-             "of its fastest run × its epochs (other work on the machine only ever slows a run, so the fastest run "
-             "is the closest to the row's own cost), for self-training the teacher's training plus the "
-             "pseudo-labeling (the fastest of the amount's runs) plus the student's, for a warm-started run the "
-             "plain run's training plus its own; peak memory; nnU-Net's validation Dice; *trained on*: the machine "
-             "(processor or GPU) of every run of the row (time ratios compare trainers only between rows trained on "
-             "one machine; runs of older versions did not record it).",
-             "", "| trainer | s/epoch (median) | s/iteration | vs plain | training steps | total time vs plain | "
-             "pseudo-labeling s | peak memory MB | validation Dice (nnU-Net, val cases) | trained on |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    plain = [i.get("seconds_per_epoch_median") for k, i in res.info.items() if k[0] == PLAIN]
-    plain_s = float(np.median([p for p in plain if p])) if any(plain) else math.nan
+    lines = ["Per row: seconds per epoch at the row's pace and their median, per iteration, relative to plain "
+             "(nnU-Net's epoch timestamps: training plus its validation iterations). *Pace*: each run's 10th "
+             "percentile of its epoch times, the fastest run of the row (plain: of plain's runs and its "
+             "equal-compute row's, the same work per epoch); every epoch does the same work and other work on the "
+             "machine only ever slows one, so the fast epochs are the row's own cost and the median also measures "
+             "how much the machine was shared. Training steps of one run (the self-training student adds its "
+             "teacher's, the plain run of the same fold, and a warm-started run the plain run it starts from); "
+             "*total time vs plain*: one run's training time over plain's, each row's time being its pace × its "
+             "epochs, for self-training the teacher's training plus the pseudo-labeling (the fastest of the "
+             "amount's runs) plus the student's, for a warm-started run the plain run's training plus its own; "
+             "peak memory; nnU-Net's validation Dice; *trained on*: the machine (processor or GPU) of every run of "
+             "the row (time ratios compare trainers only between rows trained on one machine; runs of older "
+             "versions did not record it).",
+             "", "| trainer | s/epoch (pace) | s/epoch (median) | s/iteration (pace) | vs plain (pace) | "
+             "training steps | total time vs plain | pseudo-labeling s | peak memory MB | "
+             "validation Dice (nnU-Net, val cases) | trained on |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    plain_s = res.epoch_seconds(PLAIN)
     for trainer in res.trainers():
         infos = [i for k, i in res.info.items() if k[0] == trainer]
         s = [i.get("seconds_per_epoch_median") for i in infos if i.get("seconds_per_epoch_median")]
         mem = [i.get("peak_memory_mb") for i in infos if i.get("peak_memory_mb") is not None]
         val = [i.get("validation_foreground_dice") for i in infos if i.get("validation_foreground_dice") is not None]
-        if not s:
+        pace = res.epoch_seconds(trainer)
+        if not s or not math.isfinite(pace):
             continue
-        sec = float(np.median(s))
+        median = float(np.median(s))
         mem_txt = f"{np.median(mem):.0f}" if mem else "–"
         val_txt = f"{100 * np.mean(val):.1f}" if val else "–"
         costs = [res.total_cost(trainer, a) for a in res.amounts if res.has(trainer, a)]
         total = [c["seconds_vs_plain"] for c in costs if math.isfinite(c["seconds_vs_plain"])]
         pl = [c["pseudo_label_seconds"] for c in costs if math.isfinite(c["pseudo_label_seconds"])]
         teacher = split_row(trainer)[2]
-        lines.append(f"| {display_name(trainer)} | {sec:.1f} | {sec / res.spec.iterations_per_epoch:.3f} | "
-                     f"{sec / plain_s:.2f}x | {_steps_txt(res, trainer)} | "
+        lines.append(f"| {display_name(trainer)} | {pace:.1f} | {median:.1f} | "
+                     f"{pace / res.spec.iterations_per_epoch:.3f} | {pace / plain_s:.2f}x | "
+                     f"{_steps_txt(res, trainer)} | "
                      f"{'same run' if teacher else (f'{np.median(total):.2f}x' if total else '–')} | "
                      f"{f'{np.median(pl):.0f}' if pl else '–'} | {mem_txt} | {val_txt} | "
                      f"{_machines_txt(res.training_machines(trainer))} |")
