@@ -1,4 +1,5 @@
 """Benchmark statistics and report on hand-made results: hierarchical bootstrap, A/A control, postprocessing."""
+import dataclasses
 import json
 import math
 import shutil
@@ -522,6 +523,19 @@ def test_equal_compute_factor_comes_from_the_screening_on_one_machine(tmp_path):
     assert equal_compute_factor(s, [warm], amount="2")[0] == pytest.approx(3.5)  # W and plain: one machine
     with pytest.raises(ValueError, match="no measured cost"):
         equal_compute_factor(s, ["nnUNetTrainerNotRun"], amount="2")
+    # the note names exactly the rows without a record: W (an older version), not plain or X
+    _set_info(tmp_path, spec, x, training_machines=["CPU A (2 logical CPUs)"])
+    _set_info(tmp_path, spec, warm, training_machines=None)
+    factor, source = equal_compute_factor(summary(), [x, warm], amount="2")
+    assert source.endswith(f"on CPU A (2 logical CPUs); machine not recorded for {warm}), rounded up to 3.5")
+    # plain's pace takes its equal-compute row's runs too, so their machine joins the check
+    spec = dataclasses.replace(spec, equal_compute=2.0, equal_compute_source="test")
+    _with_equal_compute_row(tmp_path, spec, 2.0, sec=0.1, shift=0.0)
+    for seed in spec.seeds:
+        f = tmp_path / "runs" / Run(PLAIN, "2", seed, 0, steps_factor=2.0).tag / "run_info.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "training_machines": ["CPU B (16 logical CPUs)"]}))
+    with pytest.raises(ValueError, match="different machines"):
+        equal_compute_factor(summary(), [x], amount="2")
 
 
 @pytest.mark.parametrize("ratio,factor", [(3.4, 3.4), (3.41, 3.5), (2.32, 2.4), (1.0, 1.0)])

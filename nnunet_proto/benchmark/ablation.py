@@ -91,21 +91,22 @@ def equal_compute_factor(summary: dict, picks: Sequence[str], amount: str = "4")
             raise ValueError(f"{trainer} has no measured cost against plain at {amount} labeled in the screening "
                              f"(unfinished, or plain missing): set the factor yourself (NNUNET_PROTO_EQUAL_COMPUTE "
                              f"and NNUNET_PROTO_EQUAL_COMPUTE_SOURCE for scripts/acdc_benchmark.sh)")
-        machines = row.get("training_machines", [None]) + row.get("plain_training_machines", [None])
+        own, plain = row.get("training_machines", [None]), row.get("plain_training_machines", [None])
+        machines = own + plain
         known = {m for m in machines if m}
         if len(known) > 1:
             raise ValueError(f"{trainer} and plain trained on different machines ({'; '.join(sorted(known))}): their "
                              f"time ratio compares machines. Set the factor from a side-by-side timing yourself "
                              f"(NNUNET_PROTO_EQUAL_COMPUTE and NNUNET_PROTO_EQUAL_COMPUTE_SOURCE)")
-        if None in machines:
-            unrecorded.append(trainer)
+        unrecorded += [trainer] if None in own else []
+        unrecorded += ["plain"] if None in plain and "plain" not in unrecorded else []
         measured.append((ratio, trainer, sorted(known)))
     if not measured:
         raise ValueError("no trainer to confirm: the equal-compute factor needs at least one pick")
     ratio, trainer, known = max(measured)
     factor = math.ceil(round(ratio * 10, 6)) / 10
     where = f"on {known[0]}" if known else "machine not recorded"
-    note = f"; machine not recorded for {', '.join(unrecorded)} or plain" if unrecorded and known else ""
+    note = f"; machine not recorded for {' and '.join(unrecorded)}" if unrecorded and known else ""
     return factor, (f"{trainer}, {ratio:.2f}x plain's total training time in the screening "
                     f"({summary.get('benchmark')}, {amount} labeled, {where}{note}), rounded up to {factor:.1f}")
 

@@ -87,7 +87,7 @@ def summary_json(res: Results, comp: Dict[tuple, Optional[dict]], control: List[
                    "validation_dice": _none(res.validation_dice(trainer, amount)),
                    "plain_validation_dice": _none(res.validation_dice(PLAIN, amount)),
                    "training_machines": res.training_machines(trainer),
-                   "plain_training_machines": res.training_machines(PLAIN),
+                   "plain_training_machines": res.pace_machines(PLAIN),
                    "s_per_step": _none(res.seconds_per_step(trainer, amount)),
                    "s_per_step_vs_plain": _none(res.seconds_per_step(trainer, amount)
                                                 / res.seconds_per_step(PLAIN, amount))}

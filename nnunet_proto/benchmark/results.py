@@ -332,12 +332,24 @@ class Results:
         reasoning (a run slowed throughout does not move it while another ran alone). Plain's pace is the
         fastest of plain's runs and of its equal-compute rows' (the same trainer, the same work per epoch). An EMA
         teacher's row has its student's pace (the same run)."""
-        rows = {row[: -len(TEACHER_MARK)] if split_row(row)[2] else row}
-        if row == PLAIN:
-            rows |= {k[0] for k in self.info if split_row(k[0])[0] == PLAIN and not split_row(k[0])[2]}
+        rows = self._pace_rows(row)
         v = [self.run_pace(k) for k in self.info if k[0] in rows]
         v = [x for x in v if math.isfinite(x)]
         return float(min(v)) if v else math.nan
+
+    def _pace_rows(self, row: str) -> set:
+        """The rows whose runs set ``row``'s pace (``epoch_seconds``)."""
+        rows = {row[: -len(TEACHER_MARK)] if split_row(row)[2] else row}
+        if row == PLAIN:
+            rows |= {k[0] for k in self.info if split_row(k[0])[0] == PLAIN and not split_row(k[0])[2]}
+        return rows
+
+    def pace_machines(self, row: str) -> List[Optional[str]]:
+        """``training_machines`` of every row that sets ``row``'s pace (plain: its equal-compute rows too)."""
+        out: List[Optional[str]] = []
+        for r in sorted(self._pace_rows(row), key=lambda r: r != row):
+            out += [m for m in self.training_machines(r) if m not in out]
+        return out
 
     def pseudo_label_seconds(self, key: tuple) -> float:
         """Seconds one run's teacher took to pseudo-label the whole pool: the run's pseudo-labeling wall time,
