@@ -605,6 +605,9 @@ def test_a_run_shared_with_other_work_has_its_pace_from_its_fast_epochs(tmp_path
     assert res.epoch_seconds(PLAIN) == pytest.approx(1.0)
     assert res.epoch_seconds("nnUNetTrainerX") == pytest.approx(2.5)
     assert res.total_cost("nnUNetTrainerX", "2")["seconds_vs_plain"] == pytest.approx(2.5)
+    # the comparison tables' s/step too (5 iterations per epoch; the recorded medians said 0.1 for plain)
+    assert res.seconds_per_step(PLAIN, "2") == pytest.approx(0.2)
+    assert res.seconds_per_step("nnUNetTrainerX", "2") == pytest.approx(0.5)
     text = write_report(spec, tmp_path, tmp_path / "report").read_text()
     assert "| nnUNetTrainerX | 2.5 | 2.5 | 0.500 | 2.50x | 10 | 2.50x |" in text  # pace, median, s/iteration, ...
     assert "| nnUNetTrainer | 1.0 |" in text  # plain at the pace of its equal-compute row

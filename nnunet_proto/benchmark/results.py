@@ -307,10 +307,8 @@ class Results:
         return [i for k, i in self.info.items() if k[0] == trainer and (amount is None or k[1] == amount)]
 
     def seconds_per_step(self, trainer: str, amount: str) -> float:
-        """Median over the row's runs at this amount of the median seconds per training iteration."""
-        v = [i.get("seconds_per_iteration_median") for i in self._infos(trainer, amount)]
-        v = [x for x in v if x]
-        return float(np.median(v)) if v else math.nan
+        """Seconds per training iteration at the row's pace among its runs at this amount (``epoch_seconds``)."""
+        return self.epoch_seconds(trainer, amount) / self.spec.iterations_per_epoch
 
     def run_pace(self, key: tuple) -> float:
         """One run's seconds per epoch at its own pace: the ``PACE_PERCENTILE``th percentile of its epoch times
@@ -327,13 +325,13 @@ class Results:
         median = self.info.get(key, {}).get("seconds_per_epoch_median")
         return float(median) if median else math.nan
 
-    def epoch_seconds(self, row: str) -> float:
+    def epoch_seconds(self, row: str, amount: Optional[str] = None) -> float:
         """The row's pace: the fastest of its runs' paces (``run_pace``; all amounts and seeds), by the same
         reasoning (a run slowed throughout does not move it while another ran alone). Plain's pace is the
         fastest of plain's runs and of its equal-compute rows' (the same trainer, the same work per epoch). An EMA
-        teacher's row has its student's pace (the same run)."""
+        teacher's row has its student's pace (the same run). ``amount``: only the runs at that labeled amount."""
         rows = self._pace_rows(row)
-        v = [self.run_pace(k) for k in self.info if k[0] in rows]
+        v = [self.run_pace(k) for k in self.info if k[0] in rows and (amount is None or k[1] == amount)]
         v = [x for x in v if math.isfinite(x)]
         return float(min(v)) if v else math.nan
 

@@ -15,6 +15,7 @@ from nnunet_proto.benchmark.results import (
     KIND_TITLE,
     KINDS,
     METRICS,
+    PACE_PERCENTILE,
     Results,
     display_name,
     short_name,
@@ -88,8 +89,8 @@ def comparison_section(res: Results, comp: Dict[tuple, Optional[dict]]) -> List[
              f"{BOOTSTRAP_RNG_SEED}): resample the seeds with replacement, then the test cases within each drawn "
              f"seed, so that run-to-run variance counts; {P_VALUE_TEXT}. The Wilcoxon p (scipy, over the pooled "
              f"(case, seed) pairs) is for reference only: it treats pairs as independent and ignores run-to-run "
-             f"variance. Wins/losses: pairs where the trainer's Dice is higher/lower. s/step: median seconds per "
-             f"training iteration, relative to plain at the same amount.", ""]
+             f"variance. Wins/losses: pairs where the trainer's Dice is higher/lower. s/step: seconds per training "
+             f"iteration at the row's pace (Cost section), relative to plain at the same amount.", ""]
     if len(res.seeds) == 1:
         lines += ["**One seed only:** the seed level cannot be resampled, so the CI covers case-to-case variation "
                   "of these single runs, not run-to-run variance; it is not evidence about the methods.", ""]
@@ -378,19 +379,19 @@ def _steps_txt(res: Results, row: str) -> str:
 
 
 def cost_section(res: Results) -> List[str]:
-    lines = ["Per row: seconds per epoch at the row's pace and their median, per iteration, relative to plain "
-             "(nnU-Net's epoch timestamps: training plus its validation iterations). *Pace*: each run's 10th "
-             "percentile of its epoch times, the fastest run of the row (plain: of plain's runs and its "
-             "equal-compute row's, the same work per epoch); every epoch does the same work and other work on the "
-             "machine only ever slows one, so the fast epochs are the row's own cost and the median also measures "
-             "how much the machine was shared. Training steps of one run (the self-training student adds its "
-             "teacher's, the plain run of the same fold, and a warm-started run the plain run it starts from); "
-             "*total time vs plain*: one run's training time over plain's, each row's time being its pace × its "
-             "epochs, for self-training the teacher's training plus the pseudo-labeling (the fastest of the "
-             "amount's runs) plus the student's, for a warm-started run the plain run's training plus its own; "
-             "peak memory; nnU-Net's validation Dice; *trained on*: the machine (processor or GPU) of every run of "
-             "the row (time ratios compare trainers only between rows trained on one machine; runs of older "
-             "versions did not record it).",
+    lines = [f"Per row: seconds per epoch at the row's pace and their median, per iteration, relative to plain "
+             f"(nnU-Net's epoch timestamps: training plus its validation iterations). *Pace*: each run's "
+             f"{PACE_PERCENTILE}th percentile of its epoch times, the fastest run of the row (plain: of plain's "
+             f"runs and its equal-compute row's, the same work per epoch); every epoch does the same work and other"
+             f" work on the machine only ever slows one, so the fast epochs are the row's own cost and the median "
+             f"also measures how much the machine was shared. Training steps of one run (the self-training student "
+             f"adds its teacher's, the plain run of the same fold, and a warm-started run the plain run it starts "
+             f"from); *total time vs plain*: one run's training time over plain's, each row's time being its pace ×"
+             f" its epochs, for self-training the teacher's training plus the pseudo-labeling (the fastest of the "
+             f"amount's runs) plus the student's, for a warm-started run the plain run's training plus its own; "
+             f"peak memory; nnU-Net's validation Dice; *trained on*: the machine (processor or GPU) of every run of"
+             f" the row (time ratios compare trainers only between rows trained on one machine; runs of older "
+             f"versions did not record it).",
              "", "| trainer | s/epoch (pace) | s/epoch (median) | s/iteration (pace) | vs plain (pace) | "
              "training steps | total time vs plain | pseudo-labeling s | peak memory MB | "
              "validation Dice (nnU-Net, val cases) | trained on |",
