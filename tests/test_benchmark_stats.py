@@ -308,6 +308,7 @@ def test_plots_one_amount_same_x_points_for_few_cases_one_y_scale(tmp_path, monk
     assert "**Few pairs (6):**" in (tmp_path / "report" / "README.md").read_text()
     for png in ("dice_vs_labeled.png", "per_case_dice_boxplot.png", "paired_difference.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
+    assert not (tmp_path / "report" / "validation_dice_vs_compute.png").exists()  # no equal-compute row
 
 
 def test_validation_ranking_orders_trainers_by_validation_dice_not_test(tmp_path):
@@ -585,7 +586,7 @@ def _curves(run_dir, seconds):
                                                      "epoch_end_timestamps": list(start + np.asarray(seconds))}))
 
 
-def test_a_run_shared_with_other_work_has_its_pace_from_its_fast_epochs(tmp_path):
+def test_a_run_shared_with_other_work_has_its_pace_from_its_fast_epochs(tmp_path, monkeypatch):
     """A run's pace is the 10th percentile of its epoch times, so epochs slowed by other work, the first epoch's
     start-up and an epoch spanning a pause do not count; plain's pace is the fastest of plain and its equal-compute
     row (the same work per epoch), so a plain run slowed throughout does not inflate every ratio; the cost table
@@ -597,6 +598,8 @@ def test_a_run_shared_with_other_work_has_its_pace_from_its_fast_epochs(tmp_path
     # plain slowed by half throughout (median 1.5 s); its equal-compute row ran alone for its last 4 of 20 epochs
     _curves(runs / Run(PLAIN, "2", 0, 0).tag, [1.5] * 10)
     _curves(runs / Run(PLAIN, "2", 0, 0, steps_factor=2.0).tag, [30.0] + [1.5] * 15 + [1.0] * 4)
+    info = runs / Run(PLAIN, "2", 0, 0, steps_factor=2.0).tag / "run_info.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "validation_foreground_dice": 0.55}))
     # X: start-up, slowed epochs, one that spans a pause; alone it takes 2.5 s
     _curves(runs / Run("nnUNetTrainerX", "2", 0, 0).tag, [9.0, 2.5, 2.5, 5.0, 2.5, 4.0, 600.0, 2.5, 2.5, 4.0])
     res = Results(spec, tmp_path)
@@ -608,9 +611,24 @@ def test_a_run_shared_with_other_work_has_its_pace_from_its_fast_epochs(tmp_path
     # the comparison tables' s/step too (5 iterations per epoch; the recorded medians said 0.1 for plain)
     assert res.seconds_per_step(PLAIN, "2") == pytest.approx(0.2)
     assert res.seconds_per_step("nnUNetTrainerX", "2") == pytest.approx(0.5)
+    from matplotlib.axes import Axes
+
+    drawn = {"scatter": [], "plot": []}
+    real_scatter, real_plot = Axes.scatter, Axes.plot
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, *a, **k: (drawn["scatter"].append((list(x), list(y))),
+                                                                       real_scatter(self, x, y, *a, **k))[1])
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: (drawn["plot"].append(a[:2]), real_plot(self, *a, **k))[1])
     text = write_report(spec, tmp_path, tmp_path / "report").read_text()
+    # X at 2.5x plain's time and its validation Dice (0.6: _bench gives X-named trainers +0.1); plain's line
+    # from (1, 50) to (2, 55)
+    assert ([2.5], [pytest.approx(60.0)]) in drawn["scatter"]
+    assert ((1.0, 2.0), (pytest.approx(50.0), pytest.approx(55.0))) in drawn["plot"]
     assert "| nnUNetTrainerX | 2.5 | 2.5 | 0.500 | 2.50x | 10 | 2.50x |" in text  # pace, median, s/iteration, ...
     assert "| nnUNetTrainer | 1.0 |" in text  # plain at the pace of its equal-compute row
+    # validation Dice against compute: drawn with an equal-compute row, and the report says how to read it
+    assert (tmp_path / "report" / "validation_dice_vs_compute.png").is_file()
+    assert "![validation_dice_vs_compute.png](validation_dice_vs_compute.png)" in text
+    assert "a row under the line is behind plain trained as long" in text
     measured = json.loads((tmp_path / "report" / "summary.json").read_text())["equal_compute"]["measured"]
     assert measured["covered"] is False and measured["most_expensive"]["seconds_vs_plain"] == pytest.approx(2.5)
     # without curves: the recorded median (0.25 s/iteration x 10)

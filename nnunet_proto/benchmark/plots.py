@@ -7,7 +7,10 @@
 * paired_difference.png: per (case, seed), trainer − plain, with the hierarchical-bootstrap Δ and 95 % CI,
   raw and after postprocessing;
 * training_curves_labeled<amount>.png: losses (left axis) and nnU-Net's pseudo Dice (right axis, black),
-  legend outside the axes.
+  legend outside the axes;
+* validation_dice_vs_compute.png: each row's nnU-Net validation Dice against its total training time vs plain,
+  plain and plain at equal compute joined by a line (what training plain nnU-Net longer buys), when the
+  benchmark has an equal-compute row.
 """
 from __future__ import annotations
 
@@ -17,7 +20,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nnunet_proto.benchmark.results import KIND_TITLE, KINDS, Results, log_ratio, log_series, short_name
+from nnunet_proto.benchmark.results import (
+    KIND_TITLE,
+    KINDS,
+    Results,
+    log_ratio,
+    log_series,
+    short_name,
+    split_row,
+)
 from nnunet_proto.benchmark.spec import PLAIN
 
 
@@ -157,7 +168,47 @@ def plots(res: Results, out: Path, comp: Dict[tuple, Optional[dict]]) -> List[st
         plt.close(fig)
         files.append(name)
     files += _signal_plots(res, out, plt)
+    files += _compute_plot(res, out, plt)
     return files
+
+
+def _compute_plot(res: Results, out: Path, plt) -> List[str]:
+    """Per amount, each row's nnU-Net validation Dice (mean over seeds) against its total training time vs plain
+    (``Results.total_cost``: warm starts and self-training's teacher included); plain and plain at equal compute
+    joined by a black line. A row above that line got more from its compute than plain trained longer. Only
+    with an equal-compute row (without one there is no line to read against); EMA teachers are left out (the
+    same run as their student)."""
+    if not any(split_row(t)[0] == PLAIN and split_row(t)[1] != 1.0 for t in res.trainers()):
+        return []
+    amounts = [a for a in res.amounts if res.has(PLAIN, a)]
+    fig, axes = plt.subplots(1, len(amounts), figsize=(6.5 * len(amounts), 5), squeeze=False)
+    drawn = False
+    for ax, amount in zip(axes[0], amounts):
+        pts = []
+        for t in res.trainers():
+            if split_row(t)[2] or not res.has(t, amount):
+                continue
+            x, y = res.total_cost(t, amount)["seconds_vs_plain"], 100 * res.validation_dice(t, amount)
+            if math.isfinite(x) and math.isfinite(y):
+                pts.append((t, x, y))
+        plain = sorted((x, y) for t, x, y in pts if split_row(t)[0] == PLAIN)
+        if len(plain) >= 2:
+            ax.plot(*zip(*plain), color="k", lw=1.5, marker="s", ms=7, label="plain nnU-Net, trained longer")
+        for i, (t, x, y) in enumerate(p for p in pts if split_row(p[0])[0] != PLAIN):
+            ax.scatter([x], [y], s=55, marker="osD^v<>pXh"[i % 10], color=f"C{i % 10}", label=short_name(t),
+                       zorder=3)
+        drawn = drawn or bool(pts)
+        ax.set_xlabel("total training time vs one plain run")
+        ax.set_ylabel("validation Dice, foreground mean (%)")
+        ax.set_title(f"labeled {amount}: validation Dice against compute", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    name = "validation_dice_vs_compute.png"
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [name] if drawn else []
 
 
 def _signal_plots(res: Results, out: Path, plt) -> List[str]:

@@ -262,6 +262,13 @@ def write_report(spec: BenchmarkSpec, results_root: Path, report_dir: Path, fail
               "iterations), peak memory of the training process. Runs ran one after another on the same machine; "
               "other work on the machine inflates absolute times, compare ratios with care.", ""]
     lines += cost_section(res)
+    if "validation_dice_vs_compute.png" in images:
+        lines += ["`validation_dice_vs_compute.png` (Plots) shows each row's nnU-Net validation Dice against its "
+                  "*total time vs plain*; the black line joins plain and plain at equal compute. Plain nnU-Net's "
+                  "learning curve is usually concave, so between its two points the line lies at or below what plain "
+                  "would reach: a row under the line is behind plain trained as long, a row above it is not "
+                  "necessarily ahead, and a row beyond the equal-compute factor is outside what the line measures.",
+                  ""]
     lines += ["## Plots", ""] + [f"![{f}]({f})" for f in images] + [""]
     lines += ["## Reproduce", "", "With the same nnU-Net folders exported (the dataset converted, planned and "
               "preprocessed as in its notes), this command trains whatever runs are missing and rewrites the "
