@@ -539,6 +539,21 @@ def test_equal_compute_factor_comes_from_the_screening_on_one_machine(tmp_path):
         equal_compute_factor(summary(), [x], amount="2")
 
 
+def test_a_warm_start_trainer_counts_plain_even_without_its_record(tmp_path):
+    """A _warm trainer always starts from the plain run, so its cost counts plain's training even when its run
+    lost the warm_start_from record (resumed before run_one kept it); a trainer that does not warm-start, its
+    EMA teacher and plain at equal compute do not count it."""
+    warm, cold = "nnUNetTrainerBCP_warm", "nnUNetTrainerBCP"
+    spec = _bench(tmp_path, [warm, cold], {}, seeds=(0,), control=None)
+    res = Results(spec, tmp_path)
+    assert res.warm_started(warm) and not res.warm_started(cold) and not res.warm_started(PLAIN)
+    # 2.5 s/epoch x 2 epochs, plus plain's 1 x 2, over plain's 2
+    assert res.total_cost(warm, "2")["seconds_vs_plain"] == pytest.approx(3.5)
+    assert res.total_cost(warm, "2")["steps"] == 20
+    assert res.total_cost(cold, "2")["seconds_vs_plain"] == pytest.approx(2.5)
+    assert not res.warm_started("nnUNetTrainerNotATrainer")  # no run, no lookup
+
+
 @pytest.mark.parametrize("ratio,factor", [(3.4, 3.4), (3.41, 3.5), (2.32, 2.4), (1.0, 1.0)])
 def test_equal_compute_factor_rounds_up(ratio, factor):
     from nnunet_proto.benchmark.ablation import equal_compute_factor

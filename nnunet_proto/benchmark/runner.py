@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import io
 import json
 import os
@@ -45,28 +46,50 @@ def _repo_trainers() -> str:
     return str(trainers_path())
 
 
-def resolve_trainers(names: Sequence[str]) -> None:
-    """Look up every trainer class the way nnUNetv2_train does; raise listing the unknown ones (with suggestions).
-
-    Runs before the first training so that a misspelled ``-tr`` fails at once, not hours later.
-    """
-    from nnunet_proto.training.compat import recursive_find_trainer_class_by_name
-
-    unknown = []
+@contextlib.contextmanager
+def _ext_trainers():
+    """``nnUNet_extTrainer`` as our commands set it (``ext_trainer_paths``) for the block, restored after."""
     previous = os.environ.get("nnUNet_extTrainer")
     os.environ["nnUNet_extTrainer"] = ext_trainer_paths()
     try:
-        for name in names:
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every folder it searches
-                    recursive_find_trainer_class_by_name(name)
-            except (RuntimeError, AssertionError):
-                unknown.append(name)
+        yield
     finally:
         if previous is None:
             os.environ.pop("nnUNet_extTrainer", None)
         else:
             os.environ["nnUNet_extTrainer"] = previous
+
+
+def find_trainer_class(name: str):
+    """The trainer class nnUNetv2_train would use for ``name`` (nnunetv2, this repository's trainers and
+    ``nnUNet_extTrainer``), or None when there is none."""
+    from nnunet_proto.training.compat import recursive_find_trainer_class_by_name
+
+    with _ext_trainers():
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every folder it searches
+                return recursive_find_trainer_class_by_name(name)
+        except (RuntimeError, AssertionError):
+            return None
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_warm_starts(name: str) -> bool:
+    """Whether the trainer named so skips stage one and starts from the plain run (``stage_switch="warm_start"``,
+    the ``_warm`` variants): a property of the trainer, so a run that lost its ``warm_start_from`` record still
+    counts plain's training in its cost. False for a name no lookup finds."""
+    from nnunet_proto.training.stage_switch import warm_starts
+
+    cls = find_trainer_class(name)
+    return cls is not None and warm_starts(cls)
+
+
+def resolve_trainers(names: Sequence[str]) -> None:
+    """Look up every trainer class the way nnUNetv2_train does; raise listing the unknown ones (with suggestions).
+
+    Runs before the first training so that a misspelled ``-tr`` fails at once, not hours later.
+    """
+    unknown = [name for name in names if find_trainer_class(name) is None]
     if unknown:
         known = sorted({m for p in Path(_repo_trainers()).glob("*.py")
                         for m in re.findall(r"^class (\w+)\(", p.read_text(), flags=re.M)} | {"nnUNetTrainer"})
