@@ -80,7 +80,8 @@ students=(nnUNetTrainerSelfTraining nnUNetTrainerSelfTraining_share25 nnUNetTrai
 redesigned=(nnUNetTrainerCPCL nnUNetTrainerCPCL_v2 nnUNetTrainerCPCL_strong nnUNetTrainerCPCL_ema99
           nnUNetTrainerCPCL_quantile nnUNetTrainerCPCL_wband nnUNetTrainerCPCL_ramp20 nnUNetTrainerCPCL_labeledcontrol
           nnUNetTrainerMeanTeacher_v2 nnUNetTrainerPCCS_v2 nnUNetTrainerBCP_warm nnUNetTrainerMPER_warm
-          nnUNetTrainerUniMatch nnUNetTrainerUniMatch_wband nnUNetTrainerUniMatch_quantile nnUNetTrainerBCP_warm_lcc)
+          nnUNetTrainerUniMatch nnUNetTrainerUniMatch_wband nnUNetTrainerUniMatch_quantile nnUNetTrainerBCP_warm_lcc
+          nnUNetTrainerBCP_warm_labeledcontrol)
 # the decision rule's step 1 (docs/methods/README.md, nnunet_proto.benchmark.ablation.confirmation_picks): the K best
 # rows of a screening by nnU-Net's validation Dice, one per method, controls left out; prints their names
 pick_best() {

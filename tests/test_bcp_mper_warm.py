@@ -106,6 +106,8 @@ def test_variants_switch_the_options_on_together(name, nnunet_root):
     assert warm == base.replace(stage_switch="warm_start", unmixed_supervised_weight=1.0)
     lcc = recursive_find_trainer_class_by_name(f"nnUNetTrainer{name}_warm_lcc").config
     assert lcc == warm.replace(pseudo_label_largest_component=True) and not warm.pseudo_label_largest_component
+    control = recursive_find_trainer_class_by_name(f"nnUNetTrainer{name}_warm_labeledcontrol").config
+    assert control == warm.replace(unlabeled_sources=("labeled",)) and warm.unlabeled_sources == ("split", "folder")
     assert plain == base.replace(stage_one_loss="plain", unmixed_supervised_weight=1.0)
 
 
@@ -329,3 +331,17 @@ def test_plain_stage_one_run_switches_and_logs_the_unmixed_term(name, synthetic_
     assert log[f"{PREFIX}loss_unmixed"][1] > 0
     assert "loss_unmixed" in open(trainer.log_file).read()
     assert "unmixed (unweighted)" in plot_labels
+
+
+def test_warm_labeled_control_warm_starts_on_the_folds_labeled_images_only(synthetic_dataset, fresh_results):
+    """BCP_warm's control: the same warm start, its "unlabeled" stream the fold's labeled images, no unlabeled one."""
+    import json
+
+    from nnunet_proto.training.stage_switch import warm_starts
+
+    control = build_trainer("nnUNetTrainerBCP_warm_labeledcontrol", synthetic_dataset)
+    control.initialize()
+    assert warm_starts(control)
+    fold = json.loads((synthetic_dataset.preprocessed / "splits_final.json").read_text())[synthetic_dataset.fold]
+    cases = control.find_unlabeled_cases()
+    assert sorted(c.identifier for c in cases) == sorted(fold["train"]) and {c.source for c in cases} == {"labeled"}

@@ -15,7 +15,9 @@ nnUNetTrainerBCP_warm skips stage one (``stage_switch="warm_start"``; train it w
 ``-pretrained_weights <that file>``, all but the heads, the teacher is reset to the loaded student at the
 start) and nnUNetTrainerBCP_plainstage1 trains stage one with nnU-Net's own loss (``stage_one_loss="plain"``); both
 keep nnU-Net's loss on the un-mixed labeled patches beside the mixed ones in stage two
-(``unmixed_supervised_weight=1``, term ``unmixed``).
+(``unmixed_supervised_weight=1``, term ``unmixed``). nnUNetTrainerBCP_warm_lcc: _warm with largest-component
+pseudo labels. nnUNetTrainerBCP_warm_labeledcontrol: a control, _warm whose unlabeled stream serves the fold's
+labeled images (labels unused): no unlabeled image at all.
 Short variants: nnUNetTrainerBCP_smoke, _1epoch, _5epochs, _10epochs, _50epochs, _100epochs, _250epochs.
 """
 from typing import Dict, Optional, Tuple
@@ -113,4 +115,4 @@ class nnUNetTrainerBCP(nnUNetTrainerSemiSupervised):
 
 globals().update(schedule_variants(nnUNetTrainerBCP))
 globals().update(literal_variant(nnUNetTrainerBCP, BCPConfig.paper()))
-globals().update(stages.option_variants(nnUNetTrainerBCP))  # _warm, _warm_lcc, _plainstage1
+globals().update(stages.option_variants(nnUNetTrainerBCP))  # _warm, _warm_lcc, _warm_labeledcontrol, _plainstage1

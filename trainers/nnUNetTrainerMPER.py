@@ -130,4 +130,4 @@ class nnUNetTrainerMPER(nnUNetTrainerSemiSupervised):
 
 globals().update(schedule_variants(nnUNetTrainerMPER))
 globals().update(literal_variant(nnUNetTrainerMPER, MPERConfig.paper()))
-globals().update(stages.option_variants(nnUNetTrainerMPER))  # _warm, _warm_lcc, _plainstage1
+globals().update(stages.option_variants(nnUNetTrainerMPER))  # _warm, _warm_lcc, _warm_labeledcontrol, _plainstage1

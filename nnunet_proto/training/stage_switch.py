@@ -183,7 +183,9 @@ def option_variants(base: type) -> Dict[str, type]:
     """``<base>_warm`` (no stage one: ``stage_switch="warm_start"``), ``<base>_warm_lcc`` (the same with the largest
     connected component of each class of the pseudo labels: ``pseudo_label_largest_component``) and
     ``<base>_plainstage1`` (nnU-Net's own loss in stage one), all with nnU-Net's loss on the un-mixed labeled patches
-    at weight 1 in stage two; opt-in, not validated (issue 23, items 4 and 6)."""
+    at weight 1 in stage two; opt-in, not validated (issue 23, items 4 and 6). ``<base>_warm_labeledcontrol``: a
+    control, ``_warm`` whose unlabeled stream serves the fold's labeled images with their labels unused
+    (``unlabeled_sources=("labeled",)``), so no unlabeled image at all: whether ``_warm``'s gain needs them."""
     name = base.__name__
     unmixed = "nnU-Net's loss on the un-mixed labeled patches (weight 1) beside the mixed terms in stage two"
     warm = base.config.replace(stage_switch="warm_start", unmixed_supervised_weight=1.0)
@@ -196,6 +198,10 @@ def option_variants(base: type) -> Dict[str, type]:
         **config_variant(base, "warm_lcc", warm.replace(pseudo_label_largest_component=True),
                          f"{name}_warm with the pseudo labels cut to the largest connected component of each class "
                          f"before the gate, as BCP's code does (opt-in, not validated)."),
+        **config_variant(base, "warm_labeledcontrol", warm.replace(unlabeled_sources=("labeled",)),
+                         f"Control: {name}_warm whose unlabeled stream serves the fold's labeled training images with "
+                         f"their labels unused (unlabeled_sources=('labeled',)): {name}_warm without any unlabeled "
+                         f"image."),
         **config_variant(base, "plainstage1",
                          base.config.replace(stage_one_loss="plain", unmixed_supervised_weight=1.0),
                          f"{name} with nnU-Net's own loss on the un-mixed labeled batch in stage one and {unmixed} "
