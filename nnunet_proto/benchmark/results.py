@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from nnunet_proto.benchmark.lookup import trainer_warm_starts
 from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY, prediction_islands, validation_islands
 from nnunet_proto.benchmark.spec import (
     CONTROL,
@@ -371,15 +372,13 @@ class Results:
 
     def warm_started(self, row: str) -> bool:
         """Whether the row's runs start from the plain run of their fold: ``warm_start_from`` in run_info, or a
-        trainer that always does (``runner.trainer_warm_starts``: a run resumed before run_one kept the record in
+        trainer that always does (``lookup.trainer_warm_starts``: a run resumed before run_one kept the record in
         warm_start.json lost it, and its cost must still count plain's training)."""
         if any(i.get("warm_start_from") for k, i in self.info.items() if k[0] == row):
             return True
         trainer, factor, _ = split_row(row)
         if trainer in (PLAIN, CONTROL) or factor != 1.0 or not any(k[0] == row for k in self.info):
             return False
-        from nnunet_proto.benchmark.runner import trainer_warm_starts
-
         return trainer_warm_starts(trainer)
 
     def total_cost(self, trainer: str, amount: str) -> Dict[str, float]:
