@@ -78,6 +78,11 @@ def validation_islands(run_dir: Path, labels: List[int]) -> Optional[dict]:
                               dataset_json=fold.parent / "dataset.json")  # nnU-Net's, in the trainer folder
 
 
+def epoch_durations(logging: dict) -> List[float]:
+    """Seconds of each epoch from nnU-Net's epoch timestamps (a checkpoint's ``logging``, a run's curves.json)."""
+    return [e - s for s, e in zip(logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", []))]
+
+
 def machine_name(device_type: str = "cpu") -> str:
     """What trained a run, for the cost table: the CUDA device's name, or the processor's model (``/proc/cpuinfo``,
     else ``platform``) with its logical CPU count. Time ratios between rows are only comparable on one machine."""

@@ -26,7 +26,13 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from nnunet_proto.benchmark.lookup import trainer_warm_starts
-from nnunet_proto.benchmark.records import IMPORTED_FILE, VALIDATION_SUMMARY, prediction_islands, validation_islands
+from nnunet_proto.benchmark.records import (
+    IMPORTED_FILE,
+    VALIDATION_SUMMARY,
+    epoch_durations,
+    prediction_islands,
+    validation_islands,
+)
 from nnunet_proto.benchmark.spec import (
     CONTROL,
     PLAIN,
@@ -318,9 +324,7 @@ class Results:
         shared its cores for most of its epochs still has its pace where a tenth of them ran alone, and the first
         epoch's start-up or an epoch that spans a pause do not count. Runs without training curves fall back to
         their recorded median."""
-        start = self.curves.get(key, {}).get("epoch_start_timestamps", [])
-        end = self.curves.get(key, {}).get("epoch_end_timestamps", [])
-        secs = [e - s for s, e in zip(start, end) if e > s]
+        secs = [d for d in epoch_durations(self.curves.get(key, {})) if d > 0]
         if secs:
             return float(np.percentile(secs, PACE_PERCENTILE))
         median = self.info.get(key, {}).get("seconds_per_epoch_median")

@@ -51,6 +51,7 @@ import torch
 
 from nnunet_proto.benchmark.records import (
     VALIDATION_SUMMARY,
+    epoch_durations,
     machine_name,
     record_training_machine,
     refuse_imported_teacher,
@@ -315,10 +316,6 @@ def _num(x) -> str:
     return "undefined" if x is None or x != x else f"{x:.4f}"
 
 
-def epoch_seconds(logging: dict) -> list:
-    return [e - s for s, e in zip(logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", []))]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--spec", required=True)
@@ -352,7 +349,7 @@ def main(argv=None) -> int:
     ckpt = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logging = ckpt["logging"]
     (run_dir / "curves.json").write_text(json.dumps(logging, default=float))
-    secs = epoch_seconds(logging)
+    secs = epoch_durations(logging)
     info.update(trainer=args.trainer, fold=args.fold, seed=args.seed, checkpoint=spec.checkpoint,
                 epochs=len(secs), seconds_per_epoch_median=float(np.median(secs)) if secs else None,
                 seconds_per_iteration_median=float(np.median(secs)) / spec.iterations_per_epoch if secs else None,
