@@ -292,6 +292,30 @@ def test_warm_start_refuses_a_plain_run_that_did_not_finish(tmp_path):
         load_warm_start(object(), plain_run)
 
 
+def test_runs_that_need_the_plain_checkpoint_run_right_after_plain(synthetic_dataset, tmp_path):
+    """Plain's checkpoint does not travel with --export-runs, so on a machine that is not kept its dependents
+    (self-training students, warm-started trainers) must start in the session that trained plain: each fold runs
+    plain, then them, then the A/A control and the other trainers in the order given, then plain at equal compute."""
+    from nnunet_proto.benchmark.runner import prepare, warm_started_trainers
+    from nnunet_proto.benchmark.spec import CONTROL, PLAIN, SELF_TRAINING
+
+    trainers = ("nnUNetTrainerMeanTeacher", "nnUNetTrainerBCP_warm", "nnUNetTrainerCPCL", "nnUNetTrainerMPER_warm",
+                SELF_TRAINING)
+    assert warm_started_trainers((PLAIN, CONTROL) + trainers) == ["nnUNetTrainerBCP_warm", "nnUNetTrainerMPER_warm"]
+    spec = BenchmarkSpec(dataset=str(synthetic_dataset.id), configuration="2d", plans=synthetic_dataset.plans,
+                         trainers=trainers, amounts=("3",), seeds=(0, 1),
+                         test_images=str(synthetic_dataset.raw / "imagesTs"),
+                         test_labels=str(synthetic_dataset.raw / "labelsTs"), epochs=1, iterations_per_epoch=1,
+                         equal_compute=2.0, equal_compute_source="a test")
+    runs = prepare(spec, tmp_path / "bench")
+    expected = [PLAIN, "nnUNetTrainerBCP_warm", "nnUNetTrainerMPER_warm", SELF_TRAINING, CONTROL,
+                "nnUNetTrainerMeanTeacher", "nnUNetTrainerCPCL", PLAIN + "@x2"]
+    assert [r.row for r in runs] == expected * 2
+    assert [r.seed for r in runs] == [0] * 8 + [1] * 8
+    # without the trainer lookup (the report's planned rows) only the self-training student moves
+    assert [r.trainer for r in spec.runs_of("3", 0, 5)][:3] == [PLAIN, SELF_TRAINING, CONTROL]
+
+
 def test_self_training_refuses_a_teacher_run_that_did_not_finish(tmp_path):
     """A plain run that failed after training has no postprocessing yet: its pseudo labels would silently be raw
     argmax maps, so nothing is predicted until the plain row has finished."""

@@ -60,6 +60,14 @@ def resolve_trainers(names: Sequence[str]) -> None:
                          f"({ext_trainer_paths()}). Nothing was run. This repository's trainers: {', '.join(known)}")
 
 
+def warm_started_trainers(names: Sequence[str]) -> List[str]:
+    """The trainers of ``names`` that start from the plain run of their fold (``stage_switch="warm_start"``, e.g.
+    ``nnUNetTrainerBCP_warm``): the benchmark runs them right after plain (``BenchmarkSpec.runs_of``)."""
+    from nnunet_proto.training.stage_switch import warm_starts
+
+    return [n for n in names if warm_starts(find_trainer_class(n))]
+
+
 def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:
     """Drop every run of ``trainers`` from runs.json and from the saved spec; returns the dropped runs.
 
@@ -115,6 +123,7 @@ def prepare(spec: BenchmarkSpec, results_root: Path, reevaluate: bool = False) -
             raise ValueError(f"{results_root} holds a benchmark with another setup ({diffs}); resume it with the same "
                              f"settings or use another --name")
     resolve_trainers(spec.all_trainers)
+    needs_plain = warm_started_trainers(spec.all_trainers)
     ending = load_json(str(pre / "dataset.json"))["file_ending"]
     raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() and (Path(nnUNet_raw.get()) / name).is_dir() else None
     results_root.mkdir(parents=True, exist_ok=True)
@@ -129,7 +138,7 @@ def prepare(spec: BenchmarkSpec, results_root: Path, reevaluate: bool = False) -
         for seed in spec.seeds:
             fold, _ = make_label_scarce_fold(str(pre), LabeledAmount.parse(amount), seed, spec.group_regex,
                                              spec.base_fold, file_ending=ending)
-            runs += spec.runs_of(amount, seed, fold)
+            runs += spec.runs_of(amount, seed, fold, needs_plain)
     spec_file.write_text(spec.to_json())
     # runs.json lists the runs that have started (also those of earlier invocations: other seeds or trainers);
     # each run is added when it starts (record_started)

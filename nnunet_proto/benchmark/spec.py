@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Collection, List, Optional, Tuple
 
 PLAIN = "nnUNetTrainer"
 # A/A control: the semi-supervised base trainer's whole path with every semi-supervised weight at 0. It must
@@ -96,10 +96,17 @@ class BenchmarkSpec:
         first = (PLAIN,) + ((self.control,) if self.control and self.control != PLAIN else ())
         return first + tuple(t for t in self.trainers if t not in first)
 
-    def runs_of(self, amount: str, seed: int, fold: int) -> List["Run"]:
-        """The runs of one label-scarce fold in execution order: every trainer (plain first: the self-training
-        students' teacher), then plain at equal compute."""
-        runs = [Run(t, amount, seed, fold) for t in self.all_trainers]
+    def runs_of(self, amount: str, seed: int, fold: int, needs_plain: Collection[str] = ()) -> List["Run"]:
+        """The runs of one label-scarce fold in execution order: plain first, then the runs that need its
+        checkpoint (self-training students, whose teacher it is, and ``needs_plain``: the warm-started trainers),
+        then the other trainers in the order given (the A/A control first), then plain at equal compute.
+
+        Plain's dependents come straight after it because its checkpoint does not travel with ``--export-runs``:
+        on a machine that is not kept, a dependent started in a later session than plain would be refused."""
+        first, *rest = self.all_trainers
+        dependent = [t for t in rest if is_self_training(t) or t in needs_plain]
+        order = [first] + dependent + [t for t in rest if t not in dependent]
+        runs = [Run(t, amount, seed, fold) for t in order]
         if self.equal_compute is not None:
             runs.append(Run(PLAIN, amount, seed, fold, steps_factor=self.equal_compute))
         return runs
