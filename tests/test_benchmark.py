@@ -316,6 +316,26 @@ def test_runs_that_need_the_plain_checkpoint_run_right_after_plain(synthetic_dat
     assert [r.trainer for r in spec.runs_of("3", 0, 5)][:3] == [PLAIN, SELF_TRAINING, CONTROL]
 
 
+def test_a_resume_without_equal_compute_or_notes_keeps_the_saved_ones(tmp_path):
+    """A stage resumed without --equal-compute must not drop the equal-compute row's report section (the saved spec
+    is what --report-only and --export-runs read); a factor or notes given anew replace the saved ones."""
+    import dataclasses
+
+    from nnunet_proto.benchmark.runner import keep_saved_settings
+    from nnunet_proto.benchmark.spec import SPEC_FILE
+
+    base = BenchmarkSpec(dataset="1", configuration="2d", plans="p", trainers=("nnUNetTrainerX",), amounts=("4",),
+                         seeds=(0,), test_images="ti", test_labels="tl", epochs=1, iterations_per_epoch=1)
+    assert keep_saved_settings(base, tmp_path) == base  # nothing saved yet
+    saved = dataclasses.replace(base, equal_compute=3.4, equal_compute_source="BCP_warm's time", notes="why")
+    (tmp_path / SPEC_FILE).write_text(saved.to_json())
+    resumed = keep_saved_settings(base, tmp_path)
+    assert (resumed.equal_compute, resumed.equal_compute_source, resumed.notes) == (3.4, "BCP_warm's time", "why")
+    assert [r.row for r in resumed.runs_of("4", 0, 5)][-1] == "nnUNetTrainer@x3.4"
+    anew = dataclasses.replace(base, equal_compute=4.2, equal_compute_source="new", notes="now")
+    assert keep_saved_settings(anew, tmp_path) == anew
+
+
 def test_self_training_refuses_a_teacher_run_that_did_not_finish(tmp_path):
     """A plain run that failed after training has no postprocessing yet: its pseudo labels would silently be raw
     argmax maps, so nothing is predicted until the plain row has finished."""

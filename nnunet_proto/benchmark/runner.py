@@ -224,10 +224,29 @@ def folder_progress(folder: Path, pattern: str, total: int, desc: str, interval_
         bar.close()
 
 
+def keep_saved_settings(spec: BenchmarkSpec, results_root: Path) -> BenchmarkSpec:
+    """``spec`` with the saved benchmark's equal-compute factor and notes where a resume does not give them.
+
+    A stage resumed without ``--equal-compute`` (or ``--notes``) would otherwise save the spec without it, and the
+    report would lose its equal-compute section although that row's runs are finished (``--report-only`` and
+    ``--export-runs`` read the saved spec). A factor or notes given anew replace the saved ones."""
+    spec_file = results_root / SPEC_FILE
+    if not spec_file.is_file():
+        return spec
+    saved = BenchmarkSpec.from_json(spec_file.read_text())
+    keep = {}
+    if spec.equal_compute is None and saved.equal_compute is not None:
+        keep.update(equal_compute=saved.equal_compute, equal_compute_source=saved.equal_compute_source)
+    if not spec.notes and saved.notes:
+        keep["notes"] = saved.notes
+    return dataclasses.replace(spec, **keep) if keep else spec
+
+
 def run_benchmark(spec: BenchmarkSpec, results_root: Path, report_dir: Path, reevaluate: bool = False) -> Path:
     """Run everything that is not finished yet, then write the report; returns the report file."""
     from nnunet_proto.benchmark.report import write_report
 
+    spec = keep_saved_settings(spec, results_root)
     runs = prepare(spec, results_root, reevaluate)
     runs_root = results_root / "runs"
     env = dict(os.environ)
