@@ -296,12 +296,14 @@ def test_runs_that_need_the_plain_checkpoint_run_right_after_plain(synthetic_dat
     """Plain's checkpoint does not travel with --export-runs, so on a machine that is not kept its dependents
     (self-training students, warm-started trainers) must start in the session that trained plain: each fold runs
     plain, then them, then the A/A control and the other trainers in the order given, then plain at equal compute."""
-    from nnunet_proto.benchmark.runner import prepare, warm_started_trainers
+    from nnunet_proto.benchmark.lookup import trainer_warm_starts
+    from nnunet_proto.benchmark.runner import prepare
     from nnunet_proto.benchmark.spec import CONTROL, PLAIN, SELF_TRAINING
 
     trainers = ("nnUNetTrainerMeanTeacher", "nnUNetTrainerBCP_warm", "nnUNetTrainerCPCL", "nnUNetTrainerMPER_warm",
                 SELF_TRAINING)
-    assert warm_started_trainers((PLAIN, CONTROL) + trainers) == ["nnUNetTrainerBCP_warm", "nnUNetTrainerMPER_warm"]
+    assert [t for t in (PLAIN, CONTROL) + trainers if trainer_warm_starts(t)] == ["nnUNetTrainerBCP_warm",
+                                                                                  "nnUNetTrainerMPER_warm"]
     spec = BenchmarkSpec(dataset=str(synthetic_dataset.id), configuration="2d", plans=synthetic_dataset.plans,
                          trainers=trainers, amounts=("3",), seeds=(0, 1),
                          test_images=str(synthetic_dataset.raw / "imagesTs"),

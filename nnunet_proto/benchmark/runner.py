@@ -26,7 +26,7 @@ from pathlib import Path
 from time import perf_counter, strftime
 from typing import Iterator, List, Sequence
 
-from nnunet_proto.benchmark.lookup import find_trainer_class
+from nnunet_proto.benchmark.lookup import find_trainer_class, trainer_warm_starts
 from nnunet_proto.benchmark.spec import (
     SPEC_FILE,
     STEPS_MARK,
@@ -58,14 +58,6 @@ def resolve_trainers(names: Sequence[str]) -> None:
                  for n in unknown]
         raise ValueError(f"unknown trainer(s) {', '.join(hints)}: not found in nnunetv2 or nnUNet_extTrainer "
                          f"({ext_trainer_paths()}). Nothing was run. This repository's trainers: {', '.join(known)}")
-
-
-def warm_started_trainers(names: Sequence[str]) -> List[str]:
-    """The trainers of ``names`` that start from the plain run of their fold (``stage_switch="warm_start"``, e.g.
-    ``nnUNetTrainerBCP_warm``): the benchmark runs them right after plain (``BenchmarkSpec.runs_of``)."""
-    from nnunet_proto.training.stage_switch import warm_starts
-
-    return [n for n in names if warm_starts(find_trainer_class(n))]
 
 
 def forget_trainers(results_root: Path, trainers: Sequence[str]) -> List[Run]:
@@ -123,7 +115,7 @@ def prepare(spec: BenchmarkSpec, results_root: Path, reevaluate: bool = False) -
             raise ValueError(f"{results_root} holds a benchmark with another setup ({diffs}); resume it with the same "
                              f"settings or use another --name")
     resolve_trainers(spec.all_trainers)
-    needs_plain = warm_started_trainers(spec.all_trainers)
+    needs_plain = [t for t in spec.all_trainers if trainer_warm_starts(t)]  # run right after plain (runs_of)
     ending = load_json(str(pre / "dataset.json"))["file_ending"]
     raw = Path(nnUNet_raw.get()) / name if nnUNet_raw.is_set() and (Path(nnUNet_raw.get()) / name).is_dir() else None
     results_root.mkdir(parents=True, exist_ok=True)
